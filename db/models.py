@@ -1,0 +1,244 @@
+"""The moderation domain as stored: images, where they came from, what each detector said,
+the ensemble's verdict, the human review and an append-only audit trail.
+
+Content is addressed by sha256: the same bytes seen twice share one ``images`` row and its
+detections, while every place they came from gets its own ``sources`` row.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    # JSONB on Postgres so evidence can be queried and indexed; plain JSON text on SQLite.
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dict[str, Any]: JSON().with_variant(JSONB(), "postgresql"),
+        datetime: DateTime(timezone=True),
+    }
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    # Stored as plain strings with a CHECK constraint: adding a member is a simple migration
+    # on both Postgres and SQLite (no ALTER TYPE).
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=32,
+        values_callable=lambda members: [m.value for m in members],
+    )
+
+
+class SourceKind(enum.StrEnum):
+    UPLOAD_EVENT = "upload_event"  # S3 ObjectCreated notification
+    HOOK = "hook"  # a platform's upload hook called the API
+    CLI = "cli"  # `synthsentry scan` on local files
+    RESCAN = "rescan"  # operator-requested batch re-scan
+
+
+class SourceStatus(enum.StrEnum):
+    PENDING = "pending"
+    SCORED = "scored"
+    REJECTED = "rejected"
+
+
+class VerdictLabel(enum.StrEnum):
+    LIKELY_AI = "likely_ai"
+    NO_INDICATION = "no_indication"
+    INCONCLUSIVE = "inconclusive"
+
+
+class ReviewState(enum.StrEnum):
+    OPEN = "open"
+    CLAIMED = "claimed"
+    DECIDED = "decided"
+
+
+class ReviewDecision(enum.StrEnum):
+    AI_GENERATED = "ai_generated"
+    NOT_AI_GENERATED = "not_ai_generated"
+    UNSURE = "unsure"
+
+
+class Image(Base):
+    """One distinct content, by sha256 of its bytes."""
+
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    format: Mapped[str | None] = mapped_column(String(16))
+    mime: Mapped[str | None] = mapped_column(String(64))
+    width: Mapped[int | None]
+    height: Mapped[int | None]
+    frames: Mapped[int | None]
+    mode: Mapped[str | None] = mapped_column(String(16))
+    first_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    detections: Mapped[list[Detection]] = relationship(back_populates="image")
+    verdicts: Mapped[list[Verdict]] = relationship(back_populates="image")
+
+
+class Source(Base):
+    """One place an image came from, and what happened when it was taken in.
+
+    ``ref_key`` is the identity used to make duplicate events harmless: for S3 it is
+    bucket/key plus version id (or ETag), for local files the absolute path plus content
+    sha256. A rejection belongs here, not to ``images``: a missing or unreadable file has
+    no bytes to address.
+    """
+
+    __tablename__ = "sources"
+    __table_args__ = (UniqueConstraint("kind", "ref_key"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    kind: Mapped[SourceKind] = mapped_column(_enum(SourceKind, "source_kind"))
+    ref_key: Mapped[str] = mapped_column(String(2048))
+    bucket: Mapped[str | None] = mapped_column(String(255))
+    object_key: Mapped[str | None] = mapped_column(String(1024))
+    version_id: Mapped[str | None] = mapped_column(String(1024))
+    etag: Mapped[str | None] = mapped_column(String(128))
+    local_path: Mapped[str | None] = mapped_column(Text)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"), index=True)
+    status: Mapped[SourceStatus] = mapped_column(
+        _enum(SourceStatus, "source_status"), default=SourceStatus.PENDING
+    )
+    reject_reason: Mapped[str | None] = mapped_column(String(32))
+    reject_message: Mapped[str | None] = mapped_column(Text)
+    submitted_by: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    seen_count: Mapped[int] = mapped_column(default=1)
+
+    image: Mapped[Image | None] = relationship()
+
+
+class Detection(Base):
+    """One detector's result for one image at one detector version.
+
+    Unique per (image, detector, version): a redelivered task or a rescan with unchanged
+    weights writes nothing new. ``score`` is null when the detector abstained or failed
+    (then ``error`` says why).
+    """
+
+    __tablename__ = "detections"
+    __table_args__ = (UniqueConstraint("image_id", "detector_name", "detector_version"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
+    detector_name: Mapped[str] = mapped_column(String(128))
+    detector_version: Mapped[str] = mapped_column(String(128))
+    weights_sha256: Mapped[str | None] = mapped_column(String(64))
+    score: Mapped[float | None] = mapped_column(Float)
+    evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    image: Mapped[Image] = relationship(back_populates="detections")
+
+
+class Verdict(Base):
+    """The ensemble's combination of detections for one image.
+
+    ``detector_set`` names the detector versions that were combined, so a verdict can be
+    traced to the exact models behind it. Unique per (image, ensemble version, detector
+    set): recomputing the same combination is a no-op.
+    """
+
+    __tablename__ = "verdicts"
+    __table_args__ = (UniqueConstraint("image_id", "ensemble_version", "detector_set_digest"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
+    ensemble_version: Mapped[str] = mapped_column(String(64))
+    detector_set_digest: Mapped[str] = mapped_column(String(64))
+    detector_set: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    ai_score: Mapped[float | None] = mapped_column(Float)
+    label: Mapped[VerdictLabel] = mapped_column(_enum(VerdictLabel, "verdict_label"))
+    flagged: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    image: Mapped[Image] = relationship(back_populates="verdicts")
+    review_case: Mapped[ReviewCase | None] = relationship(back_populates="verdict")
+
+
+class ReviewCase(Base):
+    """A flagged verdict waiting for, or decided by, a human moderator. One per verdict."""
+
+    __tablename__ = "review_cases"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    verdict_id: Mapped[int] = mapped_column(ForeignKey("verdicts.id"), unique=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
+    state: Mapped[ReviewState] = mapped_column(
+        _enum(ReviewState, "review_state"), default=ReviewState.OPEN
+    )
+    assignee: Mapped[str | None] = mapped_column(String(255))
+    decision: Mapped[ReviewDecision | None] = mapped_column(
+        _enum(ReviewDecision, "review_decision")
+    )
+    note: Mapped[str | None] = mapped_column(Text)
+    opened_at: Mapped[datetime] = mapped_column(default=utcnow)
+    claimed_at: Mapped[datetime | None]
+    decided_at: Mapped[datetime | None]
+
+    verdict: Mapped[Verdict] = relationship(back_populates="review_case")
+
+    __table_args__ = (Index(None, "state", "opened_at"),)
+
+
+class AuditEvent(Base):
+    """Append-only record of everything that changed a moderation outcome.
+
+    The migration installs triggers that refuse UPDATE and DELETE on this table.
+    """
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(255))
+    action: Mapped[str] = mapped_column(String(64))
+    subject_type: Mapped[str] = mapped_column(String(32))
+    subject_id: Mapped[int] = mapped_column(BigInteger)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    __table_args__ = (Index(None, "subject_type", "subject_id"),)

@@ -1,0 +1,315 @@
+"""``synthsentry``: the command line. It sits on top of everything else and holds no logic of
+its own beyond parsing, wiring and printing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from synthsentry.settings import Settings, get_settings
+
+POLICY = (
+    "A flag is an indication for human review, not proof that an image is AI-generated: "
+    "the detectors' own authors say their output may be wrong, and missing provenance "
+    "says nothing about where a picture came from."
+)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+log = logging.getLogger("synthsentry.cli")
+
+
+class CliError(Exception):
+    """A usage or system error: printed as one line, exit status 2 (usage) or 1."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="synthsentry",
+        description="Score images for signs of AI generation and queue likely ones for "
+        "human review. " + POLICY,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    scan = commands.add_parser(
+        "scan",
+        help="scan local files or folders and store one verdict per file",
+        description="Scan image files (folders are walked recursively) with the detector "
+        "ensemble, store every result in the configured database and print one result per "
+        "file. Rejected files (not images, truncated, too large, ...) are results too. " + POLICY,
+    )
+    scan.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    scan.add_argument(
+        "--detector",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="NAME or NAME=WEIGHTS_URI (local path, s3://bucket/key, hf://org/repo[@rev][/file]);"
+        " repeatable. Default: every built-in detector that can run on this machine.",
+    )
+    scan.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
+    scan.add_argument(
+        "--threshold", type=float, default=None, help="review threshold for ai_score (0..1)"
+    )
+    scan.add_argument("--batch-size", type=int, default=8, help="images per detector batch")
+    scan.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    detectors = commands.add_parser("detectors", help="inspect the detector catalog")
+    detector_commands = detectors.add_subparsers(dest="detectors_command", required=True)
+    listing = detector_commands.add_parser("list", help="list known detectors")
+    listing.add_argument("--json", action="store_true")
+
+    database = commands.add_parser("db", help="database maintenance")
+    db_commands = database.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("upgrade", help="apply all migrations (alembic upgrade head)")
+    db_commands.add_parser("current", help="print the applied and the latest revision")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = get_settings()
+    except Exception as exc:  # pydantic ValidationError: a bad SYNTHSENTRY_* variable
+        print(f"synthsentry: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from synthsentry import logs
+
+    logs.configure(settings.log_level, json_lines=settings.log_json)
+    try:
+        if args.command == "scan":
+            return _scan(args, settings)
+        if args.command == "detectors":
+            return _detectors_list(args, settings)
+        if args.command == "db":
+            return _db(args, settings)
+    except CliError as exc:
+        print(f"synthsentry: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        print("synthsentry: interrupted; results stored so far are kept", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+    return EXIT_USAGE  # pragma: no cover - parser.error exits
+
+
+# --- database ---------------------------------------------------------------------------
+
+
+def _prepare_database(settings: Settings) -> Any:
+    """A session factory for the configured database, migrated where that is safe.
+
+    The embedded SQLite file is created and migrated on first use; a shared Postgres is
+    migrated by a deploy step (``synthsentry db upgrade``), so here it is only checked.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from db import migrate
+    from db.session import make_engine, make_sessionmaker
+
+    url = settings.resolved_database_url
+    try:
+        if url.startswith("sqlite"):
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            migrate.upgrade(url)
+        else:
+            current, head = migrate.current_revision(url), migrate.head_revision()
+            if current != head:
+                raise CliError(
+                    f"the database is at revision {current or 'none'}, this release needs "
+                    f"{head}: run `synthsentry db upgrade` first"
+                )
+    except SQLAlchemyError as exc:
+        raise CliError(
+            f"cannot use the database {_safe_url(url)}: {exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+    except OSError as exc:
+        raise CliError(f"cannot create the data folder {settings.data_dir}: {exc}") from exc
+    return make_sessionmaker(make_engine(url, echo=settings.database_echo))
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _db(args: argparse.Namespace, settings: Settings) -> int:
+    from db import migrate
+
+    url = settings.resolved_database_url
+    if url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if args.db_command == "upgrade":
+        migrate.upgrade(url)
+        print(f"{_safe_url(url)} is at revision {migrate.current_revision(url)}")
+    else:
+        print(
+            f"applied: {migrate.current_revision(url) or 'none'}  latest: {migrate.head_revision()}"
+        )
+    return EXIT_OK
+
+
+# --- detectors --------------------------------------------------------------------------
+
+
+def _catalog(settings: Settings) -> Any:
+    from workers.detectors.registry import Catalog, SpecError
+
+    try:
+        return Catalog.build(settings.detector_config)
+    except SpecError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+
+
+def _detectors_list(args: argparse.Namespace, settings: Settings) -> int:
+    catalog = _catalog(settings)
+    rows = [
+        {
+            "name": spec.name,
+            "family": spec.family,
+            "version": spec.version,
+            "weights": spec.weights,
+            "description": spec.description,
+        }
+        for spec in catalog.specs.values()
+    ]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        for row in rows:
+            print(f"{row['name']:<16} {row['family']:<8} v{row['version']:<3} {row['weights']}")
+    return EXIT_OK
+
+
+def _load_detectors(selectors: list[str], settings: Settings) -> list[Any]:
+    from workers.detectors.base import DetectorUnavailable
+    from workers.detectors.registry import SpecError, build_available, build_detector
+    from workers.detectors.registry import weights_resolver as make_resolver
+
+    catalog = _catalog(settings)
+    resolve = make_resolver(settings)
+    if selectors:
+        detectors = []
+        for selector in selectors:
+            try:
+                spec = catalog.resolve(selector)
+                detectors.append(build_detector(spec, device=settings.device, resolve=resolve))
+            except SpecError as exc:
+                raise CliError(str(exc), EXIT_USAGE) from exc
+            except DetectorUnavailable as exc:
+                # Asked for by name: running without it would answer a different question.
+                raise CliError(f"detector {selector.partition('=')[0]} cannot run: {exc}") from exc
+        return detectors
+    built, skipped = build_available(
+        catalog.specs.values(), device=settings.device, resolve=resolve
+    )
+    for item in skipped:
+        print(f"skipped detector {item.name}: {item.why}", file=sys.stderr)
+    if not built:
+        print(
+            "warning: no detector can run on this machine; every scored file will be "
+            "'inconclusive'. Provide weights with --detector NAME=/path/to/weights.",
+            file=sys.stderr,
+        )
+    return built
+
+
+# --- scan -------------------------------------------------------------------------------
+
+
+def _scan(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.intake import IntakeLimits
+
+    from workers.ensemble import EnsembleConfig
+    from workers.scan import Scanner, iter_image_paths
+
+    threshold = settings.flag_threshold if args.threshold is None else args.threshold
+    if not 0.0 <= threshold <= 1.0:
+        raise CliError("--threshold must be between 0 and 1", EXIT_USAGE)
+    if args.batch_size < 1:
+        raise CliError("--batch-size must be at least 1", EXIT_USAGE)
+    paths = list(iter_image_paths(args.paths))
+    session_factory = _prepare_database(settings)
+    detectors = _load_detectors(args.detector, settings)
+    scanner = Scanner(
+        detectors,
+        session_factory,
+        IntakeLimits.from_settings(settings),
+        EnsembleConfig(threshold=threshold, weights=settings.ensemble_weights),
+        batch_size=args.batch_size,
+    )
+    progress = _Progress(len(paths), enabled=not args.no_progress and sys.stderr.isatty())
+    outcomes = []
+    for outcome in scanner.scan(paths):
+        if args.json:
+            print(json.dumps(outcome.to_json()), flush=True)
+        else:
+            outcomes.append(outcome)
+        progress.advance()
+    progress.close()
+    if not args.json:
+        _print_table(outcomes, sys.stdout)
+    return EXIT_OK
+
+
+class _Progress:
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        self.total, self.done, self.enabled = total, 0, enabled and total > 1
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.enabled:
+            width = 30
+            filled = width * self.done // max(1, self.total)
+            bar = "#" * filled + "-" * (width - filled)
+            sys.stderr.write(f"\rscanning [{bar}] {self.done}/{self.total}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _print_table(outcomes: Sequence[Any], out: TextIO) -> None:
+    header = f"{'VERDICT':<14} {'AI_SCORE':>8}  {'DETECTORS':<40} PATH"
+    print(header, file=out)
+    for o in outcomes:
+        score = "-" if o.ai_score is None else f"{o.ai_score:.3f}"
+        if o.status == "rejected":
+            detail = f"rejected: {o.reason}"
+        else:
+            detail = (
+                ", ".join(
+                    f"{d.name}={'err' if d.error else '-' if d.score is None else f'{d.score:.2f}'}"
+                    for d in o.detectors
+                )
+                or "(no detector)"
+            )
+        verdict = o.verdict + (" *" if o.flagged else "")
+        print(f"{verdict:<14} {score:>8}  {detail:<40} {o.path}", file=out)
+    flagged = sum(1 for o in outcomes if o.flagged)
+    rejected = sum(1 for o in outcomes if o.status == "rejected")
+    print(
+        f"\n{len(outcomes)} files: {flagged} flagged for review (*), {rejected} rejected.",
+        file=out,
+    )
+    print(POLICY, file=out)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""Runtime configuration: the only module that reads the environment.
+
+Defaults are the embedded ones (SQLite file, local storage, in-process execution) so that
+`synthsentry scan` works on a laptop with no services. Every field can be set through an
+environment variable named ``SYNTHSENTRY_<FIELD>`` (upper case).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path.cwd() / ".synthsentry"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SYNTHSENTRY_", extra="ignore")
+
+    environment: Literal["development", "test", "production"] = Field(
+        "development", description="Deployment environment; production refuses unsafe defaults."
+    )
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Folder for the embedded database and local weights cache.",
+    )
+    database_url: str | None = Field(
+        None,
+        description=(
+            "SQLAlchemy URL. Unset: SQLite file `<data_dir>/synthsentry.db`. "
+            "Postgres: postgresql+psycopg2://user:pass@host:5432/db"
+        ),
+    )
+    database_echo: bool = Field(False, description="Log every SQL statement (debugging only).")
+
+    # Intake limits: applied before and while decoding every image.
+    max_image_bytes: int = Field(
+        50 * 1024 * 1024, gt=0, description="Largest accepted file, in bytes."
+    )
+    max_image_pixels: int = Field(
+        100_000_000,
+        gt=0,
+        description="Largest accepted width x height; checked from the header, before decoding.",
+    )
+    decode_timeout_seconds: float = Field(
+        20.0, gt=0, description="Wall-clock budget for decoding one image."
+    )
+
+    # Detection and ensemble.
+    device: str = Field("cpu", description="Torch device for model detectors: cpu, cuda, cuda:N.")
+    detector_config: Path | None = Field(
+        None,
+        description="TOML file with extra or overriding detector specs (see docs/detectors.md).",
+    )
+    flag_threshold: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="ai_score at or above which an item is flagged for human review.",
+    )
+    ensemble_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description='Per-detector weight in the ensemble mean, JSON: {"sumsub-v2": 2.0}. '
+        "Detectors not named weigh 1.0.",
+    )
+
+    # Object storage (S3 or any S3-protocol server such as MinIO).
+    s3_endpoint_url: str | None = Field(
+        None, description="Endpoint of an S3-protocol server; unset means AWS S3."
+    )
+    s3_region: str = Field("us-east-1", description="Region for the S3 client.")
+
+    log_level: str = Field("INFO", description="Root log level.")
+    log_json: bool = Field(True, description="One JSON object per log line (False: plain text).")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value in {"cpu", "cuda"} or value.startswith("cuda:"):
+            return value
+        raise ValueError("device must be 'cpu', 'cuda' or 'cuda:N'")
+
+    @property
+    def weights_dir(self) -> Path:
+        """Where weights fetched from s3:// are cached (hf:// uses huggingface_hub's cache)."""
+        return self.data_dir / "weights"
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'synthsentry.db'}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once. Tests call ``get_settings.cache_clear()``."""
+    return Settings()
