@@ -1,0 +1,206 @@
+"""Shared fixtures: real PostgreSQL and Redis, one database of each per xdist worker.
+
+Servers: ``SYNTHSENTRY_TEST_DATABASE_URL`` / ``SYNTHSENTRY_TEST_REDIS_URL`` when set (a server
+someone else runs); otherwise each pytest process (each xdist worker) starts its own throwaway
+servers from the installed binaries (tests/servers.py) and stops them at the end of the session.
+Neither available: the tests that need them fail with what to install; they are never skipped.
+
+Databases: each worker gets ``<dbname>_<worker id>`` (``synthsentry_test_gw0``, ...) created
+empty at the start of the session and dropped at its end, and Redis DB ``<db> + <worker number>``
+on an external Redis (DB 0 of its own server otherwise), flushed at start and end.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from synthsentry.settings import Settings, get_settings
+
+# tests/ is not a package: pytest puts it on sys.path, so its helper modules import by name.
+import servers
+
+# Fixtures that need a server; tests using any of them carry the `integration` marker, so
+# `-m "not integration"` is an explicit way to leave them out (they are never skipped).
+INTEGRATION_FIXTURES = frozenset(
+    {"postgres_url", "migrated_postgres_url", "pg_engine", "db_session", "redis_url"}
+)
+THROWAWAY_DATABASE_PREFIX = "synthsentry_test"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+def worker_id() -> str:
+    """``gw0``, ``gw1``, ... under pytest-xdist; ``master`` otherwise."""
+    return os.environ.get("PYTEST_XDIST_WORKER", "master")
+
+
+def worker_number() -> int:
+    match = re.fullmatch(r"gw(\d+)", worker_id())
+    return int(match.group(1)) if match else 0
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> Iterator[str]:
+    """URL of a PostgreSQL server (any database on it) this session may create databases on."""
+    external = os.environ.get(servers.DATABASE_URL_ENV)
+    if external:
+        yield external
+        return
+    try:
+        server = servers.start_postgres()
+    except servers.ServerUnavailableError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    with server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> Iterator[str]:
+    """URL of a Redis server for this session: external as given, or a throwaway one."""
+    external = os.environ.get(servers.REDIS_URL_ENV)
+    if external:
+        yield external
+        return
+    try:
+        server = servers.start_redis()
+    except servers.ServerUnavailableError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    with server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server_url: str) -> Iterator[str]:
+    """URL of this worker's own database, empty when created (not migrated).
+
+    It is the same database ``migrated_postgres_url`` migrates: once that fixture has run in
+    this worker, the database holds the schema.
+    """
+    external = os.environ.get(servers.DATABASE_URL_ENV)
+    base = make_url(external).database if external else None
+    name = f"{base or THROWAWAY_DATABASE_PREFIX}_{worker_id()}"
+    try:
+        url = servers.recreate_database(postgres_server_url, name)
+    except sqlalchemy.exc.DBAPIError as exc:
+        pytest.fail(
+            f"Could not create database {name!r} on {servers.DATABASE_URL_ENV} server "
+            f"({make_url(postgres_server_url)!r}); it must be reachable and the user needs "
+            f"CREATEDB: {exc}",
+            pytrace=False,
+        )
+    yield url
+    servers.drop_database(postgres_server_url, name)
+
+
+@pytest.fixture(scope="session")
+def migrated_postgres_url(postgres_url: str) -> str:
+    """``postgres_url`` with all migrations applied (``db.migrate.upgrade``)."""
+    from db.migrate import upgrade
+
+    upgrade(postgres_url)
+    return postgres_url
+
+
+@pytest.fixture(scope="session")
+def pg_engine(migrated_postgres_url: str) -> Iterator[sqlalchemy.Engine]:
+    engine = sqlalchemy.create_engine(migrated_postgres_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def db_session(pg_engine: sqlalchemy.Engine) -> Iterator[Session]:
+    """A session whose every change, committed or not, is rolled back after the test.
+
+    The connection's outer transaction is never committed; the session works in SAVEPOINTs
+    inside it, so ``session.commit()`` in code under test releases a savepoint instead.
+    """
+    with pg_engine.connect() as connection:
+        outer = connection.begin()
+        session = Session(bind=connection, join_transaction_mode="create_savepoint")
+        try:
+            yield session
+        finally:
+            session.close()
+            outer.rollback()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server_url: str) -> Iterator[str]:
+    """URL of this worker's Redis DB, empty at the start of the session."""
+    if os.environ.get(servers.REDIS_URL_ENV):
+        try:
+            url = servers.redis_url_for_db(redis_server_url, worker_number())
+        except (servers.ServerStartError, redis.ConnectionError) as exc:
+            pytest.fail(f"{servers.REDIS_URL_ENV}={redis_server_url}: {exc}", pytrace=False)
+    else:
+        url = redis_server_url
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+        yield url
+        client.flushdb()
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """URL of a SQLite file in this test's tmp_path (created on first connect)."""
+    return f"sqlite:///{tmp_path / 'synthsentry.db'}"
+
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture
+def isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[SettingsFactory]:
+    """Settings read from an environment this test controls.
+
+    ``SYNTHSENTRY_*`` variables from the outer environment are removed (not the ``_TEST_``
+    server URLs) and ``SYNTHSENTRY_DATA_DIR`` points at ``tmp_path / "data"``. Returns
+    ``configure(**fields)``: sets ``SYNTHSENTRY_<FIELD>`` for each keyword (e.g.
+    ``configure(database_url=postgres_url)``) and returns the fresh ``get_settings()``, which
+    any code under test that calls ``get_settings()`` sees too.
+    """
+    for name in list(os.environ):
+        if name.startswith("SYNTHSENTRY_") and not name.startswith("SYNTHSENTRY_TEST_"):
+            monkeypatch.delenv(name)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    monkeypatch.setenv("SYNTHSENTRY_DATA_DIR", str(data_dir))
+    get_settings.cache_clear()
+
+    def configure(**fields: str | Path) -> Settings:
+        for field, value in fields.items():
+            monkeypatch.setenv(f"SYNTHSENTRY_{field.upper()}", str(value))
+        get_settings.cache_clear()
+        return get_settings()
+
+    yield configure
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def corpus_dir() -> Path:
+    """The shared image corpus, ``../shared/corpus`` beside the checkout."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+    if not path.is_dir():
+        pytest.skip(
+            f"../shared/corpus not found beside the checkout ({path}); it holds the test "
+            "images (see its README.md and MANIFEST.tsv) and is not part of the repository."
+        )
+    return path
