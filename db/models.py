@@ -201,13 +201,17 @@ class Verdict(Base):
 
 
 class ReviewCase(Base):
-    """A flagged verdict waiting for, or decided by, a human moderator. One per verdict."""
+    """A flagged image waiting for, or decided by, a human moderator.
+
+    One per image: a later verdict that flags the same image again (a rescan, a new model)
+    does not queue it twice; ``verdict_id`` is the verdict that opened the case.
+    """
 
     __tablename__ = "review_cases"
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    verdict_id: Mapped[int] = mapped_column(ForeignKey("verdicts.id"), unique=True)
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
+    verdict_id: Mapped[int] = mapped_column(ForeignKey("verdicts.id"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), unique=True)
     state: Mapped[ReviewState] = mapped_column(
         _enum(ReviewState, "review_state"), default=ReviewState.OPEN
     )

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Insert, select, update
+from sqlalchemy import CursorResult, Insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -45,7 +45,7 @@ def _insert_ignore(session: Session, model: type[Base], values: Mapping[str, Any
     """Insert a row unless a unique constraint already holds one; True if inserted."""
     statement: Insert = _insert(session, model).values(**values).on_conflict_do_nothing()
     result = session.execute(statement)
-    return bool(result.rowcount)
+    return bool(cast(CursorResult[Any], result).rowcount)
 
 
 # --- images -----------------------------------------------------------------------------
@@ -294,6 +294,7 @@ def save_verdict(
 
 
 def open_review_case(session: Session, verdict: Verdict, *, actor: str) -> ReviewCase:
+    """The image's review case, opened by this verdict unless one exists already."""
     created = _insert_ignore(
         session,
         ReviewCase,
@@ -305,7 +306,7 @@ def open_review_case(session: Session, verdict: Verdict, *, actor: str) -> Revie
         },
     )
     case = session.execute(
-        select(ReviewCase).where(ReviewCase.verdict_id == verdict.id)
+        select(ReviewCase).where(ReviewCase.image_id == verdict.image_id)
     ).scalar_one()
     if created:
         append_audit(

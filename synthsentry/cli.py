@@ -202,8 +202,8 @@ def _load_detectors(selectors: list[str], settings: Settings) -> list[Any]:
     from workers.detectors.registry import weights_resolver as make_resolver
 
     catalog = _catalog(settings)
-    resolve = make_resolver(settings)
     if selectors:
+        resolve = make_resolver(settings)
         detectors = []
         for selector in selectors:
             try:
@@ -215,8 +215,12 @@ def _load_detectors(selectors: list[str], settings: Settings) -> list[Any]:
                 # Asked for by name: running without it would answer a different question.
                 raise CliError(f"detector {selector.partition('=')[0]} cannot run: {exc}") from exc
         return detectors
+    # The default ensemble uses what is already on this machine: a scan should not start
+    # gigabytes of downloads as a side effect. Naming a detector downloads its weights.
     built, skipped = build_available(
-        catalog.specs.values(), device=settings.device, resolve=resolve
+        catalog.specs.values(),
+        device=settings.device,
+        resolve=make_resolver(settings, local_only=True),
     )
     for item in skipped:
         print(f"skipped detector {item.name}: {item.why}", file=sys.stderr)
@@ -233,9 +237,8 @@ def _load_detectors(selectors: list[str], settings: Settings) -> list[Any]:
 
 
 def _scan(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.intake import IntakeLimits
-
     from workers.ensemble import EnsembleConfig
+    from workers.intake import IntakeLimits
     from workers.scan import Scanner, iter_image_paths
 
     threshold = settings.flag_threshold if args.threshold is None else args.threshold

@@ -62,7 +62,9 @@ def _insert_audit(connection: sa.Connection) -> None:
     )
 
 
-@pytest.mark.parametrize("statement", ["UPDATE audit_log SET actor = 'me'", "DELETE FROM audit_log"])
+@pytest.mark.parametrize(
+    "statement", ["UPDATE audit_log SET actor = 'me'", "DELETE FROM audit_log"]
+)
 def test_audit_log_is_append_only_on_sqlite(sqlite_url: str, statement: str) -> None:
     migrate.upgrade(sqlite_url)
     engine = sa.create_engine(sqlite_url)
@@ -75,7 +77,9 @@ def test_audit_log_is_append_only_on_sqlite(sqlite_url: str, statement: str) -> 
     engine.dispose()
 
 
-@pytest.mark.parametrize("statement", ["UPDATE audit_log SET actor = 'me'", "DELETE FROM audit_log"])
+@pytest.mark.parametrize(
+    "statement", ["UPDATE audit_log SET actor = 'me'", "DELETE FROM audit_log"]
+)
 def test_audit_log_is_append_only_on_postgres(pg_engine: sa.Engine, statement: str) -> None:
     with pg_engine.connect() as connection:
         outer = connection.begin()

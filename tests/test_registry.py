@@ -111,7 +111,7 @@ def test_malformed_spec_files_are_refused(tmp_path: Path, body: str, message: st
 
 
 def test_unavailable_weights_are_skipped_with_the_reason() -> None:
-    def offline(uri: str) -> Path:
+    def offline(uri: str, name: str) -> Path:
         raise DetectorUnavailable(f"weights {uri} are not available offline")
 
     built, skipped = build_available(
@@ -130,5 +130,9 @@ def test_version_changes_with_options_and_weights() -> None:
     assert base.startswith("1+o")
     assert base.endswith("+w" + "a" * 12)
     assert derive_version(spec, "b" * 64) != base
-    assert derive_version(DetectorSpec("x", "sumsub", "1", options={"ai_index": 0}), "a" * 64) != base
-    assert derive_version(DetectorSpec("x", "sumsub", "2", options={"ai_index": 1}), "a" * 64) != base
+    assert (
+        derive_version(DetectorSpec("x", "sumsub", "1", options={"ai_index": 0}), "a" * 64) != base
+    )
+    assert (
+        derive_version(DetectorSpec("x", "sumsub", "2", options={"ai_index": 1}), "a" * 64) != base
+    )

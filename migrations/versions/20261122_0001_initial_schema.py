@@ -206,7 +206,7 @@ def upgrade() -> None:
             ["verdict_id"], ["verdicts.id"], name=op.f("fk_review_cases_verdict_id_verdicts")
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_review_cases")),
-        sa.UniqueConstraint("verdict_id", name=op.f("uq_review_cases_verdict_id")),
+        sa.UniqueConstraint("image_id", name=op.f("uq_review_cases_image_id")),
     )
     op.create_index(
         op.f("ix_review_cases_state"), "review_cases", ["state", "opened_at"], unique=False

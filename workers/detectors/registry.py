@@ -180,7 +180,8 @@ class Catalog:
         return spec
 
 
-WeightsResolver = Callable[[str], Path]
+# (weights URI, detector name) -> local file; the name only improves error messages.
+WeightsResolver = Callable[[str, str], Path]
 
 
 def build_detector(spec: DetectorSpec, *, device: str, resolve: WeightsResolver) -> Detector:
@@ -191,7 +192,7 @@ def build_detector(spec: DetectorSpec, *, device: str, resolve: WeightsResolver)
         raise DetectorUnavailable(f"{spec.name}: unknown family {spec.family!r}")
     weights_path = Path()
     if spec.weights is not None:
-        weights_path = resolve(spec.weights)
+        weights_path = resolve(spec.weights, spec.name)
     try:
         return loader(spec, device=device, weights_path=weights_path)
     except ImportError as exc:
@@ -220,10 +221,11 @@ def build_available(
     return built, skipped
 
 
-def weights_resolver(settings: Settings) -> WeightsResolver:
-    """Resolve weights URIs with this process's S3 endpoint and cache folder."""
-    from functools import partial
+def weights_resolver(settings: Settings, *, local_only: bool = False) -> WeightsResolver:
+    """Resolve weights URIs with this process's S3 endpoint and cache folder.
 
+    ``local_only``: hf:// weights only from the local Hugging Face cache (no download).
+    """
     from workers.detectors.weights import resolve_weights
 
     def s3_client() -> Any:
@@ -233,4 +235,13 @@ def weights_resolver(settings: Settings) -> WeightsResolver:
             "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region
         )
 
-    return partial(resolve_weights, s3_client_factory=s3_client, cache_dir=settings.weights_dir)
+    def resolve(uri: str, name: str) -> Path:
+        return resolve_weights(
+            uri,
+            s3_client_factory=s3_client,
+            cache_dir=settings.weights_dir,
+            detector_name=name,
+            local_only=local_only,
+        )
+
+    return resolve

@@ -1,0 +1,363 @@
+"""The `synthsentry scan` contract, exercised as a user would: the real command in a
+subprocess, real files, the embedded SQLite database or a real Postgres."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+import servers
+from badfiles import BAD_FILES, make_fifo, make_vanished, sample_picture, write_bad_files
+from checkpoints import SUMSUB_MOBILENET, populate_hub_cache, write_sumsub_raw
+
+REQUIRED_KEYS = {
+    "path",
+    "sha256",
+    "status",
+    "reason",
+    "ai_score",
+    "flagged",
+    "verdict",
+    "detectors",
+}
+TABLES = ("images", "sources", "detections", "verdicts", "review_cases", "audit_log")
+
+
+def _env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHSENTRY_")}
+    env.update(
+        SYNTHSENTRY_DATA_DIR=str(data_dir),
+        SYNTHSENTRY_LOG_JSON="true",
+        HF_HUB_OFFLINE="1",  # no network here; the built-in hf:// weights are unavailable
+        HF_HOME=str(data_dir / "hf"),
+    )
+    env.update(extra)
+    return env
+
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Run:
+    data_dir = tmp_path / "data"
+
+    def run(*args: str | Path, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "synthsentry.cli", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=_env(data_dir, **env),
+            timeout=600,
+            check=False,
+        )
+
+    return run
+
+
+def _lines(result: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def _counts(db_file: Path) -> dict[str, int]:
+    with sqlite3.connect(db_file) as connection:
+        return {t: connection.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
+
+
+@pytest.fixture(scope="module")
+def mj5_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint in the published Sumsub format with the MobileNetV3-L backbone."""
+    path = tmp_path_factory.mktemp("weights") / "mj5.pt"
+    write_sumsub_raw(path, SUMSUB_MOBILENET, seed=3)
+    return path
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """Good pictures and every kind of bad file; returns {relative path: expected status or
+    rejection reason}."""
+    folder = tmp_path / "uploads"
+    (folder / "nested").mkdir(parents=True)
+    expected: dict[str, str] = {}
+    for name, reason in write_bad_files(folder).items():
+        expected[name] = reason.value
+    sample_picture((200, 150)).save(folder / "landscape.jpg", quality=90)
+    sample_picture((90, 160)).convert("RGBA").save(folder / "nested" / "portrait.png")
+    sample_picture((64, 64)).save(folder / "nested" / "misnamed.gif", "PNG")
+    expected.update({"landscape.jpg": "scored", "nested/portrait.png": "scored"})
+    expected["nested/misnamed.gif"] = "scored"
+    return folder, expected
+
+
+def test_scan_json_contract(
+    run: Run, mixed_folder: tuple[Path, dict[str, str]], mj5_weights: Path
+) -> None:
+    folder, expected = mixed_folder
+    result = run("scan", folder, "--json", "--detector", f"sumsub-mj5={mj5_weights}")
+    lines = _lines(result)
+    by_path = {str(Path(str(line["path"])).relative_to(folder)): line for line in lines}
+    assert set(by_path) == set(expected), "one result per file, no more, no less"
+    for rel, want in expected.items():
+        line = by_path[rel]
+        assert set(line) >= REQUIRED_KEYS, rel
+        if want == "scored":
+            assert line["status"] == "scored" and line["reason"] is None, line
+            score = line["ai_score"]
+            assert isinstance(score, float) and 0.0 <= score <= 1.0
+            assert line["verdict"] in {"likely_ai", "no_indication"}
+            assert line["flagged"] == (score >= 0.5)
+            (detector,) = line["detectors"]  # type: ignore[misc]
+            assert detector["name"] == "sumsub-mj5"
+            assert detector["score"] == pytest.approx(score)
+            assert detector["version"].startswith("1+o")
+            assert detector["evidence"]["p_ai"] == pytest.approx(score)
+            assert len(str(line["sha256"])) == 64
+        else:
+            assert line["status"] == "rejected", (rel, line)
+            assert line["reason"] == want, (rel, line)
+            assert line["verdict"] == "rejected" and line["flagged"] is False
+            assert line["ai_score"] is None and line["detectors"] == []
+            assert line["message"], "every rejection carries a human message"
+
+
+def test_rescan_reuses_results_and_adds_no_rows(
+    run: Run, tmp_path: Path, mixed_folder: tuple[Path, dict[str, str]], mj5_weights: Path
+) -> None:
+    folder, _ = mixed_folder
+    detector = f"sumsub-mj5={mj5_weights}"
+    first = _lines(run("scan", folder, "--json", "--detector", detector))
+    db_file = tmp_path / "data" / "synthsentry.db"
+    before = _counts(db_file)
+    second = _lines(run("scan", folder, "--json", "--detector", detector))
+    assert _counts(db_file) == before
+    assert before["detections"] == sum(1 for line in first if line["status"] == "scored")
+    scored_again = [line for line in second if line["status"] == "scored"]
+    assert scored_again and all(d["reused"] for line in scored_again for d in line["detectors"])  # type: ignore[attr-defined]
+    assert [line["ai_score"] for line in first] == [line["ai_score"] for line in second]
+    with sqlite3.connect(db_file) as connection:
+        seen = connection.execute("SELECT max(seen_count) FROM sources").fetchone()[0]
+    assert seen == 2
+
+
+def test_same_bytes_under_two_names_share_results_but_both_sources_are_kept(
+    run: Run, tmp_path: Path, mj5_weights: Path
+) -> None:
+    folder = tmp_path / "copies"
+    folder.mkdir()
+    sample_picture().save(folder / "a.png")
+    shutil.copyfile(folder / "a.png", folder / "b.png")
+    lines = _lines(run("scan", folder, "--json", "--detector", f"sumsub-mj5={mj5_weights}"))
+    assert lines[0]["sha256"] == lines[1]["sha256"]
+    counts = _counts(tmp_path / "data" / "synthsentry.db")
+    assert (counts["images"], counts["sources"], counts["detections"]) == (1, 2, 1)
+
+
+def test_default_ensemble_names_what_it_skipped(run: Run, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    sample_picture().save(folder / "a.png")
+    result = run("scan", folder, "--json")
+    (line,) = _lines(result)
+    for name in ("sumsub-v2", "sumsub-mj5", "commfor-vit384"):
+        assert f"skipped detector {name}:" in result.stderr
+    assert "hf://Sumsub/Sumsub-ffs-synthetic-2.0" in result.stderr
+    assert line["status"] == "scored"
+    assert line["verdict"] == "inconclusive" and line["ai_score"] is None
+    assert line["flagged"] is False
+
+
+def test_default_ensemble_downloads_nothing_and_says_how_to_get_weights(
+    run: Run, tmp_path: Path
+) -> None:
+    sample_picture().save(tmp_path / "a.png")
+    result = run("scan", tmp_path / "a.png", "--json", HF_HUB_OFFLINE="0")
+    assert result.returncode == 0, result.stderr
+    assert "hf://OwensLab/commfor-model-384 are not in the local Hugging Face cache" in (
+        result.stderr
+    )
+    assert "--detector commfor-vit384" in result.stderr
+
+
+def test_default_ensemble_uses_weights_already_in_the_hub_cache(
+    run: Run, tmp_path: Path, mj5_weights: Path
+) -> None:
+    # Laid out as huggingface_hub caches a download of the published repo.
+    populate_hub_cache(
+        tmp_path / "data" / "hf" / "hub",
+        "Sumsub/Sumsub-ffs-synthetic-1.0_mj_5",
+        {"model.pt": mj5_weights.read_bytes()},
+        commit="4" * 40,
+        ref="main",
+    )
+    sample_picture().save(tmp_path / "a.png")
+    result = run("scan", tmp_path / "a.png", "--json")
+    (line,) = _lines(result)
+    assert [d["name"] for d in line["detectors"]] == ["sumsub-mj5"]  # type: ignore[union-attr]
+    assert "skipped detector sumsub-mj5" not in result.stderr
+    assert "skipped detector sumsub-v2" in result.stderr
+    assert line["ai_score"] is not None
+
+
+def test_table_output_and_policy_footer(
+    run: Run, mixed_folder: tuple[Path, dict[str, str]], mj5_weights: Path
+) -> None:
+    folder, expected = mixed_folder
+    result = run("scan", folder, "--detector", f"sumsub-mj5={mj5_weights}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("VERDICT")
+    assert "rejected: too_many_pixels" in result.stdout
+    assert f"{len(expected)} files:" in result.stdout
+    assert "indication for human review, not proof" in result.stdout
+
+
+def test_help_states_the_policy(run: Run) -> None:
+    result = run("scan", "--help")
+    assert result.returncode == 0
+    assert "not proof" in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--detector", "no-such-detector"], "unknown detector 'no-such-detector'"),
+        (["--threshold", "1.5"], "--threshold must be between 0 and 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+    ],
+)
+def test_usage_errors_exit_2_with_a_message(
+    run: Run, tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = run("scan", tmp_path, *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+def test_requested_detector_without_weights_is_an_error_naming_the_uri(
+    run: Run, tmp_path: Path
+) -> None:
+    result = run("scan", tmp_path, "--detector", "sumsub-v2")
+    assert result.returncode == 1
+    assert "hf://Sumsub/Sumsub-ffs-synthetic-2.0" in result.stderr
+
+
+def test_bad_configuration_is_a_usage_error(run: Run, tmp_path: Path) -> None:
+    result = run("scan", tmp_path, SYNTHSENTRY_DEVICE="tpu")
+    assert result.returncode == 2
+    assert "invalid configuration" in result.stderr and "device" in result.stderr
+
+
+def test_missing_unreadable_and_vanished_paths_are_results(run: Run, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pipe = make_fifo(folder)  # a path that cannot be read as a file, even by root
+    vanished = make_vanished(folder)
+    lines = _lines(run("scan", tmp_path / "never-existed.jpg", pipe, vanished, "--json"))
+    assert [line["reason"] for line in lines] == ["missing", "unreadable", "missing"]
+    # Found by walking a folder, the pipe is a result too (and does not block the walk).
+    (walked,) = _lines(run("scan", folder, "--json"))
+    assert (walked["path"], walked["reason"]) == (str(pipe), "unreadable")
+
+
+def test_thousand_files_with_bad_ones_are_all_accounted_for(run: Run, tmp_path: Path) -> None:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    picture = sample_picture((48, 32))
+    for i in range(960):
+        # Distinct bytes per file, as real uploads would be.
+        picture.putpixel((i % 48, (i // 48) % 32), (i % 256, 0, 0))
+        picture.save(folder / f"img_{i:04d}.png")
+    bad = write_bad_files(folder / "bad")
+    for i in range(40 - len(bad)):
+        (folder / "bad" / f"junk_{i}.jpg").write_bytes(b"not an image %d" % i)
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert len(files) == 1000
+    lines = _lines(run("scan", folder, "--json", "--batch-size", "32"))
+    assert len(lines) == 1000
+    assert {str(line["path"]) for line in lines} == {str(p) for p in files}
+    assert sum(line["status"] == "scored" for line in lines) == 960
+    assert sum(line["status"] == "rejected" for line in lines) == 40
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_server_url: str) -> str:
+    # The CLI commits, so it gets a database of its own rather than the rolled-back one.
+    name = f"synthsentry_cli_{os.environ.get('PYTEST_XDIST_WORKER', 'master')}"
+    return servers.recreate_database(postgres_server_url, name)
+
+
+def test_scan_into_postgres(
+    run: Run, tmp_path: Path, fresh_postgres_url: str, mj5_weights: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    sample_picture().save(folder / "a.jpg")
+    (folder / "b.jpg").write_bytes(b"")
+    env = {"SYNTHSENTRY_DATABASE_URL": fresh_postgres_url}
+
+    refused = run("scan", folder, "--json", **env)
+    assert refused.returncode == 1
+    assert "synthsentry db upgrade" in refused.stderr
+
+    upgraded = run("db", "upgrade", **env)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert "password" not in upgraded.stdout
+    detector = f"sumsub-mj5={mj5_weights}"
+    first = _lines(run("scan", folder, "--json", "--detector", detector, **env))
+    _lines(run("scan", folder, "--json", "--detector", detector, **env))
+    engine = sa.create_engine(fresh_postgres_url)
+    with engine.connect() as connection:
+        counts = {
+            t: connection.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar_one() for t in TABLES
+        }
+        reasons = connection.execute(sa.text("SELECT reject_reason FROM sources")).scalars()
+        assert sorted(r or "" for r in reasons) == ["", "empty"]
+    engine.dispose()
+    assert (counts["images"], counts["sources"], counts["detections"], counts["verdicts"]) == (
+        1,
+        2,
+        1,
+        1,
+    )
+    assert [line["status"] for line in first] == ["scored", "rejected"]
+
+
+def test_corpus_scan_is_stored_once(
+    run: Run, tmp_path: Path, corpus_dir: Path, mj5_weights: Path
+) -> None:
+    images = corpus_dir / "images"
+    files = sorted(p for p in images.rglob("*") if p.is_file())
+    detector = f"sumsub-mj5={mj5_weights}"
+    lines = _lines(run("scan", images, "--json", "--detector", detector, "--batch-size", "16"))
+    assert len(lines) == len(files)
+    assert all(set(line) >= REQUIRED_KEYS for line in lines)
+    db_file = tmp_path / "data" / "synthsentry.db"
+    before = _counts(db_file)
+    assert before["sources"] == len(files)
+    assert before["detections"] == sum(1 for line in lines if line["status"] == "scored")
+    _lines(run("scan", images, "--json", "--detector", detector))
+    assert _counts(db_file) == before
+
+
+def test_bad_files_fixture_is_complete() -> None:
+    # The contract tests above rely on every rejection reason that a file can produce.
+    reasons = {reason.value for reason in BAD_FILES.values()}
+    assert {
+        "empty",
+        "not_an_image",
+        "truncated",
+        "too_many_pixels",
+        "unsupported_format",
+        "decode_error",
+        "too_large",
+    } <= reasons

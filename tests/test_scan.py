@@ -1,0 +1,158 @@
+"""The scan pipeline in-process: files that change under it, detectors that fail."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import migrate, repository
+from db.models import Detection, ReviewCase, Source, SourceStatus
+from db.session import make_engine, make_sessionmaker
+from workers.detectors.base import Detector, DetectorOutput, DetectorSpec
+from workers.detectors.registry import BUILTIN_SPECS, build_detector
+from workers.ensemble import EnsembleConfig
+from workers.intake import IntakeLimits
+from workers.scan import Scanner, iter_image_paths
+
+from badfiles import sample_picture
+from checkpoints import SUMSUB_MOBILENET, write_sumsub_raw
+
+LIMITS = IntakeLimits(max_bytes=10 * 1024 * 1024, max_pixels=10_000_000, decode_timeout_s=10.0)
+
+
+@pytest.fixture
+def sessions(sqlite_url: str) -> Iterator[sessionmaker[Session]]:
+    migrate.upgrade(sqlite_url)
+    engine = make_engine(sqlite_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def mj5(tmp_path_factory: pytest.TempPathFactory) -> Detector:
+    weights = tmp_path_factory.mktemp("w") / "mj5.pt"
+    write_sumsub_raw(weights, SUMSUB_MOBILENET, seed=3)
+    return build_detector(
+        BUILTIN_SPECS["sumsub-mj5"], device="cpu", resolve=lambda _uri, _name: weights
+    )
+
+
+def _pictures(folder: Path, count: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"p{i}.png"
+        sample_picture((64 + 8 * i, 48)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_file_deleted_after_listing_is_rejected_as_missing(
+    tmp_path: Path, sessions: sessionmaker[Session], mj5: Detector
+) -> None:
+    paths = _pictures(tmp_path / "in", 3)
+
+    def listing() -> Iterator[Path]:
+        # The second file disappears after it was listed, before the chunk reads it.
+        yield paths[0]
+        yield paths[1]
+        paths[1].unlink()
+        yield paths[2]
+
+    scanner = Scanner([mj5], sessions, LIMITS, EnsembleConfig(), batch_size=8)
+    outcomes = list(scanner.scan(listing()))
+    assert [o.status for o in outcomes] == ["scored", "rejected", "scored"]
+    assert outcomes[1].reason == "missing"
+    with sessions() as session:
+        statuses = [s.status for s in session.query(Source).order_by(Source.id)]
+    assert statuses == [SourceStatus.SCORED, SourceStatus.REJECTED, SourceStatus.SCORED]
+
+
+@dataclass
+class FailsOnWideImages:
+    """Wraps a real detector and raises for images wider than ``limit`` pixels, the way a
+    model can fail on one input (out of memory, a bad tensor shape)."""
+
+    inner: Detector
+    limit: int
+    fail: bool = True
+
+    @property
+    def spec(self) -> DetectorSpec:
+        return self.inner.spec
+
+    @property
+    def version(self) -> str:
+        return self.inner.version
+
+    @property
+    def weights_sha256(self) -> str | None:
+        return self.inner.weights_sha256
+
+    def detect_batch(
+        self, images: Sequence[Image.Image], raw: Sequence[bytes]
+    ) -> list[DetectorOutput]:
+        if self.fail and any(image.width > self.limit for image in images):
+            raise RuntimeError("simulated out-of-memory on a wide image")
+        return self.inner.detect_batch(images, raw)
+
+
+def test_one_failing_image_does_not_cost_the_others_their_scores(
+    tmp_path: Path, sessions: sessionmaker[Session], mj5: Detector
+) -> None:
+    paths = _pictures(tmp_path / "in", 4)  # widths 64, 72, 80, 88
+    flaky = FailsOnWideImages(mj5, limit=85)
+    scanner = Scanner([flaky], sessions, LIMITS, EnsembleConfig(), batch_size=4)
+    outcomes = list(scanner.scan(paths))
+    errors = [o.detectors[0].error for o in outcomes]
+    assert errors[:3] == [None, None, None]
+    assert errors[3] is not None and "simulated out-of-memory" in errors[3]
+    assert all(o.ai_score is not None for o in outcomes[:3])
+    assert outcomes[3].verdict == "inconclusive" and outcomes[3].ai_score is None
+    assert "sumsub-mj5" in str(outcomes[3].verdict_reason)
+
+    # Next run: the failure is not reused; the detector runs again and its answer replaces it.
+    flaky.fail = False
+    again = list(Scanner([flaky], sessions, LIMITS, EnsembleConfig()).scan(paths))
+    assert [o.detectors[0].reused for o in again] == [True, True, True, False]
+    assert again[3].detectors[0].error is None and again[3].ai_score is not None
+    with sessions() as session:
+        assert repository.count_rows(session, Detection) == 4
+
+
+def test_flagged_images_open_one_review_case_each(
+    tmp_path: Path, sessions: sessionmaker[Session], mj5: Detector
+) -> None:
+    paths = _pictures(tmp_path / "in", 3)
+
+    def scan(threshold: float) -> list[bool]:
+        config = EnsembleConfig(threshold=threshold)
+        return [o.flagged for o in Scanner([mj5], sessions, LIMITS, config).scan(paths)]
+
+    def cases() -> int:
+        with sessions() as session:
+            return repository.count_rows(session, ReviewCase)
+
+    scores = [o.ai_score for o in Scanner([mj5], sessions, LIMITS, EnsembleConfig(1.0)).scan(paths)]
+    assert all(s is not None for s in scores)
+    assert cases() == 0
+    # A threshold between the scores flags two of the three images.
+    assert scan(sorted(s for s in scores if s is not None)[1]).count(True) == 2
+    assert cases() == 2
+    # Flagging all three again (another threshold, so new verdicts) queues only the third.
+    assert scan(0.0) == [True, True, True]
+    assert cases() == 3
+
+
+def test_iter_image_paths_walks_sorted_and_skips_hidden(tmp_path: Path) -> None:
+    for rel in ("b.png", "a/c.png", "a/.hidden.png", ".git/x.png", "a/d/e.jpg"):
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    found = [p.relative_to(tmp_path).as_posix() for p in iter_image_paths([tmp_path])]
+    assert found == ["b.png", "a/c.png", "a/d/e.jpg"]
