@@ -361,3 +361,45 @@ def test_bad_files_fixture_is_complete() -> None:
         "decode_error",
         "too_large",
     } <= reasons
+
+
+def test_detectors_list_reports_weights_status(run: Run, tmp_path: Path, mj5_weights: Path) -> None:
+    config = tmp_path / "detectors.toml"
+    config.write_text(
+        f'[detectors.local-mj5]\nfamily = "sumsub"\nweights = "{mj5_weights}"\n'
+        f'[detectors.local-mj5.options]\nbackbone = "{SUMSUB_MOBILENET}"\n'
+        '[detectors.gone]\nfamily = "sumsub"\nweights = "/nonexistent/w.pt"\n',
+        encoding="utf-8",
+    )
+    result = run("detectors", "list", "--json", SYNTHSENTRY_DETECTOR_CONFIG=str(config))
+    rows = {row["name"]: row for row in _lines(result)}
+    assert rows["local-mj5"]["weights_status"] == "local"
+    assert rows["gone"]["weights_status"] == "missing"
+    assert rows["sumsub-v2"]["weights_status"] == "not on this machine"
+    assert rows["commfor-vit384"]["device"] == "cpu"
+    table = run("detectors", "list", SYNTHSENTRY_DETECTOR_CONFIG=str(config))
+    assert table.returncode == 0 and "WEIGHTS STATUS" in table.stdout
+
+
+def test_detectors_verify_loads_checks_and_times(run: Run, mj5_weights: Path) -> None:
+    import hashlib
+
+    result = run("detectors", "verify", f"sumsub-mj5={mj5_weights}")
+    assert result.returncode == 0, result.stderr
+    digest = hashlib.sha256(mj5_weights.read_bytes()).hexdigest()
+    assert f"weights sha256  {digest}" in result.stdout
+    assert "first forward" in result.stdout and "probe score" in result.stdout
+
+
+def test_detectors_verify_refuses_a_pinned_hash_mismatch(
+    run: Run, tmp_path: Path, mj5_weights: Path
+) -> None:
+    config = tmp_path / "detectors.toml"
+    config.write_text(
+        f'[detectors.pinned]\nfamily = "sumsub"\nweights = "{mj5_weights}"\nsha256 = "{"0" * 64}"\n'
+        f'[detectors.pinned.options]\nbackbone = "{SUMSUB_MOBILENET}"\n',
+        encoding="utf-8",
+    )
+    result = run("detectors", "verify", "pinned", SYNTHSENTRY_DETECTOR_CONFIG=str(config))
+    assert result.returncode == 1
+    assert "sha256" in result.stderr and "0" * 64 in result.stderr

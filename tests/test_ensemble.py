@@ -102,3 +102,28 @@ def test_digest_changes_with_versions_and_scores_but_not_order() -> None:
     assert one.detector_set_digest == swapped.detector_set_digest
     assert one.detector_set_digest != new_version.detector_set_digest
     assert one.detector_set_digest != new_score.detector_set_digest
+
+
+def test_decisive_positive_flags_whatever_the_models_say() -> None:
+    decision = combine(
+        [
+            DetectorScore("model", "1", 0.05),
+            DetectorScore(
+                "provenance", "1", 1.0, decisive=True, summary="C2PA: created by Adobe Firefly"
+            ),
+        ],
+        EnsembleConfig(threshold=0.9),
+    )
+    assert decision.ai_score == pytest.approx(0.525)
+    assert decision.flagged and decision.label == LIKELY_AI
+    assert decision.reason.startswith("provenance: C2PA: created by Adobe Firefly")
+    assert "not proof" in decision.reason
+
+
+def test_decisive_detector_that_abstains_changes_nothing() -> None:
+    decision = combine(
+        [DetectorScore("model", "1", 0.2), DetectorScore("provenance", "1", None, decisive=True)],
+        EnsembleConfig(),
+    )
+    assert decision.ai_score == pytest.approx(0.2)
+    assert not decision.flagged and decision.label == NO_INDICATION

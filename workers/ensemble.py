@@ -58,6 +58,10 @@ class DetectorScore:
     version: str
     score: float | None
     error: str | None = None
+    # A decisive detector's positive answer (score >= 0.5) flags the image whatever the
+    # other detectors say: a signed "made by AI" manifest outweighs any pixel statistics.
+    decisive: bool = False
+    summary: str | None = None  # what a decisive detector found, for the flag reason
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ def combine(scores: Sequence[DetectorScore], config: EnsembleConfig) -> VerdictD
             why += f" ({len(failed)} failed: {', '.join(s.name for s in failed)})"
         return VerdictDecision(None, INCONCLUSIVE, False, why, detector_set, digest)
 
+    decisive = [s for s in answered if s.decisive and (s.score or 0.0) >= 0.5]
     total_weight = sum(config.weight(s.name) for s in answered)
     calibrated = {
         s.name: config.calibrations.get(s.name, Calibration()).apply(s.score or 0.0)
@@ -100,8 +105,14 @@ def combine(scores: Sequence[DetectorScore], config: EnsembleConfig) -> VerdictD
     }
     ai_score = sum(config.weight(name) * p for name, p in calibrated.items()) / total_weight
     parts = ", ".join(f"{name} {p:.2f}" for name, p in sorted(calibrated.items()))
-    flagged = ai_score >= config.threshold
-    if flagged:
+    flagged = ai_score >= config.threshold or bool(decisive)
+    if decisive:
+        label = LIKELY_AI
+        found = "; ".join(f"{s.name}: {s.summary or 'AI signal found'}" for s in decisive)
+        reason = (
+            f"{found} (ai_score {ai_score:.2f}; {parts}): an indication for human review, not proof"
+        )
+    elif flagged:
         label = LIKELY_AI
         reason = (
             f"ai_score {ai_score:.2f} is at or above the review threshold "

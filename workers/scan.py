@@ -12,9 +12,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import repository
 from db.models import Detection, Source, SourceKind, VerdictLabel
 from db.session import transaction
-from workers.detectors.base import Detector, DetectorOutput
+from workers.detectors.base import Detector
+from workers.engine import DetectorResult, Prepared, prepare, run_detector
 from workers.ensemble import DetectorScore, EnsembleConfig, combine
 from workers.intake import DecodedImage, IntakeLimits, Rejected, RejectReason, decode, read_local
 
@@ -111,21 +111,22 @@ class _Item:
     data: bytes | None = None
     sha256: str | None = None
     decoded: DecodedImage | None = None
+    prepared: Prepared | None = None
     rejection: Rejected | None = None
     image_id: int | None = None
     source_id: int | None = None
     reused: dict[str, Detection] = field(default_factory=dict)
-    fresh: dict[str, tuple[DetectorOutput | None, float | None, str | None]] = field(
-        default_factory=dict
-    )
+    fresh: dict[str, DetectorResult] = field(default_factory=dict)
 
 
-def _take_in(path: Path, limits: IntakeLimits) -> _Item:
+def _take_in(path: Path, limits: IntakeLimits, detectors: Sequence[Detector]) -> _Item:
+    """Read, hash, decode and preprocess one file (runs in an intake thread)."""
     item = _Item(path=path)
     try:
         item.data = read_local(path, limits)
         item.sha256 = hashlib.sha256(item.data).hexdigest()
         item.decoded = decode(item.data, limits)
+        item.prepared = prepare(item.decoded.image, item.data, detectors)
     except Rejected as exc:
         item.rejection = exc
     except Exception as exc:  # a bug in intake must not lose the rest of the run
@@ -142,10 +143,12 @@ class Scanner:
         limits: IntakeLimits,
         ensemble: EnsembleConfig,
         *,
-        batch_size: int = 8,
+        batch_size: int = 16,
         decode_threads: int = 2,
         actor: str = "cli",
     ) -> None:
+        """``batch_size``: files taken in per step, and the largest batch a model sees.
+        ``decode_threads``: intake threads (read, decode, preprocess)."""
         self.detectors = list(detectors)
         self.session_factory = session_factory
         self.limits = limits
@@ -156,24 +159,28 @@ class Scanner:
         self.versions = {d.spec.name: d.version for d in self.detectors}
 
     def scan(self, paths: Iterable[Path]) -> Iterator[ScanOutcome]:
-        chunk: list[Path] = []
-        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
-            for path in paths:
-                chunk.append(path)
-                if len(chunk) >= self.batch_size:
-                    yield from self._scan_chunk(chunk, pool)
-                    chunk = []
-            if chunk:
-                yield from self._scan_chunk(chunk, pool)
+        """Results in input order. While the detectors work on one chunk, the intake threads
+        already read, decode and preprocess the next."""
+        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="intake") as pool:
+            previous: list[Future[_Item]] | None = None
+            for chunk in _chunks(paths, self.batch_size):
+                submitted = [pool.submit(_take_in, p, self.limits, self.detectors) for p in chunk]
+                if previous is not None:
+                    yield from self._finish([f.result() for f in previous])
+                previous = submitted
+            if previous is not None:
+                yield from self._finish([f.result() for f in previous])
 
-    def _scan_chunk(self, paths: list[Path], pool: ThreadPoolExecutor) -> list[ScanOutcome]:
-        items = list(pool.map(lambda p: _take_in(p, self.limits), paths))
+    def _finish(self, items: list[_Item]) -> list[ScanOutcome]:
         with transaction(self.session_factory) as session:
             for item in items:
                 self._register(session, item)
         self._detect(items)
         with transaction(self.session_factory) as session:
-            return [self._conclude(session, item) for item in items]
+            outcomes = [self._conclude(session, item) for item in items]
+        for item in items:  # free pixels and tensors before the next chunk
+            item.decoded = item.prepared = None
+        return outcomes
 
     def _register(self, session: Session, item: _Item) -> None:
         if item.data is not None and item.sha256 is not None:
@@ -211,9 +218,11 @@ class Scanner:
     def _detect(self, items: list[_Item]) -> None:
         for detector in self.detectors:
             name = detector.spec.name
-            todo = [i for i in items if i.decoded is not None and name not in i.reused]
+            todo = [i for i in items if i.prepared is not None and name not in i.reused]
             if todo:
-                for item, result in zip(todo, _run_batch(detector, todo), strict=True):
+                prepared = [i.prepared for i in todo if i.prepared is not None]
+                results = run_detector(detector, prepared, max_batch=self.batch_size)
+                for item, result in zip(todo, results, strict=True):
                     item.fresh[name] = result
 
     def _conclude(self, session: Session, item: _Item) -> ScanOutcome:
@@ -266,7 +275,18 @@ class Scanner:
                 )
             )
         decision = combine(
-            [DetectorScore(r.name, r.version, r.score, r.error) for r in reports], self.ensemble
+            [
+                DetectorScore(
+                    r.name,
+                    r.version,
+                    r.score,
+                    r.error,
+                    decisive=bool(detector.spec.options.get("decisive", False)),
+                    summary=r.evidence.get("summary"),
+                )
+                for r, detector in zip(reports, self.detectors, strict=True)
+            ],
+            self.ensemble,
         )
         repository.save_verdict(
             session,
@@ -303,40 +323,12 @@ class Scanner:
         )
 
 
-DetectorResult = tuple[DetectorOutput | None, float | None, str | None]
-
-
-def _run_batch(detector: Detector, items: list[_Item]) -> list[DetectorResult]:
-    """Run one detector over the items; if the batch fails, retry one by one so that a
-    single bad image is recorded as that image's failure and the others still get a score."""
-    images = [i.decoded.image for i in items if i.decoded is not None]
-    raw = [i.data or b"" for i in items]
-    started = time.perf_counter()
-    try:
-        outputs = detector.detect_batch(images, raw)
-    except Exception:
-        if len(items) == 1:
-            return [_run_one(detector, items[0])]
-        log.warning(
-            "batch failed; retrying one image at a time", extra={"detector": detector.spec.name}
-        )
-        return [_run_one(detector, item) for item in items]
-    per_image_ms = (time.perf_counter() - started) * 1000 / max(1, len(items))
-    return [(output, per_image_ms, None) for output in outputs]
-
-
-def _run_one(detector: Detector, item: _Item) -> DetectorResult:
-    assert item.decoded is not None
-    started = time.perf_counter()
-    try:
-        (output,) = detector.detect_batch([item.decoded.image], [item.data or b""])
-    except Exception as exc:
-        log.exception(
-            "detector failed on an image",
-            extra={"detector": detector.spec.name, "sha256": item.sha256},
-        )
-        return None, None, f"{type(exc).__name__}: {exc}"
-    return output, (time.perf_counter() - started) * 1000, None
-
-
-ProgressCallback = Callable[[ScanOutcome], None]
+def _chunks(paths: Iterable[Path], size: int) -> Iterator[list[Path]]:
+    chunk: list[Path] = []
+    for path in paths:
+        chunk.append(path)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,163 @@
+"""Batched inference: keep the model busy with full batches while other threads decode and
+preprocess the next images.
+
+A detector that can split its work (``preprocess`` one image -> tensor, ``forward`` a
+stacked batch) is run in two stages: preprocessing happens in the intake threads, next to
+decoding, and only ``forward`` runs on the scanning thread, on batches of up to
+``max_batch`` tensors. Pillow and torch both release the GIL in their heavy loops, so
+threads suffice (see docs/performance.md for the threads-versus-processes measurement).
+Other detectors (provenance) get ``detect_batch`` on the decoded images.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from PIL import Image
+
+from workers.detectors.base import Detector, DetectorOutput
+
+log = logging.getLogger(__name__)
+
+# (output or None, latency per image in ms, error text or None)
+DetectorResult = tuple[DetectorOutput | None, float | None, str | None]
+
+
+@runtime_checkable
+class StagedDetector(Protocol):
+    """A detector whose work splits into per-image preprocessing and a batched forward."""
+
+    def preprocess(self, image: Image.Image) -> Any: ...
+
+    def forward(self, batch: Any) -> list[DetectorOutput]: ...
+
+
+def is_staged(detector: Detector) -> bool:
+    return isinstance(detector, StagedDetector)
+
+
+@dataclass
+class Prepared:
+    """What intake hands to the detectors for one image."""
+
+    image: Image.Image
+    raw: bytes
+    tensors: dict[str, Any]  # detector name -> preprocessed input (staged detectors)
+    errors: dict[str, str]  # detector name -> preprocessing failure
+
+
+def prepare(image: Image.Image, raw: bytes, detectors: Sequence[Detector]) -> Prepared:
+    """Preprocess one decoded image for every staged detector (runs in intake threads)."""
+    prepared = Prepared(image=image, raw=raw, tensors={}, errors={})
+    for detector in detectors:
+        if is_staged(detector):
+            try:
+                prepared.tensors[detector.spec.name] = detector.preprocess(image)  # type: ignore[attr-defined]
+            except Exception as exc:
+                prepared.errors[detector.spec.name] = f"{type(exc).__name__}: {exc}"
+    return prepared
+
+
+def run_detector(
+    detector: Detector, items: Sequence[Prepared], *, max_batch: int
+) -> list[DetectorResult]:
+    """Score ``items`` with one detector in batches of at most ``max_batch``.
+
+    If a batch fails, its images are retried one at a time, so one bad image is recorded as
+    that image's failure and the others still get a score.
+    """
+    results: list[DetectorResult] = []
+    for start in range(0, len(items), max(1, max_batch)):
+        batch = list(items[start : start + max_batch])
+        results.extend(_run_batch(detector, batch))
+    return results
+
+
+def _run_batch(detector: Detector, batch: list[Prepared]) -> list[DetectorResult]:
+    name = detector.spec.name
+    failed = {i: p.errors[name] for i, p in enumerate(batch) if name in p.errors}
+    runnable = [i for i in range(len(batch)) if i not in failed]
+    results: dict[int, DetectorResult] = {i: (None, None, err) for i, err in failed.items()}
+    if runnable:
+        started = time.perf_counter()
+        try:
+            outputs = _call(detector, [batch[i] for i in runnable])
+        except Exception:
+            if len(runnable) > 1:
+                log.warning("batch failed; retrying one image at a time", extra={"detector": name})
+            for i in runnable:
+                results[i] = _run_one(detector, batch[i])
+        else:
+            per_image_ms = (time.perf_counter() - started) * 1000 / len(runnable)
+            for i, output in zip(runnable, outputs, strict=True):
+                results[i] = (output, per_image_ms, None)
+    return [results[i] for i in range(len(batch))]
+
+
+def _run_one(detector: Detector, item: Prepared) -> DetectorResult:
+    started = time.perf_counter()
+    try:
+        (output,) = _call(detector, [item])
+    except Exception as exc:
+        log.exception("detector failed on an image", extra={"detector": detector.spec.name})
+        return None, None, f"{type(exc).__name__}: {exc}"
+    return output, (time.perf_counter() - started) * 1000, None
+
+
+def _call(detector: Detector, items: list[Prepared]) -> list[DetectorOutput]:
+    if is_staged(detector) and all(detector.spec.name in p.tensors for p in items):
+        import torch
+
+        stacked = torch.stack([p.tensors[detector.spec.name] for p in items])
+        outputs: list[DetectorOutput] = detector.forward(stacked)  # type: ignore[attr-defined]
+    else:
+        outputs = detector.detect_batch([p.image for p in items], [p.raw for p in items])
+    if len(outputs) != len(items):
+        raise RuntimeError(f"{detector.spec.name} returned {len(outputs)} results for {len(items)}")
+    return outputs
+
+
+T = TypeVar("T")
+
+
+def collect_batches(
+    source: queue.Queue[T | None],
+    *,
+    max_batch: int,
+    max_wait_s: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[list[T]]:
+    """Group items from ``source`` into batches of at most ``max_batch``; a batch is handed
+    out when full, or ``max_wait_s`` after its first item arrived, whichever comes first.
+    A ``None`` in the queue ends the stream (after the pending batch is handed out).
+
+    This is what lets a busy worker see full batches while a lone upload waits at most
+    ``max_wait_s`` for company.
+    """
+    while True:
+        first = source.get()
+        if first is None:
+            return
+        batch = [first]
+        deadline = clock() + max_wait_s
+        ended = False
+        while len(batch) < max_batch:
+            remaining = deadline - clock()
+            if remaining <= 0:
+                break
+            try:
+                item = source.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if item is None:
+                ended = True
+                break
+            batch.append(item)
+        yield batch
+        if ended:
+            return
