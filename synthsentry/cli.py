@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--threshold", type=float, default=None, help="review threshold for ai_score (0..1)"
     )
-    scan.add_argument("--batch-size", type=int, default=8, help="images per detector batch")
+    scan.add_argument(
+        "--batch-size", type=int, default=None, help="images per model batch (default: setting)"
+    )
     scan.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
     detectors = commands.add_parser("detectors", help="inspect the detector catalog")
@@ -317,7 +319,8 @@ def _scan(args: argparse.Namespace, settings: Settings) -> int:
     threshold = settings.flag_threshold if args.threshold is None else args.threshold
     if not 0.0 <= threshold <= 1.0:
         raise CliError("--threshold must be between 0 and 1", EXIT_USAGE)
-    if args.batch_size < 1:
+    batch_size = settings.batch_size if args.batch_size is None else args.batch_size
+    if batch_size < 1:
         raise CliError("--batch-size must be at least 1", EXIT_USAGE)
     paths = list(iter_image_paths(args.paths))
     session_factory = _prepare_database(settings)
@@ -327,7 +330,8 @@ def _scan(args: argparse.Namespace, settings: Settings) -> int:
         session_factory,
         IntakeLimits.from_settings(settings),
         EnsembleConfig(threshold=threshold, weights=settings.ensemble_weights),
-        batch_size=args.batch_size,
+        batch_size=batch_size,
+        decode_threads=settings.intake_threads,
     )
     progress = _Progress(len(paths), enabled=not args.no_progress and sys.stderr.isatty())
     outcomes = []

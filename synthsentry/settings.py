@@ -7,6 +7,7 @@ environment variable named ``SYNTHSENTRY_<FIELD>`` (upper case).
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -53,6 +54,14 @@ class Settings(BaseSettings):
 
     # Detection and ensemble.
     device: str = Field("cpu", description="Torch device for model detectors: cpu, cuda, cuda:N.")
+    batch_size: int = Field(
+        16, ge=1, le=1024, description="Largest batch a model sees; also files taken in per step."
+    )
+    intake_threads: int = Field(
+        default_factory=lambda: max(2, os.cpu_count() or 2),
+        ge=1,
+        description="Threads that read, decode and preprocess images while the models run.",
+    )
     detector_config: Path | None = Field(
         None,
         description="TOML file with extra or overriding detector specs (see docs/detectors.md).",
