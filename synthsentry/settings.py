@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     )
     detector_config: Path | None = Field(
         None,
-        description="TOML file with extra or overriding detector specs (see docs/detectors.md).",
+        description="TOML file with extra or overriding detector specs (docs/detectors.md).",
     )
     flag_threshold: float = Field(
         0.5,
