@@ -10,15 +10,12 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import boto3
 import pytest
 import timm
 import torch
-from moto.server import ThreadedMotoServer
+from conftest import s3_client
 
 from checkpoints import (
     COMMFOR_VIT_224,
@@ -33,34 +30,13 @@ COMMIT = "7" * 40
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    client.create_bucket(Bucket=BUCKET)
-    try:
-        yield endpoint
-    finally:
-        server.stop()
+def bucket(s3_endpoint: str) -> str:
+    s3_client(s3_endpoint).create_bucket(Bucket=BUCKET)
+    return BUCKET
 
 
 def _upload(endpoint: str, key: str, path: Path) -> str:
-    client: Any = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    client.upload_file(str(path), BUCKET, key)
+    s3_client(endpoint).upload_file(str(path), BUCKET, key)
     return f"s3://{BUCKET}/{key}"
 
 
@@ -97,7 +73,7 @@ def _same_everywhere(results: list[dict[str, str]], weights_file: Path) -> None:
     assert max(scores) - min(scores) <= 1e-4
 
 
-def test_sumsub_from_local_s3_and_hub(tmp_path: Path, s3_endpoint: str) -> None:
+def test_sumsub_from_local_s3_and_hub(tmp_path: Path, s3_endpoint: str, bucket: str) -> None:
     weights = tmp_path / "model.pt"
     write_sumsub_raw(weights, SUMSUB_MOBILENET, seed=5)
     data_dir = tmp_path / "data"
@@ -120,7 +96,7 @@ def test_sumsub_from_local_s3_and_hub(tmp_path: Path, s3_endpoint: str) -> None:
     _same_everywhere(results, weights)
 
 
-def test_commfor_from_local_s3_and_hub(tmp_path: Path, s3_endpoint: str) -> None:
+def test_commfor_from_local_s3_and_hub(tmp_path: Path, s3_endpoint: str, bucket: str) -> None:
     folder = tmp_path / "commfor-model-224"
     write_commfor_hub_folder(folder, COMMFOR_VIT_224, seed=5)
     data_dir = tmp_path / "data"
@@ -140,7 +116,9 @@ def test_commfor_from_local_s3_and_hub(tmp_path: Path, s3_endpoint: str) -> None
     _same_everywhere(results, folder / "model.safetensors")
 
 
-def test_generic_timm_spec_from_local_s3_and_hub(tmp_path: Path, s3_endpoint: str) -> None:
+def test_generic_timm_spec_from_local_s3_and_hub(
+    tmp_path: Path, s3_endpoint: str, bucket: str
+) -> None:
     torch.manual_seed(5)
     net = timm.create_model("test_efficientnet", pretrained=False, num_classes=2)
     weights = tmp_path / "classifier.pth"

@@ -12,11 +12,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import torch
 from botocore.exceptions import ResponseStreamingError
-from moto.server import ThreadedMotoServer
+from conftest import s3_client
 from safetensors.torch import save_file
 
 from workers.detectors.base import DetectorUnavailable
@@ -117,26 +116,9 @@ def test_folder_without_weights_and_missing_path_are_unavailable(tmp_path: Path)
 BUCKET = "synthsentry-weights"
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def s3(s3_endpoint: str) -> Iterator[Any]:
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    client = s3_client(s3_endpoint)
     client.create_bucket(Bucket=BUCKET)
     yield client
     for item in client.list_objects_v2(Bucket=BUCKET).get("Contents", []):
