@@ -37,3 +37,7 @@ def configure(level: str = "INFO", *, json_lines: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Libraries narrate routine steps (each migration plugin, each HTTP retry) at INFO;
+    # operators need their warnings, not their progress.
+    for noisy in ("alembic", "botocore", "boto3", "urllib3", "huggingface_hub", "httpx"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -93,6 +93,16 @@ class Settings(BaseSettings):
         if value in {"cpu", "cuda"} or value.startswith("cuda:"):
             return value
         raise ValueError("device must be 'cpu', 'cuda' or 'cuda:N'")
+
+    @model_validator(mode="after")
+    def _refuse_embedded_defaults_in_production(self) -> Settings:
+        # The embedded SQLite file is for one person's laptop: a fleet that silently wrote
+        # verdicts to a local file would lose them with the container.
+        if self.environment == "production" and not self.database_url:
+            raise ValueError(
+                "SYNTHSENTRY_DATABASE_URL must be set when SYNTHSENTRY_ENVIRONMENT=production"
+            )
+        return self
 
     @property
     def weights_dir(self) -> Path:

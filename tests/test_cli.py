@@ -403,3 +403,9 @@ def test_detectors_verify_refuses_a_pinned_hash_mismatch(
     result = run("detectors", "verify", "pinned", SYNTHSENTRY_DETECTOR_CONFIG=str(config))
     assert result.returncode == 1
     assert "sha256" in result.stderr and "0" * 64 in result.stderr
+
+
+def test_production_refuses_the_embedded_database(run: Run, tmp_path: Path) -> None:
+    result = run("scan", tmp_path, SYNTHSENTRY_ENVIRONMENT="production")
+    assert result.returncode == 2
+    assert "SYNTHSENTRY_DATABASE_URL must be set" in result.stderr
