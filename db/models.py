@@ -246,3 +246,33 @@ class AuditEvent(Base):
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
     __table_args__ = (Index(None, "subject_type", "subject_id"),)
+
+
+class DetectionAttempt(Base):
+    """How many times a detector task for one image was started.
+
+    Written and committed before the model runs, so a delivery that kills its worker (out
+    of memory, a crashing decoder) still counts; after ``max_detect_attempts`` the fleet
+    records a failed detection instead of trying again forever.
+    """
+
+    __tablename__ = "detection_attempts"
+    __table_args__ = (UniqueConstraint("image_id", "detector_name"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
+    detector_name: Mapped[str] = mapped_column(String(128))
+    attempts: Mapped[int] = mapped_column(default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DeadLetter(Base):
+    """An incoming message that could not be understood, kept for an operator."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    channel: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)

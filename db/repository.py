@@ -382,3 +382,111 @@ def audit_trail(
         .scalars()
         .all()
     )
+
+
+# --- fleet bookkeeping ------------------------------------------------------------------
+
+
+def count_attempt(session: Session, image_id: int, detector_name: str) -> int:
+    """Add one to the deliveries of this detector task and return the new count."""
+    from db.models import DetectionAttempt
+
+    _insert_ignore(
+        session,
+        DetectionAttempt,
+        {
+            "image_id": image_id,
+            "detector_name": detector_name,
+            "attempts": 0,
+            "updated_at": utcnow(),
+        },
+    )
+    session.execute(
+        update(DetectionAttempt)
+        .where(
+            DetectionAttempt.image_id == image_id, DetectionAttempt.detector_name == detector_name
+        )
+        .values(attempts=DetectionAttempt.attempts + 1, updated_at=utcnow())
+    )
+    return int(
+        session.execute(
+            select(DetectionAttempt.attempts).where(
+                DetectionAttempt.image_id == image_id,
+                DetectionAttempt.detector_name == detector_name,
+            )
+        ).scalar_one()
+    )
+
+
+def record_dead_letter(session: Session, channel: str, reason: str, body: str) -> None:
+    from db.models import DeadLetter
+
+    session.add(
+        DeadLetter(channel=channel, reason=reason, body=body[:100_000], received_at=utcnow())
+    )
+    session.flush()
+
+
+def lock_image(session: Session, image_id: int) -> Image:
+    """The image row, locked until the transaction ends (Postgres ``FOR UPDATE``): whoever
+    holds it is the only one deciding this image's verdict. SQLite serialises writers
+    anyway, so the clause is a no-op there."""
+    return session.execute(select(Image).where(Image.id == image_id).with_for_update()).scalar_one()
+
+
+def latest_detections(
+    session: Session, image_id: int, names: Iterable[str]
+) -> dict[str, Detection]:
+    """The newest detection of this image by each named detector."""
+    rows = session.execute(
+        select(Detection)
+        .where(Detection.image_id == image_id, Detection.detector_name.in_(list(names)))
+        .order_by(Detection.created_at, Detection.id)
+    ).scalars()
+    return {row.detector_name: row for row in rows}
+
+
+def current_versions(session: Session, names: Iterable[str]) -> dict[str, str]:
+    """The version each detector wrote most recently, anywhere: what a worker serves now."""
+    from sqlalchemy import func
+
+    newest = (
+        select(Detection.detector_name, func.max(Detection.id).label("id"))
+        .where(Detection.detector_name.in_(list(names)), Detection.error.is_(None))
+        .group_by(Detection.detector_name)
+        .subquery()
+    )
+    rows = session.execute(
+        select(Detection.detector_name, Detection.detector_version).join(
+            newest, Detection.id == newest.c.id
+        )
+    )
+    return {name: version for name, version in rows}
+
+
+def pending_sources(session: Session, image_id: int) -> Sequence[Source]:
+    return (
+        session.execute(
+            select(Source).where(Source.image_id == image_id, Source.status == SourceStatus.PENDING)
+        )
+        .scalars()
+        .all()
+    )
+
+
+def source_by_ref(session: Session, kind: SourceKind, ref_key: str) -> Source | None:
+    return session.execute(
+        select(Source).where(Source.kind == kind, Source.ref_key == ref_key)
+    ).scalar_one_or_none()
+
+
+def sources_by_object(session: Session, bucket: str, object_key: str) -> Sequence[Source]:
+    return (
+        session.execute(
+            select(Source)
+            .where(Source.bucket == bucket, Source.object_key == object_key)
+            .order_by(Source.id)
+        )
+        .scalars()
+        .all()
+    )

@@ -80,6 +80,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("selector", metavar="NAME[=WEIGHTS_URI]")
 
+    worker = commands.add_parser(
+        "worker",
+        help="run a fleet worker (Celery) for the intake queue or one detector's queue",
+        description="Run a Celery worker. --intake consumes the intake queue (fetch, hash, "
+        "validate, fan out); --detector NAME consumes detect.NAME and loads that model once, "
+        "lazily, in the process that runs it. Pin a GPU with CUDA_VISIBLE_DEVICES.",
+    )
+    role = worker.add_mutually_exclusive_group(required=True)
+    role.add_argument("--intake", action="store_true", help="consume the intake queue")
+    role.add_argument("--detector", metavar="NAME", help="consume the queue detect.NAME")
+    worker.add_argument("--concurrency", type=int, default=1, help="processes (default 1)")
+    worker.add_argument(
+        "--pool", choices=["prefork", "solo", "threads"], default="prefork", help="Celery pool"
+    )
+
+    submit = commands.add_parser(
+        "submit", help="queue S3 objects for scanning (operators, re-scans, tests)"
+    )
+    submit.add_argument("uris", nargs="+", metavar="s3://BUCKET/KEY")
+
+    status = commands.add_parser(
+        "status", help="print the stored result of S3 objects (same shape as scan --json)"
+    )
+    status.add_argument("uris", nargs="+", metavar="s3://BUCKET/KEY")
+    status.add_argument("--json", action="store_true", help="one JSON object per upload")
+
     database = commands.add_parser("db", help="database maintenance")
     db_commands = database.add_subparsers(dest="db_command", required=True)
     db_commands.add_parser("upgrade", help="apply all migrations (alembic upgrade head)")
@@ -107,6 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _detectors_list(args, settings)
         if args.command == "db":
             return _db(args, settings)
+        if args.command == "worker":
+            return _worker(args, settings)
+        if args.command == "submit":
+            return _submit(args, settings)
+        if args.command == "status":
+            return _status(args, settings)
     except CliError as exc:
         print(f"synthsentry: {exc}", file=sys.stderr)
         return exc.status
@@ -306,6 +338,98 @@ def _load_detectors(selectors: list[str], settings: Settings) -> list[Any]:
             file=sys.stderr,
         )
     return built
+
+
+# --- fleet ------------------------------------------------------------------------------
+
+
+def _parse_s3_uri(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not uri.startswith("s3://") or not bucket or not key:
+        raise CliError(f"expected s3://BUCKET/KEY, got {uri!r}", EXIT_USAGE)
+    return bucket, key
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from tasks.app import INTAKE_QUEUE, configure
+    from workers.fleet import queue_for
+
+    if args.detector and args.detector not in _catalog(settings).specs:
+        raise CliError(f"unknown detector {args.detector!r}", EXIT_USAGE)
+    _prepare_database(settings)
+    queue = INTAKE_QUEUE if args.intake else queue_for(args.detector)
+    app = configure(settings)
+    app.worker_main(
+        [
+            "worker",
+            "--queues",
+            queue,
+            "--concurrency",
+            str(args.concurrency),
+            "--pool",
+            args.pool,
+            "--hostname",
+            f"{queue}@%h",
+            "--loglevel",
+            settings.log_level,
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+    return EXIT_OK
+
+
+def _submit(args: argparse.Namespace, settings: Settings) -> int:
+    import boto3
+
+    from db.models import SourceKind
+    from tasks.app import configure
+    from tasks.runtime import build_context
+    from workers.fleet import Upload, record_upload
+
+    objects = [_parse_s3_uri(uri) for uri in args.uris]
+    _prepare_database(settings)
+    app = configure(settings)
+    context = build_context()
+    s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region)
+    for bucket, key in objects:
+        try:
+            head = s3.head_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            raise CliError(f"cannot read s3://{bucket}/{key}: {exc}") from exc
+        etag = str(head.get("ETag", "")).strip('"') or None
+        version = head.get("VersionId")
+        ref = f"{bucket}/{key}@{version}" if version else f"{bucket}/{key}@etag:{etag}"
+        source_id = record_upload(
+            context,
+            Upload(bucket=bucket, key=key, ref_key=ref, version_id=version, etag=etag),
+            kind=SourceKind.RESCAN,
+        )
+        if source_id is None:
+            print(f"s3://{bucket}/{key}: already scanned (see `synthsentry status`)")
+            continue
+        app.send_task("synthsentry.intake", args=(source_id,))
+        print(f"s3://{bucket}/{key}: queued (source {source_id})")
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.fleet import status_of
+
+    objects = [_parse_s3_uri(uri) for uri in args.uris]
+    session_factory = _prepare_database(settings)
+    with session_factory() as session:
+        for bucket, key in objects:
+            outcomes = status_of(session, bucket, key)
+            if not outcomes:
+                print(f"s3://{bucket}/{key}: not known", file=sys.stderr)
+            for outcome in outcomes:
+                if args.json:
+                    print(json.dumps(outcome.to_json()))
+                else:
+                    score = "-" if outcome.ai_score is None else f"{outcome.ai_score:.3f}"
+                    print(f"{outcome.verdict:<14} {score:>8}  {outcome.path}")
+    return EXIT_OK
 
 
 # --- scan -------------------------------------------------------------------------------

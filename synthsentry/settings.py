@@ -84,6 +84,36 @@ class Settings(BaseSettings):
     )
     s3_region: str = Field("us-east-1", description="Region for the S3 client.")
 
+    # The fleet: Celery over Redis, S3 upload events, Postgres.
+    broker_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Celery broker (Redis). JSON messages only."
+    )
+    visibility_timeout_seconds: int = Field(
+        3600,
+        ge=60,
+        description="Redis redelivers a message not acknowledged within this time; must exceed "
+        "the longest wait plus run time of any task.",
+    )
+    task_time_limit_seconds: int = Field(
+        600, ge=10, description="A task running longer than this is killed (and retried)."
+    )
+    max_detect_attempts: int = Field(
+        3,
+        ge=1,
+        description="Deliveries of one detector task before it is recorded as failed "
+        "(stops a message that kills its worker every time).",
+    )
+    fleet_detectors: list[str] = Field(
+        default_factory=lambda: ["provenance"],
+        description='Detectors that make up the fleet\'s ensemble, JSON: ["provenance", '
+        '"sumsub-v2"]. Each listens on the queue detect.<name>.',
+    )
+    allowed_buckets: str = Field(
+        "",
+        description="Buckets (and optional key prefixes) whose upload events are scanned: "
+        '"uploads,media:incoming/". Empty refuses every event.',
+    )
+
     log_level: str = Field("INFO", description="Root log level.")
     log_json: bool = Field(True, description="One JSON object per log line (False: plain text).")
 

@@ -1,0 +1,54 @@
+"""The Celery application: every broker and delivery setting in one place.
+
+Guarantees and the settings that give them (docs/fleet.md explains each):
+- at least once in: ``task_acks_late`` acknowledges a message only after its task returned,
+  ``task_reject_on_worker_lost`` requeues the message of a process that died (SIGKILL, OOM),
+  and the Redis ``visibility_timeout`` redelivers what a vanished worker held;
+- a worker holds one message at a time (``worker_prefetch_multiplier = 1``), so a crash
+  loses no buffered work and queue lengths show the real backlog to an autoscaler;
+- JSON only, never pickle, on the wire;
+- no result backend: results live in Postgres.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from synthsentry.settings import Settings, get_settings
+
+app = Celery("synthsentry", set_as_current=False)
+
+INTAKE_QUEUE = "intake"
+
+
+def configure(settings: Settings | None = None) -> Celery:
+    """Apply settings to the app; called by every process that sends or runs tasks."""
+    settings = settings or get_settings()
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # keep reconnecting through a broker restart
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_seconds,
+        },
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.task_time_limit_seconds,
+        task_soft_time_limit=max(5, settings.task_time_limit_seconds - 30),
+        task_default_queue=INTAKE_QUEUE,
+        task_routes={"synthsentry.intake": {"queue": INTAKE_QUEUE}},
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    # Register the tasks on this app (the import has side effects by design).
+    import tasks.scan  # noqa: F401
+
+    return app

@@ -1,0 +1,241 @@
+"""The fleet's steps without Celery: real Postgres, a real S3-protocol server, real models
+built from published-format checkpoints. Each step may run twice; results must not."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from conftest import s3_client
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import migrate
+from db.models import Detection, ReviewCase, Source, SourceStatus, Verdict
+from db.session import make_engine, make_sessionmaker
+from workers import fleet
+from workers.detectors.base import Detector, DetectorSpec
+from workers.detectors.registry import BUILTIN_SPECS, build_detector
+from workers.ensemble import EnsembleConfig
+from workers.intake import IntakeLimits
+
+import servers
+from badfiles import sample_picture
+from checkpoints import SUMSUB_MOBILENET, write_sumsub_raw
+
+BUCKET = "fleet-uploads"
+
+
+@pytest.fixture(scope="module")
+def database(postgres_server_url: str) -> Iterator[str]:
+    name = f"synthsentry_fleet_{os.environ.get('PYTEST_XDIST_WORKER', 'master')}"
+    url = servers.recreate_database(postgres_server_url, name)
+    migrate.upgrade(url)
+    yield url
+    servers.drop_database(postgres_server_url, name)
+
+
+@pytest.fixture
+def sessions(database: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(database)
+    with engine.begin() as connection:  # each test starts from empty tables
+        connection.execute(
+            sa.text(
+                "TRUNCATE review_cases, verdicts, detections, detection_attempts, sources, "
+                "images, dead_letters RESTART IDENTITY CASCADE"
+            )
+        )
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_endpoint: str) -> str:
+    client = s3_client(s3_endpoint)
+    client.create_bucket(Bucket=BUCKET)
+    return BUCKET
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Detector]:
+    """Two detectors in the Sumsub format with different weights, as two fleet queues."""
+    folder = tmp_path_factory.mktemp("w")
+    built = {}
+    for seed, name in ((3, "sumsub-mj5"), (4, "sumsub-sd5")):
+        weights = folder / f"{name}.pt"
+        write_sumsub_raw(weights, SUMSUB_MOBILENET, seed=seed)
+        built[name] = build_detector(
+            BUILTIN_SPECS[name], device="cpu", resolve=lambda _u, _n, w=weights: w
+        )
+    return built
+
+
+def _context(sessions: sessionmaker[Session], s3_endpoint: str, **kw: Any) -> fleet.FleetContext:
+    client = s3_client(s3_endpoint)
+    defaults: dict[str, Any] = {
+        "session_factory": sessions,
+        "s3": lambda: client,
+        "limits": IntakeLimits(max_bytes=1 << 24, max_pixels=1 << 26, decode_timeout_s=10),
+        "ensemble": EnsembleConfig(threshold=0.0),  # flag everything: review cases are visible
+        "detectors": ["sumsub-mj5", "sumsub-sd5"],
+    }
+    defaults.update(kw)
+    return fleet.FleetContext(**defaults)
+
+
+def _upload(s3_endpoint: str, key: str, data: bytes) -> fleet.Upload:
+    response = s3_client(s3_endpoint).put_object(Bucket=BUCKET, Key=key, Body=data)
+    etag = response["ETag"].strip('"')
+    return fleet.Upload(bucket=BUCKET, key=key, ref_key=f"{BUCKET}/{key}@etag:{etag}", etag=etag)
+
+
+def _png(size: tuple[int, int]) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    sample_picture(size).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _count(sessions: sessionmaker[Session], model: type[Any]) -> int:
+    with sessions() as session:
+        return int(session.execute(sa.select(sa.func.count()).select_from(model)).scalar_one())
+
+
+def test_upload_to_verdict_once_whatever_is_repeated(
+    sessions: sessionmaker[Session], s3_endpoint: str, bucket: str, models: dict[str, Detector]
+) -> None:
+    ctx = _context(sessions, s3_endpoint)
+    upload = _upload(s3_endpoint, "a b/one.png", _png((120, 90)))
+    source_id = fleet.record_upload(ctx, upload)
+    assert source_id is not None
+    assert fleet.record_upload(ctx, upload) == source_id  # still pending: sent again
+    work = fleet.take_in(ctx, source_id)
+    assert sorted(name for _, name in work) == ["sumsub-mj5", "sumsub-sd5"]
+    assert fleet.take_in(ctx, source_id) == work  # a redelivered intake changes nothing
+    (image_id, _), _ = work
+    assert fleet.detect(ctx, models["sumsub-mj5"], image_id) is None  # still waiting
+    verdict = fleet.detect(ctx, models["sumsub-sd5"], image_id)
+    assert verdict is not None and verdict.flagged
+    # Redelivered detector tasks find their work done and conclude to the same verdict.
+    again = fleet.detect(ctx, models["sumsub-sd5"], image_id)
+    assert again is not None and again.id == verdict.id
+    assert (_count(sessions, Detection), _count(sessions, Verdict)) == (2, 1)
+    assert _count(sessions, ReviewCase) == 1
+    assert fleet.record_upload(ctx, upload) is None  # a duplicate event of a finished scan
+    with sessions() as session:
+        (outcome,) = fleet.status_of(session, BUCKET, "a b/one.png")
+    assert outcome.status == "scored" and outcome.flagged
+    assert {d.name for d in outcome.detectors} == {"sumsub-mj5", "sumsub-sd5"}
+
+
+def test_concurrent_last_detections_store_one_verdict(
+    sessions: sessionmaker[Session], s3_endpoint: str, bucket: str, models: dict[str, Detector]
+) -> None:
+    ctx = _context(sessions, s3_endpoint)
+    source_id = fleet.record_upload(ctx, _upload(s3_endpoint, "race.png", _png((80, 80))))
+    assert source_id is not None
+    work = fleet.take_in(ctx, source_id)
+    barrier = threading.Barrier(len(work))
+    verdicts: list[Any] = []
+
+    def run(image_id: int, name: str) -> None:
+        barrier.wait()
+        verdicts.append(fleet.detect(ctx, models[name], image_id))
+
+    threads = [threading.Thread(target=run, args=item) for item in work]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    concluded = [v for v in verdicts if v is not None]
+    assert len(concluded) >= 1
+    assert _count(sessions, Verdict) == 1
+    assert _count(sessions, ReviewCase) == 1
+
+
+def test_same_bytes_uploaded_twice_reuse_the_results(
+    sessions: sessionmaker[Session], s3_endpoint: str, bucket: str, models: dict[str, Detector]
+) -> None:
+    ctx = _context(sessions, s3_endpoint)
+    data = _png((64, 100))
+    first = fleet.record_upload(ctx, _upload(s3_endpoint, "first.png", data))
+    assert first is not None
+    for image_id, name in fleet.take_in(ctx, first):
+        fleet.detect(ctx, models[name], image_id)
+    second = fleet.record_upload(ctx, _upload(s3_endpoint, "copy/second.png", data))
+    assert second is not None and second != first
+    assert fleet.take_in(ctx, second) == []  # every detector's result is reused
+    with sessions() as session:
+        statuses = [s.status for s in session.query(Source).order_by(Source.id)]
+    assert statuses == [SourceStatus.SCORED, SourceStatus.SCORED]
+    assert (_count(sessions, Detection), _count(sessions, Verdict)) == (2, 1)
+
+
+def test_object_deleted_before_intake_is_rejected_missing(
+    sessions: sessionmaker[Session], s3_endpoint: str, bucket: str
+) -> None:
+    ctx = _context(sessions, s3_endpoint)
+    upload = _upload(s3_endpoint, "gone.png", _png((50, 50)))
+    source_id = fleet.record_upload(ctx, upload)
+    assert source_id is not None
+    s3_client(s3_endpoint).delete_object(Bucket=BUCKET, Key="gone.png")
+    assert fleet.take_in(ctx, source_id) == []
+    with sessions() as session:
+        source = session.get(Source, source_id)
+        assert source is not None
+        assert (source.status, source.reject_reason) == (SourceStatus.REJECTED, "missing")
+        (outcome,) = fleet.status_of(session, BUCKET, "gone.png")
+    assert outcome.status == "rejected" and outcome.reason == "missing"
+
+
+def test_bad_upload_is_rejected_with_its_reason(
+    sessions: sessionmaker[Session], s3_endpoint: str, bucket: str
+) -> None:
+    ctx = _context(sessions, s3_endpoint)
+    source_id = fleet.record_upload(ctx, _upload(s3_endpoint, "notes.jpg", b"just text"))
+    assert source_id is not None
+    assert fleet.take_in(ctx, source_id) == []
+    with sessions() as session:
+        source = session.get(Source, source_id)
+        assert source is not None and source.reject_reason == "not_an_image"
+        assert source.image_id is not None  # the refused bytes keep their identity
+
+
+class _KillsItsWorker:
+    """A detector whose every delivery dies before storing a result, as a poison image
+    that crashes its worker would (simulated by an exception that escapes the task)."""
+
+    def __init__(self, spec: DetectorSpec) -> None:
+        self.spec = spec
+        self.version = "1"
+        self.weights_sha256 = None
+        self.calls = 0
+
+    def detect_batch(self, images: Any, raw: Any) -> Any:
+        self.calls += 1
+        raise SystemExit("worker died")
+
+
+def test_poison_message_stops_after_bounded_attempts(
+    sessions: sessionmaker[Session], s3_endpoint: str, bucket: str, models: dict[str, Detector]
+) -> None:
+    ctx = _context(sessions, s3_endpoint, detectors=["sumsub-mj5", "poison"], max_attempts=2)
+    poison = _KillsItsWorker(DetectorSpec("poison", "timm", "1"))
+    source_id = fleet.record_upload(ctx, _upload(s3_endpoint, "poison.png", _png((70, 70))))
+    assert source_id is not None
+    work = dict((name, image_id) for image_id, name in fleet.take_in(ctx, source_id))
+    fleet.detect(ctx, models["sumsub-mj5"], work["sumsub-mj5"])
+    for _ in range(2):  # each delivery dies; the attempt was counted before the model ran
+        with pytest.raises(SystemExit):
+            fleet.detect(ctx, poison, work["poison"])
+    verdict = fleet.detect(ctx, poison, work["poison"])  # third delivery: give up
+    assert poison.calls == 2
+    assert verdict is not None
+    with sessions() as session:
+        row = session.query(Detection).filter_by(detector_name="poison").one()
+        assert row.score is None and row.error is not None and "gave up after 2" in row.error
+    assert "poison failed" in verdict.reason

@@ -1,0 +1,395 @@
+"""The fleet's steps as plain functions; the Celery tasks in ``tasks/`` only call these.
+
+    upload recorded (source row, pending)  -> take_in: fetch once, hash, validate, find
+    the detectors still missing            -> detect (one per detector queue): count the
+    attempt, score, store the detection    -> conclude: under a row lock on the image, the
+    writer of the last expected detection stores the verdict (once) and opens a review case.
+
+Every step is idempotent: a redelivered message or a duplicated event finds its work done
+and changes nothing. Nothing here sends messages; the caller sends the returned work after
+the transaction that recorded it has committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import repository
+from db.models import Image, Source, SourceKind, SourceStatus, Verdict, VerdictLabel
+from db.session import transaction
+from workers.detectors.base import Detector
+from workers.engine import prepare, run_detector
+from workers.ensemble import DetectorScore, EnsembleConfig, combine
+from workers.intake import IntakeLimits, Rejected, RejectReason, decode
+from workers.scan import REJECTED, SCORED, DetectorReport, ScanOutcome
+
+log = logging.getLogger(__name__)
+
+ACTOR = "fleet"
+
+
+class TransientError(Exception):
+    """Worth retrying later: storage or network trouble, not a property of the upload."""
+
+
+class S3Reader(Protocol):
+    def head_object(self, **kwargs: Any) -> Mapping[str, Any]: ...
+
+    def get_object(self, **kwargs: Any) -> Mapping[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An object to scan, as an upload event, a hook or an operator names it."""
+
+    bucket: str
+    key: str
+    ref_key: str
+    version_id: str | None = None
+    etag: str | None = None
+
+
+@dataclass
+class FleetContext:
+    session_factory: sessionmaker[Session]
+    s3: Callable[[], S3Reader]
+    limits: IntakeLimits
+    ensemble: EnsembleConfig
+    detectors: Sequence[str]  # the ensemble: every image waits for all of these
+    decisive: Mapping[str, bool] = field(default_factory=dict)
+    max_attempts: int = 3
+
+
+def queue_for(detector: str) -> str:
+    return f"detect.{detector}"
+
+
+# --- recording uploads ------------------------------------------------------------------
+
+
+def record_upload(
+    ctx: FleetContext, upload: Upload, *, kind: SourceKind = SourceKind.UPLOAD_EVENT
+) -> int | None:
+    """Record an upload; returns the source id to take in, or None when this exact object was
+    already taken in (a duplicate event)."""
+    with transaction(ctx.session_factory) as session:
+        source, created = repository.record_source(
+            session,
+            repository.SourceRef(
+                kind=kind,
+                ref_key=upload.ref_key,
+                bucket=upload.bucket,
+                object_key=upload.key,
+                version_id=upload.version_id,
+                etag=upload.etag,
+                submitted_by=ACTOR if kind == SourceKind.UPLOAD_EVENT else kind.value,
+            ),
+            None,
+        )
+        # A duplicate of a source still pending is sent again: the first message may have
+        # been lost before it reached the broker, and taking in twice is harmless.
+        if created or source.status == SourceStatus.PENDING:
+            return source.id
+        return None
+
+
+# --- intake -----------------------------------------------------------------------------
+
+
+def fetch_object(s3: S3Reader, source: Source, limits: IntakeLimits) -> bytes:
+    """The object's bytes, read at most once past the size limit."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    assert source.bucket is not None and source.object_key is not None
+    params: dict[str, Any] = {"Bucket": source.bucket, "Key": source.object_key}
+    if source.version_id:
+        params["VersionId"] = source.version_id
+    try:
+        head = s3.head_object(**params)
+        size = int(head.get("ContentLength", 0))
+        if size > limits.max_bytes:
+            raise Rejected(
+                RejectReason.TOO_LARGE,
+                f"the object is {size} bytes; the limit is {limits.max_bytes}",
+            )
+        body = s3.get_object(**params)["Body"]
+        try:
+            data: bytes = body.read(limits.max_bytes + 1)
+        finally:
+            body.close()
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in {"NoSuchKey", "404", "NoSuchVersion", "NotFound", "NoSuchBucket"}:
+            raise Rejected(
+                RejectReason.MISSING,
+                f"s3://{source.bucket}/{source.object_key} no longer exists",
+            ) from exc
+        if code in {"AccessDenied", "403"}:
+            raise Rejected(
+                RejectReason.UNREADABLE, f"access to the object was denied ({code})"
+            ) from exc
+        raise TransientError(f"S3 error {code}") from exc
+    except BotoCoreError as exc:
+        raise TransientError(f"S3 unreachable: {exc}") from exc
+    if len(data) > limits.max_bytes:
+        raise Rejected(RejectReason.TOO_LARGE, f"the object is over {limits.max_bytes} bytes")
+    if not data:
+        raise Rejected(RejectReason.EMPTY, "the object is empty")
+    return data
+
+
+def take_in(ctx: FleetContext, source_id: int) -> list[tuple[int, str]]:
+    """Fetch, hash and validate one upload. Returns ``(image_id, detector)`` pairs still to
+    run; an empty list when the upload was rejected or every result could be reused."""
+    with ctx.session_factory() as session:
+        source = session.get(Source, source_id)
+        if source is None:
+            raise LookupError(f"no source {source_id}")
+        if source.status != SourceStatus.PENDING:
+            return []
+        session.expunge(source)
+    data = b""
+    try:
+        data = fetch_object(ctx.s3(), source, ctx.limits)
+        sha256 = hashlib.sha256(data).hexdigest()
+        decoded = decode(data, ctx.limits)
+    except Rejected as rejection:
+        with transaction(ctx.session_factory) as session:
+            row = session.get(Source, source_id)
+            assert row is not None
+            if data:  # bytes that were read but refused: keep their identity
+                image = repository.get_or_create_image(
+                    session,
+                    repository.ImageFacts(
+                        sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)
+                    ),
+                )
+                row.image_id = image.id
+            repository.mark_source_rejected(session, row, rejection.reason.value, rejection.message)
+        log.info(
+            "upload rejected", extra={"source_id": source_id, "reason": rejection.reason.value}
+        )
+        return []
+    with transaction(ctx.session_factory) as session:
+        image = repository.get_or_create_image(
+            session,
+            repository.ImageFacts(
+                sha256=sha256,
+                size_bytes=len(data),
+                format=decoded.format,
+                mime=decoded.mime,
+                width=decoded.width,
+                height=decoded.height,
+                frames=decoded.frames,
+                mode=decoded.mode,
+            ),
+        )
+        row = session.get(Source, source_id)
+        assert row is not None
+        row.image_id = image.id
+        session.flush()
+        versions = repository.current_versions(session, ctx.detectors)
+        reusable = repository.reusable_detections(session, image.id, versions)
+        missing = [name for name in ctx.detectors if name not in reusable]
+        if not missing:
+            conclude(session, ctx, image.id)
+        return [(image.id, name) for name in missing]
+
+
+# --- detection --------------------------------------------------------------------------
+
+
+def detect(ctx: FleetContext, detector: Detector, image_id: int) -> Verdict | None:
+    """Run one detector on one image and store its answer; returns the verdict if this was
+    the last detection the image was waiting for."""
+    name = detector.spec.name
+    with transaction(ctx.session_factory) as session:
+        attempts = repository.count_attempt(session, image_id, name)
+        done = repository.reusable_detections(session, image_id, {name: detector.version})
+    if done:
+        with transaction(ctx.session_factory) as session:
+            return conclude(session, ctx, image_id)
+    if attempts > ctx.max_attempts:
+        gave_up = (
+            f"gave up after {ctx.max_attempts} attempts: every delivery ended without a "
+            "result (the worker was killed or the task timed out)"
+        )
+        return _store(ctx, detector, image_id, error=gave_up)
+    try:
+        data = _bytes_of(ctx, image_id)
+        decoded = decode(data, ctx.limits)
+    except Rejected as exc:
+        return _store(ctx, detector, image_id, error=f"{exc.reason.value}: {exc.message}")
+    prepared = prepare(decoded.image, data, [detector])
+    ((output, latency_ms, error),) = run_detector(detector, [prepared], max_batch=1)
+    return _store(ctx, detector, image_id, output=output, latency_ms=latency_ms, error=error)
+
+
+def _bytes_of(ctx: FleetContext, image_id: int) -> bytes:
+    """The image's bytes, from any of its sources whose object still has them."""
+    with ctx.session_factory() as session:
+        image = session.get(Image, image_id)
+        assert image is not None
+        sources = [s for s in repository.sources_for_image(session, image_id) if s.bucket]
+        for source in sources:
+            session.expunge(source)
+        expected = image.sha256
+    last: Rejected | None = None
+    for source in sources:
+        try:
+            data = fetch_object(ctx.s3(), source, ctx.limits)
+        except Rejected as exc:
+            last = exc
+            continue
+        if hashlib.sha256(data).hexdigest() == expected:
+            return data
+        last = Rejected(RejectReason.MISSING, "the object was replaced by other content")
+    raise last or Rejected(RejectReason.MISSING, "no stored object holds these bytes")
+
+
+def _store(
+    ctx: FleetContext,
+    detector: Detector,
+    image_id: int,
+    *,
+    output: Any = None,
+    latency_ms: float | None = None,
+    error: str | None = None,
+) -> Verdict | None:
+    with transaction(ctx.session_factory) as session:
+        repository.save_detection(
+            session,
+            image_id,
+            repository.DetectionRecord(
+                detector_name=detector.spec.name,
+                detector_version=detector.version,
+                weights_sha256=detector.weights_sha256,
+                score=output.score if output is not None else None,
+                evidence=output.evidence if output is not None else {},
+                latency_ms=latency_ms,
+                error=error,
+            ),
+        )
+        return conclude(session, ctx, image_id)
+
+
+# --- fan-in -----------------------------------------------------------------------------
+
+
+def conclude(session: Session, ctx: FleetContext, image_id: int) -> Verdict | None:
+    """If every detector of the ensemble has answered for this image, store the verdict
+    (once: the image row is locked, and the verdict is unique per detector set) and mark
+    the image's pending sources scored."""
+    repository.lock_image(session, image_id)
+    latest = repository.latest_detections(session, image_id, ctx.detectors)
+    if set(latest) != set(ctx.detectors):
+        return None
+    decision = combine(
+        [
+            DetectorScore(
+                row.detector_name,
+                row.detector_version,
+                row.score,
+                row.error,
+                decisive=ctx.decisive.get(row.detector_name, False),
+                summary=row.evidence.get("summary"),
+            )
+            for row in latest.values()
+        ],
+        ctx.ensemble,
+    )
+    verdict, _ = repository.save_verdict(
+        session,
+        image_id,
+        repository.VerdictRecord(
+            ensemble_version=ctx.ensemble.version,
+            detector_set_digest=decision.detector_set_digest,
+            detector_set=decision.detector_set,
+            ai_score=decision.ai_score,
+            label=VerdictLabel(decision.label),
+            flagged=decision.flagged,
+            reason=decision.reason,
+        ),
+        actor=ACTOR,
+    )
+    for source in repository.pending_sources(session, image_id):
+        repository.mark_source_scored(session, source)
+    return verdict
+
+
+# --- reading results --------------------------------------------------------------------
+
+
+def status_of(session: Session, bucket: str, key: str) -> list[ScanOutcome]:
+    """Every recorded upload of ``s3://bucket/key``, in the shape ``scan --json`` prints."""
+    outcomes = []
+    for source in repository.sources_by_object(session, bucket, key):
+        path = f"s3://{bucket}/{key}"
+        image = session.get(Image, source.image_id) if source.image_id else None
+        if source.status == SourceStatus.REJECTED:
+            outcomes.append(
+                ScanOutcome(
+                    path=path,
+                    sha256=image.sha256 if image else None,
+                    status=REJECTED,
+                    reason=source.reject_reason,
+                    message=source.reject_message,
+                    ai_score=None,
+                    flagged=False,
+                    verdict=REJECTED,
+                    verdict_reason=source.reject_message,
+                )
+            )
+            continue
+        verdict = repository.latest_verdict(session, image.id) if image else None
+        if image is None or verdict is None or source.status != SourceStatus.SCORED:
+            outcomes.append(
+                ScanOutcome(
+                    path=path,
+                    sha256=image.sha256 if image else None,
+                    status="pending",
+                    reason=None,
+                    message="the scan has not finished",
+                    ai_score=None,
+                    flagged=False,
+                    verdict="pending",
+                    verdict_reason=None,
+                )
+            )
+            continue
+        names = [d["name"] for d in verdict.detector_set.get("detectors", [])]
+        rows = repository.latest_detections(session, image.id, names)
+        outcomes.append(
+            ScanOutcome(
+                path=path,
+                sha256=image.sha256,
+                status=SCORED,
+                reason=None,
+                message=None,
+                ai_score=verdict.ai_score,
+                flagged=verdict.flagged,
+                verdict=verdict.label.value,
+                verdict_reason=verdict.reason,
+                detectors=[
+                    DetectorReport(
+                        name=row.detector_name,
+                        version=row.detector_version,
+                        weights_sha256=row.weights_sha256,
+                        score=row.score,
+                        evidence=row.evidence,
+                        latency_ms=row.latency_ms,
+                        error=row.error,
+                        reused=False,
+                    )
+                    for row in rows.values()
+                ],
+                image={"format": image.format, "width": image.width, "height": image.height},
+            )
+        )
+    return outcomes
