@@ -1,0 +1,195 @@
+"""The fleet as separate processes: Celery workers on Redis, Postgres, an S3-protocol server.
+Nothing is mocked; workers are killed with real signals."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from conftest import s3_client
+from fleet_processes import FleetProcess, running, wait_for
+
+from db import migrate
+
+import servers
+from badfiles import sample_picture
+from checkpoints import SUMSUB_MOBILENET, write_sumsub_raw
+
+BUCKET = "fleet-procs"
+
+
+@pytest.fixture(scope="module")
+def database(postgres_server_url: str) -> Iterator[str]:
+    name = f"synthsentry_procs_{os.environ.get('PYTEST_XDIST_WORKER', 'master')}"
+    url = servers.recreate_database(postgres_server_url, name)
+    migrate.upgrade(url)
+    yield url
+    servers.drop_database(postgres_server_url, name)
+
+
+@pytest.fixture
+def clean_database(database: str) -> str:
+    engine = sa.create_engine(database)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "TRUNCATE review_cases, verdicts, detections, detection_attempts, sources, "
+                "images, dead_letters RESTART IDENTITY CASCADE"
+            )
+        )
+    engine.dispose()
+    return database
+
+
+@pytest.fixture
+def env(tmp_path: Path, clean_database: str, redis_url: str, s3_endpoint: str) -> dict[str, str]:
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    weights = tmp_path / "mj5.pt"
+    write_sumsub_raw(weights, SUMSUB_MOBILENET, seed=3)
+    config = tmp_path / "detectors.toml"
+    config.write_text(
+        f'[detectors.sumsub-mj5]\nfamily = "sumsub"\nweights = "{weights}"\n'
+        f'[detectors.sumsub-mj5.options]\nbackbone = "{SUMSUB_MOBILENET}"\nai_index = 1\n',
+        encoding="utf-8",
+    )
+    client = s3_client(s3_endpoint)
+    if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+        client.create_bucket(Bucket=BUCKET)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHSENTRY_")}
+    base.update(
+        SYNTHSENTRY_DATA_DIR=str(tmp_path / "data"),
+        SYNTHSENTRY_DATABASE_URL=clean_database,
+        SYNTHSENTRY_BROKER_URL=redis_url,
+        SYNTHSENTRY_S3_ENDPOINT_URL=s3_endpoint,
+        SYNTHSENTRY_DETECTOR_CONFIG=str(config),
+        SYNTHSENTRY_FLEET_DETECTORS='["sumsub-mj5"]',
+        SYNTHSENTRY_FLAG_THRESHOLD="0.0",
+        SYNTHSENTRY_LOG_LEVEL="INFO",
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        HF_HUB_OFFLINE="1",
+    )
+    return base
+
+
+def _put_images(s3_endpoint: str, prefix: str, count: int) -> list[str]:
+    client = s3_client(s3_endpoint)
+    keys = []
+    for i in range(count):
+        buffer = io.BytesIO()
+        sample_picture((96 + 4 * i, 72)).save(buffer, "PNG")
+        key = f"{prefix}/img {i:02d}.png"
+        client.put_object(Bucket=BUCKET, Key=key, Body=buffer.getvalue())
+        keys.append(key)
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/broken.jpg", Body=b"\xff\xd8\xff\xe0 junk")
+    keys.append(f"{prefix}/broken.jpg")
+    return keys
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "synthsentry.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def _counts(url: str) -> dict[str, int]:
+    engine = sa.create_engine(url)
+    with engine.connect() as connection:
+        counts = {
+            table: connection.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
+            for table in ("sources", "images", "detections", "verdicts", "review_cases")
+        }
+        counts["pending"] = connection.execute(
+            sa.text("SELECT count(*) FROM sources WHERE status = 'pending'")
+        ).scalar_one()
+        counts["attempts"] = connection.execute(
+            sa.text("SELECT coalesce(sum(attempts), 0) FROM detection_attempts")
+        ).scalar_one()
+        counts["rejected"] = connection.execute(
+            sa.text("SELECT count(*) FROM sources WHERE status = 'rejected'")
+        ).scalar_one()
+    engine.dispose()
+    return counts
+
+
+def _workers(env: dict[str, str], tmp_path: Path) -> tuple[FleetProcess, FleetProcess]:
+    return (
+        FleetProcess("intake", ["worker", "--intake", "--concurrency", "2"], env, tmp_path),
+        FleetProcess("mj5", ["worker", "--detector", "sumsub-mj5"], env, tmp_path),
+    )
+
+
+def test_submit_to_verdict_through_real_workers(
+    env: dict[str, str], tmp_path: Path, s3_endpoint: str, clean_database: str
+) -> None:
+    keys = _put_images(s3_endpoint, "batch", 6)
+    with running(*_workers(env, tmp_path)) as processes:
+        submitted = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
+        assert submitted.returncode == 0, submitted.stderr
+        counts = wait_for(
+            lambda: (c := _counts(clean_database))["pending"] == 0 and c["sources"] == 7 and c,
+            timeout=180,
+            what="every upload to be scored or rejected",
+            processes=processes,
+        )
+        # Submitting the same objects again is a no-op.
+        again = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
+        assert again.stdout.count("already scanned") == 7
+    assert counts["verdicts"] == 6 and counts["detections"] == 6
+    assert counts["review_cases"] == 6 and counts["rejected"] == 1
+    status = _cli(env, "status", f"s3://{BUCKET}/batch/img 00.png", "--json")
+    assert status.returncode == 0, status.stderr
+    assert '"status": "scored"' in status.stdout and '"sumsub-mj5"' in status.stdout
+    broken = _cli(env, "status", f"s3://{BUCKET}/batch/broken.jpg", "--json")
+    assert '"reason": "decode_error"' in broken.stdout or '"reason": "truncated"' in broken.stdout
+
+
+def test_sigkilled_model_process_loses_nothing(
+    env: dict[str, str], tmp_path: Path, s3_endpoint: str, clean_database: str
+) -> None:
+    keys = _put_images(s3_endpoint, "killed", 12)
+    intake, mj5 = _workers(env, tmp_path)
+    with running(intake, mj5) as processes:
+        submitted = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
+        assert submitted.returncode == 0, submitted.stderr
+        # Kill the pool process that runs the model while a task is in flight: its attempt is
+        # recorded, its detection is not yet stored.
+        wait_for(
+            lambda: (c := _counts(clean_database))["attempts"] > c["detections"],
+            timeout=180,
+            what="a detector task in flight",
+            processes=processes,
+            interval=0.005,
+        )
+        children = mj5.children()
+        assert children, mj5.log_tail()
+        os.kill(children[0], 9)
+        counts = wait_for(
+            lambda: (c := _counts(clean_database))["pending"] == 0 and c["sources"] == 13 and c,
+            timeout=240,
+            what="every upload to be scored after the kill",
+            processes=processes,
+        )
+        # Then kill the whole worker and start a new one: nothing is left to do twice.
+        mj5.kill()
+        mj5.start()
+    assert counts["verdicts"] == 12 and counts["detections"] == 12
+    assert counts["review_cases"] == 12 and counts["rejected"] == 1
+    # The killed task was delivered again (requeued on worker loss) and finished once.
+    assert counts["attempts"] > 12
+    assert "WorkerLostError" in mj5.log_path.read_text(errors="replace")
+    assert _counts(clean_database)["verdicts"] == 12
