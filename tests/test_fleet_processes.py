@@ -193,3 +193,93 @@ def test_sigkilled_model_process_loses_nothing(
     assert counts["attempts"] > 12
     assert "WorkerLostError" in mj5.log_path.read_text(errors="replace")
     assert _counts(clean_database)["verdicts"] == 12
+
+
+class PersistentRedis:
+    """A redis-server as a broker should run: append-only file on, so a restart keeps the
+    queued messages. Restartable on the same port."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = servers.free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import redis
+
+        self.process = subprocess.Popen(
+            [
+                str(servers.find_redis_server()),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.folder),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--maxmemory-policy",
+                "noeviction",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url)
+        wait_for(lambda: _pings(client), timeout=20, what="redis to accept connections")
+        client.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(20)
+
+
+def _pings(client: object) -> bool:
+    import redis
+
+    try:
+        return bool(client.ping())  # type: ignore[attr-defined]
+    except redis.ConnectionError:
+        return False
+
+
+def test_broker_restart_mid_run_loses_nothing(
+    env: dict[str, str], tmp_path: Path, s3_endpoint: str, clean_database: str
+) -> None:
+    broker = PersistentRedis(tmp_path)
+    broker.start()
+    env = {**env, "SYNTHSENTRY_BROKER_URL": broker.url}
+    keys = _put_images(s3_endpoint, "restart", 10)
+    try:
+        with running(*_workers(env, tmp_path)) as processes:
+            submitted = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys[:6]])
+            assert submitted.returncode == 0, submitted.stderr
+            wait_for(
+                lambda: _counts(clean_database)["detections"] >= 1,
+                timeout=180,
+                what="the first detection",
+                processes=processes,
+                interval=0.05,
+            )
+            broker.stop()
+            broker.start()
+            # Work sent after the restart is taken by the reconnected workers too.
+            submitted = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys[6:]])
+            assert submitted.returncode == 0, submitted.stderr
+            counts = wait_for(
+                lambda: (c := _counts(clean_database))["pending"] == 0 and c["sources"] == 11 and c,
+                timeout=240,
+                what="every upload to be scored after the broker restart",
+                processes=processes,
+            )
+    finally:
+        broker.stop()
+    assert counts["verdicts"] == 10 and counts["detections"] == 10 and counts["rejected"] == 1
