@@ -95,6 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--pool", choices=["prefork", "solo", "threads"], default="prefork", help="Celery pool"
     )
 
+    ingest = commands.add_parser("ingest", help="turn S3 upload events into scans")
+    ingest_commands = ingest.add_subparsers(dest="ingest_command", required=True)
+    sqs = ingest_commands.add_parser(
+        "sqs",
+        help="long-poll an SQS queue fed by S3 event notifications",
+        description="Consume S3 ObjectCreated notifications from SQS. A message is deleted "
+        "only after its uploads are recorded and queued; malformed messages are kept as "
+        "dead letters in the database. Only SYNTHSENTRY_ALLOWED_BUCKETS are scanned.",
+    )
+    sqs.add_argument("--queue-url", required=True)
+    sqs.add_argument("--wait-seconds", type=int, default=20, help="long-poll wait (1-20)")
+    sqs.add_argument("--endpoint-url", default=None, help="SQS endpoint (default: AWS)")
+
+    webhook = commands.add_parser(
+        "webhook",
+        help="serve the HTTP endpoint for S3-style upload notifications (MinIO webhook)",
+    )
+    webhook.add_argument("--host", default="127.0.0.1")
+    webhook.add_argument("--port", type=int, default=8080)
+
     submit = commands.add_parser(
         "submit", help="queue S3 objects for scanning (operators, re-scans, tests)"
     )
@@ -135,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _db(args, settings)
         if args.command == "worker":
             return _worker(args, settings)
+        if args.command == "ingest":
+            return _ingest_sqs(args, settings)
+        if args.command == "webhook":
+            return _webhook(args, settings)
         if args.command == "submit":
             return _submit(args, settings)
         if args.command == "status":
@@ -379,17 +403,112 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _policy(settings: Settings) -> Any:
+    from workers.events import BucketPolicy
+
+    try:
+        return BucketPolicy.parse(settings.allowed_buckets)
+    except ValueError as exc:
+        raise CliError(
+            f"SYNTHSENTRY_ALLOWED_BUCKETS: {exc} (e.g. 'uploads' or 'media:incoming/')",
+            EXIT_USAGE,
+        ) from exc
+
+
+def _dead_letter(session_factory: Any, channel: str) -> Any:
+    from db.repository import record_dead_letter
+    from db.session import transaction
+
+    def keep(body: str, reason: str) -> None:
+        with transaction(session_factory) as session:
+            record_dead_letter(session, channel, reason, body)
+
+    return keep
+
+
+def _ingest_sqs(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+    import threading
+
+    import boto3
+
+    from tasks.app import configure
+    from tasks.runtime import build_context
+    from tasks.submit import submit_upload
+    from workers.events import UploadRecord
+    from workers.ingest import run_sqs_ingest
+
+    policy = _policy(settings)
+    session_factory = _prepare_database(settings)
+    configure(settings)
+    context = build_context()
+    sqs = boto3.client("sqs", endpoint_url=args.endpoint_url, region_name=settings.s3_region)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+
+    def submit(record: UploadRecord) -> None:
+        submit_upload(context, record)
+
+    stats = run_sqs_ingest(
+        sqs,
+        args.queue_url,
+        submit=submit,
+        dead_letter=_dead_letter(session_factory, "sqs"),
+        policy=policy,
+        stop=stop,
+        wait_seconds=args.wait_seconds,
+    )
+    log.info("ingest stopped", extra={"stats": vars(stats)})
+    return EXIT_OK
+
+
+def _webhook(args: argparse.Namespace, settings: Settings) -> int:
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIServer, make_server
+
+    from api.webhook import make_app
+    from tasks.app import configure
+    from tasks.runtime import build_context
+    from tasks.submit import submit_upload
+
+    secret = settings.webhook_secret.get_secret_value()
+    if not secret:
+        raise CliError(
+            "set SYNTHSENTRY_WEBHOOK_SECRET: the webhook refuses to run open", EXIT_USAGE
+        )
+    policy = _policy(settings)
+    session_factory = _prepare_database(settings)
+    configure(settings)
+    context = build_context()
+    application = make_app(
+        secret=secret,
+        policy=policy,
+        submit=lambda record: submit_upload(context, record),
+        dead_letter=_dead_letter(session_factory, "webhook"),
+    )
+
+    class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    with make_server(args.host, args.port, application, ThreadingWSGIServer) as server:
+        log.info("webhook listening", extra={"host": args.host, "port": args.port})
+        server.serve_forever()
+    return EXIT_OK
+
+
 def _submit(args: argparse.Namespace, settings: Settings) -> int:
     import boto3
 
     from db.models import SourceKind
     from tasks.app import configure
     from tasks.runtime import build_context
-    from workers.fleet import Upload, record_upload
+    from tasks.submit import submit_upload
+    from workers.events import UploadRecord
 
     objects = [_parse_s3_uri(uri) for uri in args.uris]
     _prepare_database(settings)
-    app = configure(settings)
+    configure(settings)
     context = build_context()
     s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region)
     for bucket, key in objects:
@@ -397,19 +516,21 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
             head = s3.head_object(Bucket=bucket, Key=key)
         except Exception as exc:
             raise CliError(f"cannot read s3://{bucket}/{key}: {exc}") from exc
-        etag = str(head.get("ETag", "")).strip('"') or None
-        version = head.get("VersionId")
-        ref = f"{bucket}/{key}@{version}" if version else f"{bucket}/{key}@etag:{etag}"
-        source_id = record_upload(
-            context,
-            Upload(bucket=bucket, key=key, ref_key=ref, version_id=version, etag=etag),
-            kind=SourceKind.RESCAN,
+        record = UploadRecord(
+            bucket=bucket,
+            key=key,
+            size=head.get("ContentLength"),
+            etag=str(head.get("ETag", "")).strip('"') or None,
+            version_id=head.get("VersionId"),
+            sequencer=None,
+            event_name="synthsentry:Submit",
+            event_time=None,
         )
+        source_id = submit_upload(context, record, kind=SourceKind.RESCAN)
         if source_id is None:
             print(f"s3://{bucket}/{key}: already scanned (see `synthsentry status`)")
-            continue
-        app.send_task("synthsentry.intake", args=(source_id,))
-        print(f"s3://{bucket}/{key}: queued (source {source_id})")
+        else:
+            print(f"s3://{bucket}/{key}: queued (source {source_id})")
     return EXIT_OK
 
 
@@ -506,6 +627,12 @@ def _print_table(outcomes: Sequence[Any], out: TextIO) -> None:
             )
         verdict = o.verdict + (" *" if o.flagged else "")
         print(f"{verdict:<14} {score:>8}  {detail:<40} {o.path}", file=out)
+        for d in o.detectors:
+            # What a detector found, in its own words (provenance: which signal, which tool).
+            summary = d.evidence.get("summary") if isinstance(d.evidence, dict) else None
+            if summary:
+                text = f"{d.name}: {summary}"
+                print(f"{'':<25}{text[:160]}{'...' if len(text) > 160 else ''}", file=out)
     flagged = sum(1 for o in outcomes if o.flagged)
     rejected = sum(1 for o in outcomes if o.status == "rejected")
     print(

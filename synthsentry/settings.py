@@ -12,8 +12,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _looks_like_placeholder(secret: str) -> bool:
+    lowered = secret.lower()
+    return len(secret) < 16 or any(
+        marker in lowered for marker in ("change-me", "changeme", "secret", "password", "xxx")
+    )
 
 
 def _default_data_dir() -> Path:
@@ -114,6 +121,11 @@ class Settings(BaseSettings):
         '"uploads,media:incoming/". Empty refuses every event.',
     )
 
+    webhook_secret: SecretStr = Field(
+        SecretStr(""),
+        description="Shared secret the upload webhook expects as 'Authorization: Bearer ...'.",
+    )
+
     log_level: str = Field("INFO", description="Root log level.")
     log_json: bool = Field(True, description="One JSON object per log line (False: plain text).")
 
@@ -132,6 +144,9 @@ class Settings(BaseSettings):
             raise ValueError(
                 "SYNTHSENTRY_DATABASE_URL must be set when SYNTHSENTRY_ENVIRONMENT=production"
             )
+        secret = self.webhook_secret.get_secret_value()
+        if self.environment == "production" and secret and _looks_like_placeholder(secret):
+            raise ValueError("SYNTHSENTRY_WEBHOOK_SECRET is a placeholder; set a real secret")
         return self
 
     @property

@@ -1,0 +1,38 @@
+"""Turn an upload record into a scan: the one path shared by the SQS ingest, the webhook and
+``synthsentry submit``. The source row is committed before the intake task is sent, so the
+worker always finds it; a duplicate of a finished upload sends nothing."""
+
+from __future__ import annotations
+
+import logging
+
+from db.models import SourceKind
+from tasks.app import app
+from workers.events import UploadRecord
+from workers.fleet import FleetContext, Upload, record_upload
+
+log = logging.getLogger(__name__)
+
+
+def submit_upload(
+    ctx: FleetContext, record: UploadRecord, *, kind: SourceKind = SourceKind.UPLOAD_EVENT
+) -> int | None:
+    """Record the upload and queue its intake; returns the source id, or None for a duplicate
+    of an upload already taken in. Raises if the database or the broker cannot be reached
+    (the caller keeps the event and tries again)."""
+    source_id = record_upload(
+        ctx,
+        Upload(
+            bucket=record.bucket,
+            key=record.key,
+            ref_key=record.ref_key(),
+            version_id=record.version_id,
+            etag=record.etag,
+        ),
+        kind=kind,
+    )
+    if source_id is None:
+        log.info("duplicate upload event", extra={"bucket": record.bucket, "ref": record.ref_key()})
+        return None
+    app.send_task("synthsentry.intake", args=(source_id,))
+    return source_id
