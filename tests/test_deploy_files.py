@@ -1,0 +1,184 @@
+"""Offline checks of docker/ and k8s/: no engine or cluster here, so the files are parsed
+and held against the code they deploy (the CLI's parser, the settings, the queue names)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from synthsentry.cli import build_parser
+from synthsentry.settings import Settings
+from workers.detectors.registry import BUILTIN_SPECS
+from workers.fleet import queue_for
+
+REPO = Path(__file__).resolve().parents[1]
+SETTINGS_VARS = {f"SYNTHSENTRY_{name.upper()}" for name in Settings.model_fields}
+
+
+def _k8s_documents() -> list[dict[str, Any]]:
+    documents = []
+    for path in sorted((REPO / "k8s").glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for document in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            if document:
+                document["__file"] = path.name
+                documents.append(document)
+    return documents
+
+
+def _by_kind(kind: str) -> list[dict[str, Any]]:
+    return [d for d in _k8s_documents() if d["kind"] == kind]
+
+
+def _queue_of(args: list[str]) -> str | None:
+    parsed = build_parser().parse_args(args)
+    if parsed.command != "worker":
+        return None
+    return "intake" if parsed.intake else queue_for(parsed.detector)
+
+
+def test_every_manifest_is_well_formed() -> None:
+    documents = _k8s_documents()
+    assert len(documents) >= 10
+    for document in documents:
+        assert {"apiVersion", "kind", "metadata"} <= set(document), document["__file"]
+        assert document["metadata"].get("name"), document["__file"]
+
+
+def test_kustomization_lists_every_manifest_but_the_secret_example() -> None:
+    kustomization = yaml.safe_load((REPO / "k8s" / "kustomization.yaml").read_text())
+    files = {p.name for p in (REPO / "k8s").glob("*.yaml")}
+    assert set(kustomization["resources"]) == files - {"kustomization.yaml", "secret.example.yaml"}
+
+
+def test_containers_run_real_commands_as_non_root_with_limits() -> None:
+    parser = build_parser()
+    for kind in ("Deployment", "Job"):
+        for document in _by_kind(kind):
+            pod = document["spec"]["template"]["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            for container in pod["containers"]:
+                parser.parse_args(container["args"])  # exits (fails the test) if invalid
+                assert container["resources"]["requests"] and container["resources"]["limits"]
+                refs = {next(iter(r.values()))["name"] for r in container["envFrom"]}
+                assert refs == {"synthsentry"}
+
+
+def test_configmap_and_env_only_name_real_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    (configmap,) = _by_kind("ConfigMap")
+    assert set(configmap["data"]) <= SETTINGS_VARS
+    # The values parse as the settings they name (with the secret's variables filled in).
+    for name, value in configmap["data"].items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SYNTHSENTRY_DATABASE_URL", "postgresql+psycopg2://u:p@db:5432/s")
+    settings = Settings()
+    assert settings.fleet_detectors == ["provenance", "commfor-vit384"]
+    for document in _by_kind("Deployment"):
+        for container in document["spec"]["template"]["spec"]["containers"]:
+            for variable in container.get("env", []):
+                assert variable["name"] in SETTINGS_VARS
+
+
+def test_each_worker_scales_on_the_queue_it_consumes() -> None:
+    deployments = {d["metadata"]["name"]: d for d in _by_kind("Deployment")}
+    scaled = _by_kind("ScaledObject")
+    assert scaled
+    for scaled_object in scaled:
+        target = deployments[scaled_object["spec"]["scaleTargetRef"]["name"]]
+        (container,) = target["spec"]["template"]["spec"]["containers"]
+        (trigger,) = scaled_object["spec"]["triggers"]
+        assert trigger["type"] == "redis"
+        assert trigger["metadata"]["listName"] == _queue_of(container["args"])
+    workers = [
+        d
+        for d in deployments.values()
+        if _queue_of(d["spec"]["template"]["spec"]["containers"][0]["args"])
+    ]
+    assert {d["metadata"]["name"] for d in workers} == {
+        s["spec"]["scaleTargetRef"]["name"] for s in scaled
+    }
+
+
+def test_model_workers_get_a_gpu_and_outlive_their_longest_task() -> None:
+    (configmap,) = _by_kind("ConfigMap")
+    time_limit = int(configmap["data"]["SYNTHSENTRY_TASK_TIME_LIMIT_SECONDS"])
+    for document in _by_kind("Deployment"):
+        pod = document["spec"]["template"]["spec"]
+        args = pod["containers"][0]["args"]
+        if _queue_of(args) is None:
+            continue
+        assert pod["terminationGracePeriodSeconds"] > time_limit, document["metadata"]["name"]
+        parsed = build_parser().parse_args(args)
+        detector = parsed.detector
+        if detector and BUILTIN_SPECS[detector].family != "provenance":
+            resources = pod["containers"][0]["resources"]
+            assert resources["limits"]["nvidia.com/gpu"] == 1
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+                "tolerations"
+            ]
+            assert parsed.concurrency == 1  # one model process per GPU
+
+
+def _compose() -> dict[str, Any]:
+    text = (REPO / "docker" / "docker-compose.yml").read_text(encoding="utf-8")
+    # Compose interpolation: ${VAR:?message} must be set by the user; resolve it for parsing.
+    text = re.sub(r"\$\{(\w+):\?[^}]*\}", r"placeholder-for-\1", text)
+    document: dict[str, Any] = yaml.safe_load(text)
+    return document
+
+
+def test_compose_services_run_real_commands_with_real_settings() -> None:
+    compose = _compose()
+    parser = build_parser()
+    fleet = {
+        name: s for name, s in compose["services"].items() if s.get("image") == "synthsentry:latest"
+    }
+    assert {"migrate", "webhook", "intake", "provenance"} <= set(fleet)
+    for name, service in fleet.items():
+        parser.parse_args(service["command"])
+        assert set(service["environment"]) <= SETTINGS_VARS | {
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+        }, name
+    for detector in (
+        fleet["intake"]["environment"]["SYNTHSENTRY_FLEET_DETECTORS"].strip("[]").split(",")
+    ):
+        assert detector.strip().strip('"') in fleet, f"no worker for {detector}"
+
+
+def test_compose_broker_keeps_messages_and_webhook_secret_is_required() -> None:
+    compose = _compose()
+    redis_command = compose["services"]["redis"]["command"]
+    assert "--appendonly" in redis_command and "yes" in redis_command
+    assert "noeviction" in redis_command
+    raw = (REPO / "docker" / "docker-compose.yml").read_text(encoding="utf-8")
+    assert "SYNTHSENTRY_WEBHOOK_SECRET: ${SYNTHSENTRY_WEBHOOK_SECRET:?" in raw
+
+
+def test_dockerfile_runs_as_non_root_and_copies_what_exists() -> None:
+    lines = [
+        line.strip()
+        for line in (REPO / "docker" / "Dockerfile").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    assert re.fullmatch(r"FROM python:3\.11-[\w.-]+", lines[0])
+    assert any(line.startswith("USER ") and "root" not in line for line in lines)
+    assert lines[-2:] == ['ENTRYPOINT ["synthsentry"]', 'CMD ["--help"]']
+    for line in lines:
+        if line.startswith("COPY "):
+            for source in shlex.split(line)[1:-1]:
+                assert (REPO / source).exists(), source
+    assert not any(line.startswith("ADD ") for line in lines)
+
+
+@pytest.mark.parametrize("path", ["docker/detectors.toml"])
+def test_example_detector_config_parses(path: str) -> None:
+    from workers.detectors.registry import Catalog
+
+    assert "provenance" in Catalog.build(REPO / path).specs
