@@ -172,6 +172,8 @@ def test_default_ensemble_names_what_it_skipped(run: Run, tmp_path: Path) -> Non
         assert f"skipped detector {name}:" in result.stderr
     assert "hf://Sumsub/Sumsub-ffs-synthetic-2.0" in result.stderr
     assert line["status"] == "scored"
+    # Only the model-free provenance check runs, and a plain drawing says nothing of origin.
+    assert [d["name"] for d in line["detectors"]] == ["provenance"]  # type: ignore[union-attr]
     assert line["verdict"] == "inconclusive" and line["ai_score"] is None
     assert line["flagged"] is False
 
@@ -202,7 +204,8 @@ def test_default_ensemble_uses_weights_already_in_the_hub_cache(
     sample_picture().save(tmp_path / "a.png")
     result = run("scan", tmp_path / "a.png", "--json")
     (line,) = _lines(result)
-    assert [d["name"] for d in line["detectors"]] == ["sumsub-mj5"]  # type: ignore[union-attr]
+    names = [d["name"] for d in line["detectors"]]  # type: ignore[union-attr]
+    assert names == ["sumsub-mj5", "provenance"]  # the registry's order
     assert "skipped detector sumsub-mj5" not in result.stderr
     assert "skipped detector sumsub-v2" in result.stderr
     assert line["ai_score"] is not None

@@ -26,6 +26,7 @@ def test_builtin_specs_cover_the_published_detectors() -> None:
         "sumsub-v2",
         "commfor-vit384",
         "commfor-vit224",
+        "provenance",
     }
     assert BUILTIN_SPECS["sumsub-v2"].weights == "hf://Sumsub/Sumsub-ffs-synthetic-2.0/synthetic.pt"
     assert BUILTIN_SPECS["sumsub-mj5"].options["backbone"] == "tf_mobilenetv3_large_100.in1k"

@@ -83,6 +83,16 @@ BUILTIN_SPECS: dict[str, DetectorSpec] = {
         ),
         _commfor("commfor-vit384", "OwensLab/commfor-model-384", COMMFOR_VIT_384, 440, 384),
         _commfor("commfor-vit224", "OwensLab/commfor-model-224", COMMFOR_VIT_224, 256, 224),
+        DetectorSpec(
+            name="provenance",
+            family="provenance",
+            version="1",
+            description="What the file says about its origin: C2PA, IPTC digital source "
+            "type, generator metadata, hidden alpha payloads, invisible watermarks",
+            # A signed "made by AI" manifest or a generator's own metadata is grounds for
+            # review whatever the pixel models say.
+            options={"decisive": True, "watermark_max_p_value": 1e-6},
+        ),
     )
 }
 
@@ -102,7 +112,14 @@ def _torch_loader(attribute: str) -> Loader:
 
 
 # family name -> loader. A family that needs no weights file gets weights_path=Path().
+def _load_provenance(spec: DetectorSpec, *, device: str, weights_path: Path) -> Detector:
+    from workers.detectors.provenance import load_provenance
+
+    return load_provenance(spec, device=device, weights_path=weights_path)
+
+
 FAMILIES: dict[str, Loader] = {
+    "provenance": _load_provenance,
     "sumsub": _torch_loader("load_sumsub"),
     "commfor": _torch_loader("load_commfor"),
     "timm": _torch_loader("load_timm"),
