@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import s3_client
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import migrate
@@ -25,6 +24,7 @@ from workers.intake import IntakeLimits
 import servers
 from badfiles import sample_picture
 from checkpoints import SUMSUB_MOBILENET, write_sumsub_raw
+from conftest import s3_client
 
 BUCKET = "fleet-uploads"
 

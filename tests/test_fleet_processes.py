@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import s3_client
-from fleet_processes import FleetProcess, running, wait_for
 
 from db import migrate
 
 import servers
 from badfiles import sample_picture
 from checkpoints import SUMSUB_MOBILENET, write_sumsub_raw
+from conftest import s3_client
+from fleet_processes import FleetProcess, running, wait_for
 
 BUCKET = "fleet-procs"
 

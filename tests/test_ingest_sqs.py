@@ -19,11 +19,12 @@ from typing import Any
 import boto3
 import pytest
 from botocore.config import Config
-from conftest import s3_client
 from moto.server import ThreadedMotoServer
 
 from workers.events import BucketPolicy, UploadRecord
 from workers.ingest import IngestStats, run_sqs_ingest
+
+from conftest import s3_client
 
 DEADLINE_S = 10.0
 # No botocore retries: the loop under test does its own, and a stopped server should fail

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import redis
 import sqlalchemy as sa
-from fleet_processes import FleetProcess, running, wait_for
 
 from db import migrate
 
 import servers
+from fleet_processes import FleetProcess, running, wait_for
 
 SECRET = "a-long-random-webhook-token-4f9c2e"
 

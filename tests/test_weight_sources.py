@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import s3_client
 
 from checkpoints import (
     COMMFOR_VIT_224,
@@ -24,6 +23,7 @@ from checkpoints import (
     write_commfor_hub_folder,
     write_sumsub_raw,
 )
+from conftest import s3_client
 
 BUCKET = "synthsentry-models"
 COMMIT = "7" * 40

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import torch
 from botocore.exceptions import ResponseStreamingError
-from conftest import s3_client
 from safetensors.torch import save_file
 
 from workers.detectors.base import DetectorUnavailable
@@ -39,6 +38,7 @@ from checkpoints import (
     write_sumsub_lightning,
     write_sumsub_raw,
 )
+from conftest import s3_client
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
