@@ -11,8 +11,13 @@ import logging
 from functools import cache, lru_cache
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
+
 from tasks.app import app
 from workers.fleet import TransientError
+
+# Worth another try later: storage, database or network trouble, never a bad upload.
+RETRYABLE = (TransientError, ConnectionError, OperationalError)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +40,7 @@ def _detector(name: str) -> Any:
     name="synthsentry.intake",
     bind=True,
     acks_late=True,
-    autoretry_for=(TransientError, ConnectionError),
+    autoretry_for=RETRYABLE,
     retry_backoff=2,
     retry_backoff_max=300,
     max_retries=10,
@@ -57,7 +62,7 @@ def intake(self: Any, source_id: int) -> None:
     name="synthsentry.detect",
     bind=True,
     acks_late=True,
-    autoretry_for=(TransientError, ConnectionError),
+    autoretry_for=RETRYABLE,
     retry_backoff=2,
     retry_backoff_max=300,
     max_retries=10,

@@ -106,6 +106,31 @@ def postgres_url(postgres_server_url: str) -> Iterator[str]:
     servers.drop_database(postgres_server_url, name)
 
 
+DatabaseFactory = Callable[..., str]
+
+
+@pytest.fixture(scope="session")
+def committing_database(postgres_server_url: str) -> Iterator[DatabaseFactory]:
+    """For code under test that commits (the CLI, fleet processes): ``make(purpose)`` gives a
+    fresh database of its own per purpose and xdist worker, migrated unless
+    ``migrated=False``, and drops them all at the end of the session."""
+    created: list[str] = []
+
+    def make(purpose: str, *, migrated: bool = True) -> str:
+        from db.migrate import upgrade
+
+        name = f"synthsentry_{purpose}_{worker_id()}"
+        url = servers.recreate_database(postgres_server_url, name)
+        if migrated:
+            upgrade(url)
+        created.append(name)
+        return url
+
+    yield make
+    for name in dict.fromkeys(created):
+        servers.drop_database(postgres_server_url, name)
+
+
 @pytest.fixture(scope="session")
 def migrated_postgres_url(postgres_url: str) -> str:
     """``postgres_url`` with all migrations applied (``db.migrate.upgrade``)."""

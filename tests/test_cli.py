@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-import servers
 from badfiles import BAD_FILES, make_fifo, make_vanished, sample_picture, write_bad_files
 from checkpoints import SUMSUB_MOBILENET, populate_hub_cache, write_sumsub_raw
+from conftest import DatabaseFactory
 
 REQUIRED_KEYS = {
     "path",
@@ -293,10 +293,10 @@ def test_thousand_files_with_bad_ones_are_all_accounted_for(run: Run, tmp_path: 
 
 
 @pytest.fixture
-def fresh_postgres_url(postgres_server_url: str) -> str:
-    # The CLI commits, so it gets a database of its own rather than the rolled-back one.
-    name = f"synthsentry_cli_{os.environ.get('PYTEST_XDIST_WORKER', 'master')}"
-    return servers.recreate_database(postgres_server_url, name)
+def fresh_postgres_url(committing_database: DatabaseFactory) -> str:
+    # The CLI commits, so it gets a database of its own rather than the rolled-back one,
+    # not yet migrated: the test checks that the scanner refuses it.
+    return committing_database("cli", migrated=False)
 
 
 def test_scan_into_postgres(

@@ -3,7 +3,6 @@ built from published-format checkpoints. Each step may run twice; results must n
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -12,7 +11,6 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import migrate
 from db.models import Detection, ReviewCase, Source, SourceStatus, Verdict
 from db.session import make_engine, make_sessionmaker
 from workers import fleet
@@ -21,21 +19,16 @@ from workers.detectors.registry import BUILTIN_SPECS, build_detector
 from workers.ensemble import EnsembleConfig
 from workers.intake import IntakeLimits
 
-import servers
 from badfiles import sample_picture
 from checkpoints import SUMSUB_MOBILENET, write_sumsub_raw
-from conftest import s3_client
+from conftest import DatabaseFactory, s3_client
 
 BUCKET = "fleet-uploads"
 
 
 @pytest.fixture(scope="module")
-def database(postgres_server_url: str) -> Iterator[str]:
-    name = f"synthsentry_fleet_{os.environ.get('PYTEST_XDIST_WORKER', 'master')}"
-    url = servers.recreate_database(postgres_server_url, name)
-    migrate.upgrade(url)
-    yield url
-    servers.drop_database(postgres_server_url, name)
+def database(committing_database: DatabaseFactory) -> str:
+    return committing_database("fleet")
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote_plus
@@ -17,24 +16,17 @@ from urllib.parse import quote_plus
 import pytest
 import sqlalchemy as sa
 
-from db import migrate
-
-import servers
 from badfiles import SPARSE_SIZE, write_bad_files
 from checkpoints import SUMSUB_MOBILENET, write_sumsub_raw
-from conftest import s3_client
+from conftest import DatabaseFactory, s3_client
 from fleet_processes import FleetProcess, running, wait_for
 
 BUCKET = "e2e-uploads"
 
 
 @pytest.fixture
-def database(postgres_server_url: str) -> Iterator[str]:
-    name = f"synthsentry_e2e_{os.environ.get('PYTEST_XDIST_WORKER', 'master')}"
-    url = servers.recreate_database(postgres_server_url, name)
-    migrate.upgrade(url)
-    yield url
-    servers.drop_database(postgres_server_url, name)
+def database(committing_database: DatabaseFactory) -> str:
+    return committing_database("e2e")
 
 
 def _sqs(endpoint: str) -> Any:

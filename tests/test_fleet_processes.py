@@ -7,30 +7,23 @@ import io
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from db import migrate
-
 import servers
 from badfiles import sample_picture
 from checkpoints import SUMSUB_MOBILENET, write_sumsub_raw
-from conftest import s3_client
+from conftest import DatabaseFactory, s3_client
 from fleet_processes import FleetProcess, running, wait_for
 
 BUCKET = "fleet-procs"
 
 
 @pytest.fixture(scope="module")
-def database(postgres_server_url: str) -> Iterator[str]:
-    name = f"synthsentry_procs_{os.environ.get('PYTEST_XDIST_WORKER', 'master')}"
-    url = servers.recreate_database(postgres_server_url, name)
-    migrate.upgrade(url)
-    yield url
-    servers.drop_database(postgres_server_url, name)
+def database(committing_database: DatabaseFactory) -> str:
+    return committing_database("procs")
 
 
 @pytest.fixture

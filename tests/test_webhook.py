@@ -14,19 +14,18 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from db import migrate
-
 import servers
+from conftest import DatabaseFactory
 from fleet_processes import FleetProcess, running, wait_for
 
 SECRET = "a-long-random-webhook-token-4f9c2e"
 
 
 @pytest.fixture
-def webhook(tmp_path: Path, postgres_server_url: str, redis_url: str) -> Iterator[tuple[str, str]]:
-    name = f"synthsentry_webhook_{os.environ.get('PYTEST_XDIST_WORKER', 'master')}"
-    database = servers.recreate_database(postgres_server_url, name)
-    migrate.upgrade(database)
+def webhook(
+    tmp_path: Path, committing_database: DatabaseFactory, redis_url: str
+) -> Iterator[tuple[str, str]]:
+    database = committing_database("webhook")
     redis.Redis.from_url(redis_url).flushdb()
     port = servers.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHSENTRY_")}
@@ -48,7 +47,6 @@ def webhook(tmp_path: Path, postgres_server_url: str, redis_url: str) -> Iterato
             interval=0.2,
         )
         yield base, database
-    servers.drop_database(postgres_server_url, name)
 
 
 def _get(url: str) -> int:

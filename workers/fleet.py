@@ -376,19 +376,7 @@ def status_of(session: Session, bucket: str, key: str) -> list[ScanOutcome]:
                 flagged=verdict.flagged,
                 verdict=verdict.label.value,
                 verdict_reason=verdict.reason,
-                detectors=[
-                    DetectorReport(
-                        name=row.detector_name,
-                        version=row.detector_version,
-                        weights_sha256=row.weights_sha256,
-                        score=row.score,
-                        evidence=row.evidence,
-                        latency_ms=row.latency_ms,
-                        error=row.error,
-                        reused=False,
-                    )
-                    for row in rows.values()
-                ],
+                detectors=[DetectorReport.from_row(row, reused=False) for row in rows.values()],
                 image={"format": image.format, "width": image.width, "height": image.height},
             )
         )

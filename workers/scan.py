@@ -45,6 +45,19 @@ class DetectorReport:
     error: str | None
     reused: bool
 
+    @classmethod
+    def from_row(cls, row: Detection, *, reused: bool) -> DetectorReport:
+        return cls(
+            name=row.detector_name,
+            version=row.detector_version,
+            weights_sha256=row.weights_sha256,
+            score=row.score,
+            evidence=row.evidence,
+            latency_ms=row.latency_ms,
+            error=row.error,
+            reused=reused,
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -262,18 +275,7 @@ class Scanner:
                     ),
                 )
                 reused = False
-            reports.append(
-                DetectorReport(
-                    name=row.detector_name,
-                    version=row.detector_version,
-                    weights_sha256=row.weights_sha256,
-                    score=row.score,
-                    evidence=row.evidence,
-                    latency_ms=row.latency_ms,
-                    error=row.error,
-                    reused=reused,
-                )
-            )
+            reports.append(DetectorReport.from_row(row, reused=reused))
         decision = combine(
             [
                 DetectorScore(
