@@ -428,10 +428,16 @@ def record_dead_letter(session: Session, channel: str, reason: str, body: str) -
 
 
 def lock_image(session: Session, image_id: int) -> Image:
-    """The image row, locked until the transaction ends (Postgres ``FOR UPDATE``): whoever
-    holds it is the only one deciding this image's verdict. SQLite serialises writers
-    anyway, so the clause is a no-op there."""
-    return session.execute(select(Image).where(Image.id == image_id).with_for_update()).scalar_one()
+    """The image row, locked until the transaction ends: whoever holds it is the only one
+    deciding this image's verdict. Take it before writing rows that reference the image.
+
+    ``FOR NO KEY UPDATE`` rather than ``FOR UPDATE``: inserting a detection or a source that
+    points at the image takes a KEY SHARE lock on it (the foreign key check), which
+    ``FOR UPDATE`` would wait on, so two workers that each stored a detection could deadlock
+    waiting for each other. SQLite serialises writers anyway; the clause is a no-op there.
+    """
+    statement = select(Image).where(Image.id == image_id).with_for_update(key_share=True)
+    return session.execute(statement).scalar_one()
 
 
 def latest_detections(

@@ -263,6 +263,7 @@ def _store(
     error: str | None = None,
 ) -> Verdict | None:
     with transaction(ctx.session_factory) as session:
+        repository.lock_image(session, image_id)  # first: the fan-in below needs it anyway
         repository.save_detection(
             session,
             image_id,
