@@ -173,3 +173,33 @@ def test_binomial_tail() -> None:
     assert binomial_tail(96, 136) < 1e-6 < binomial_tail(95, 136)
     assert binomial_tail(41, 48) < 1e-6 < binomial_tail(40, 48)
     assert binomial_tail(30, 32) < 1e-6 < binomial_tail(29, 32)
+
+
+def test_lossy_jpeg_is_not_searched_for_a_mark_but_a_near_lossless_one_is(
+    corpus_dir: Path, detector: ProvenanceDetector
+) -> None:
+    """Re-encoding at ordinary JPEG qualities erases the marks, so the costly decode is
+    skipped there (and says so); a JPEG saved at quality 100 still carries one and is read."""
+    marked = sd_script_watermark(photo(corpus_dir, "canon-512"), b"StableDiffusionV1")
+    kept = detect(detector, jpeg_bytes(marked, quality=100))
+    assert "StableDiffusionV1" in watermark_items(kept, ai=True)
+    lossy = detect(detector, jpeg_bytes(marked, quality=90))
+    assert watermark_items(lossy, ai=True) == {}
+    assert "JPEG saved at quality ~90" in lossy.evidence["checked"]["watermark"]
+
+
+@pytest.mark.parametrize("quality", [20, 50, 75, 90, 95, 97])
+@pytest.mark.parametrize("progressive", [False, True])
+def test_jpeg_quality_is_read_from_the_quantisation_table(quality: int, progressive: bool) -> None:
+    import io
+
+    from workers.provenance.watermark import jpeg_quality
+
+    buffer = io.BytesIO()
+    Image.effect_mandelbrot((64, 64), (-2, -1.2, 0.8, 1.2), 32).convert("RGB").save(
+        buffer, "JPEG", quality=quality, progressive=progressive
+    )
+    data = buffer.getvalue()
+    assert jpeg_quality(data) == quality
+    assert jpeg_quality(data[:40]) is None  # cut inside the table: no guess
+    assert jpeg_quality(b"\x89PNG\r\n\x1a\n") is None

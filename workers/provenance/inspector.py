@@ -147,6 +147,7 @@ class ProvenanceInspector:
                     report,
                     max_p_value=self.config.watermark_max_p_value,
                     max_pixels=self.config.watermark_max_pixels,
+                    raw=raw,
                 ),
             )
         return report

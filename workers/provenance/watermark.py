@@ -186,11 +186,85 @@ def match_watermarks(image: Image.Image) -> list[WatermarkMatch]:
     return best
 
 
+# The IJG standard luminance quantisation table (quality 50), in zig-zag order as Pillow
+# reports it; a file's table scaled against it gives its encoder's quality setting.
+_IJG_LUMA = (
+    16, 11, 12, 14, 12, 10, 16, 14, 13, 14, 18, 17, 16, 19, 24, 40, 26, 24, 22, 22, 24, 49,
+    35, 37, 29, 40, 58, 51, 61, 60, 57, 51, 56, 55, 64, 72, 92, 78, 64, 68, 87, 69, 55, 56,
+    80, 109, 81, 87, 95, 98, 103, 104, 103, 62, 77, 113, 121, 112, 100, 120, 92, 101, 103, 99,
+)  # fmt: skip
+
+# Measured on corpus photos: the DWT-DCT marks survive JPEG at quality 100 and are gone at
+# 95. Re-encoded JPEGs are most uploads, so skipping them keeps the watermark check (the
+# costliest signal) to the files that can still carry a mark.
+MIN_JPEG_QUALITY = 97
+
+
+def jpeg_quality(raw: bytes) -> int | None:
+    """The IJG quality a JPEG was saved at, estimated from its luminance table; None for
+    other formats or when no table can be read.
+
+    Reads the DQT segment itself rather than opening the file with Pillow, whose JPEG
+    reader parses EXIF and reports corrupt EXIF through process-wide warnings."""
+    luma = _luminance_table(raw)
+    if luma is None:
+        return None
+    scale = sum(luma) / sum(_IJG_LUMA) * 100  # IJG: scale = 5000/q below 50, 200 - 2q above
+    quality = 5000 / scale if scale > 100 else (200 - scale) / 2
+    return int(max(1, min(100, round(quality))))
+
+
+def _luminance_table(raw: bytes) -> list[int] | None:
+    if not raw.startswith(b"\xff\xd8"):
+        return None
+    position = 2
+    while position + 4 <= len(raw):
+        if raw[position] != 0xFF:
+            return None
+        marker = raw[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            position += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no table came first
+            return None
+        length = int.from_bytes(raw[position + 2 : position + 4], "big")
+        if marker == 0xDB:
+            table = position + 4
+            end = min(position + 2 + length, len(raw))
+            while table < end:
+                precision, table_id = raw[table] >> 4, raw[table] & 0x0F
+                size = 128 if precision else 64
+                values = raw[table + 1 : table + 1 + size]
+                if len(values) < size:
+                    return None
+                if table_id == 0:
+                    if precision:
+                        return [int.from_bytes(values[i : i + 2], "big") for i in range(0, 128, 2)]
+                    return list(values)
+                table += 1 + size
+        position += 2 + length
+    return None
+
+
 def check_watermarks(
-    image: Image.Image, report: Report, *, max_p_value: float, max_pixels: int
+    image: Image.Image,
+    report: Report,
+    *,
+    max_p_value: float,
+    max_pixels: int,
+    raw: bytes = b"",
 ) -> list[WatermarkMatch]:
     """Test ``image`` for every known watermark; adds a finding for a match below
     ``max_p_value`` (and a non-AI note for a weaker one below ``WEAK_P_VALUE``)."""
+    quality = jpeg_quality(raw) if raw else None
+    if quality is not None and quality < MIN_JPEG_QUALITY:
+        report.check(
+            "watermark", f"skipped: JPEG saved at quality ~{quality}, which erases the marks"
+        )
+        return []
     width, height = image.size
     if width * height < MIN_PIXELS:
         report.check("watermark", "skipped: under 256x256 pixels, too small to carry one")
