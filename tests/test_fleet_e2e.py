@@ -17,9 +17,8 @@ import pytest
 import sqlalchemy as sa
 
 from badfiles import SPARSE_SIZE, write_bad_files
-from checkpoints import SUMSUB_MOBILENET, write_sumsub_raw
 from conftest import DatabaseFactory, s3_client
-from fleet_processes import FleetProcess, running, wait_for
+from fleet_processes import FleetProcess, fleet_env, running, wait_for
 
 BUCKET = "e2e-uploads"
 
@@ -62,35 +61,17 @@ def notified_bucket(s3_endpoint: str, tmp_path: Path) -> str:
 
 
 def _env(tmp_path: Path, database: str, redis_url: str, s3_endpoint: str) -> dict[str, str]:
-    import redis
-
-    redis.Redis.from_url(redis_url).flushdb()
-    weights = tmp_path / "mj5.pt"
-    write_sumsub_raw(weights, SUMSUB_MOBILENET, seed=3)
-    config = tmp_path / "detectors.toml"
-    config.write_text(
-        f'[detectors.sumsub-mj5]\nfamily = "sumsub"\nweights = "{weights}"\n'
-        f'[detectors.sumsub-mj5.options]\nbackbone = "{SUMSUB_MOBILENET}"\nai_index = 1\n',
-        encoding="utf-8",
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHSENTRY_")}
-    env.update(
-        SYNTHSENTRY_DATA_DIR=str(tmp_path / "data"),
-        SYNTHSENTRY_DATABASE_URL=database,
-        SYNTHSENTRY_BROKER_URL=redis_url,
-        SYNTHSENTRY_S3_ENDPOINT_URL=s3_endpoint,
-        SYNTHSENTRY_DETECTOR_CONFIG=str(config),
-        SYNTHSENTRY_FLEET_DETECTORS='["provenance", "sumsub-mj5"]',
+    return fleet_env(
+        tmp_path,
+        database=database,
+        redis_url=redis_url,
+        s3_endpoint=s3_endpoint,
+        fleet_detectors='["provenance", "sumsub-mj5"]',
         # The random-weight model says nothing real; a threshold above its scores leaves the
         # review cases to what provenance finds, which the corpus manifest predicts.
-        SYNTHSENTRY_FLAG_THRESHOLD="1.0",
-        SYNTHSENTRY_ALLOWED_BUCKETS=BUCKET,
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-        HF_HUB_OFFLINE="1",
+        flag_threshold="1.0",
+        allowed_buckets=BUCKET,
     )
-    return env
 
 
 def _fleet(

@@ -14,9 +14,8 @@ import sqlalchemy as sa
 
 import servers
 from badfiles import sample_picture
-from checkpoints import SUMSUB_MOBILENET, write_sumsub_raw
 from conftest import DatabaseFactory, s3_client
-from fleet_processes import FleetProcess, running, wait_for
+from fleet_processes import FleetProcess, fleet_env, running, wait_for
 
 BUCKET = "fleet-procs"
 
@@ -42,36 +41,18 @@ def clean_database(database: str) -> str:
 
 @pytest.fixture
 def env(tmp_path: Path, clean_database: str, redis_url: str, s3_endpoint: str) -> dict[str, str]:
-    import redis
-
-    redis.Redis.from_url(redis_url).flushdb()
-    weights = tmp_path / "mj5.pt"
-    write_sumsub_raw(weights, SUMSUB_MOBILENET, seed=3)
-    config = tmp_path / "detectors.toml"
-    config.write_text(
-        f'[detectors.sumsub-mj5]\nfamily = "sumsub"\nweights = "{weights}"\n'
-        f'[detectors.sumsub-mj5.options]\nbackbone = "{SUMSUB_MOBILENET}"\nai_index = 1\n',
-        encoding="utf-8",
-    )
     client = s3_client(s3_endpoint)
     if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
         client.create_bucket(Bucket=BUCKET)
-    base = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHSENTRY_")}
-    base.update(
-        SYNTHSENTRY_DATA_DIR=str(tmp_path / "data"),
-        SYNTHSENTRY_DATABASE_URL=clean_database,
-        SYNTHSENTRY_BROKER_URL=redis_url,
-        SYNTHSENTRY_S3_ENDPOINT_URL=s3_endpoint,
-        SYNTHSENTRY_DETECTOR_CONFIG=str(config),
-        SYNTHSENTRY_FLEET_DETECTORS='["sumsub-mj5"]',
-        SYNTHSENTRY_FLAG_THRESHOLD="0.0",
-        SYNTHSENTRY_LOG_LEVEL="INFO",
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-        HF_HUB_OFFLINE="1",
+    return fleet_env(
+        tmp_path,
+        database=clean_database,
+        redis_url=redis_url,
+        s3_endpoint=s3_endpoint,
+        fleet_detectors='["sumsub-mj5"]',
+        flag_threshold="0.0",
+        log_level="INFO",
     )
-    return base
 
 
 def _put_images(s3_endpoint: str, prefix: str, count: int) -> list[str]:

@@ -21,13 +21,13 @@ from typing import Any, Protocol
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository
-from db.models import Image, Source, SourceKind, SourceStatus, Verdict, VerdictLabel
+from db.models import Image, Source, SourceKind, SourceStatus, Verdict
 from db.session import transaction
 from workers.detectors.base import Detector
 from workers.engine import prepare, run_detector
-from workers.ensemble import DetectorScore, EnsembleConfig, combine
+from workers.ensemble import DetectorScore, EnsembleConfig
 from workers.intake import IntakeLimits, Rejected, RejectReason, decode
-from workers.scan import REJECTED, SCORED, DetectorReport, ScanOutcome
+from workers.scan import REJECTED, SCORED, DetectorReport, ScanOutcome, record_verdict
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,9 @@ def conclude(session: Session, ctx: FleetContext, image_id: int) -> Verdict | No
     latest = repository.latest_detections(session, image_id, ctx.detectors)
     if set(latest) != set(ctx.detectors):
         return None
-    decision = combine(
+    verdict, _ = record_verdict(
+        session,
+        image_id,
         [
             DetectorScore(
                 row.detector_name,
@@ -304,19 +306,6 @@ def conclude(session: Session, ctx: FleetContext, image_id: int) -> Verdict | No
             for row in latest.values()
         ],
         ctx.ensemble,
-    )
-    verdict, _ = repository.save_verdict(
-        session,
-        image_id,
-        repository.VerdictRecord(
-            ensemble_version=ctx.ensemble.version,
-            detector_set_digest=decision.detector_set_digest,
-            detector_set=decision.detector_set,
-            ai_score=decision.ai_score,
-            label=VerdictLabel(decision.label),
-            flagged=decision.flagged,
-            reason=decision.reason,
-        ),
         actor=ACTOR,
     )
     for source in repository.pending_sources(session, image_id):

@@ -21,11 +21,11 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository
-from db.models import Detection, Source, SourceKind, VerdictLabel
+from db.models import Detection, Source, SourceKind, Verdict, VerdictLabel
 from db.session import transaction
 from workers.detectors.base import Detector
 from workers.engine import DetectorResult, Prepared, prepare, run_detector
-from workers.ensemble import DetectorScore, EnsembleConfig, combine
+from workers.ensemble import DetectorScore, EnsembleConfig, VerdictDecision, combine
 from workers.intake import DecodedImage, IntakeLimits, Rejected, RejectReason, decode, read_local
 
 log = logging.getLogger(__name__)
@@ -276,7 +276,9 @@ class Scanner:
                 )
                 reused = False
             reports.append(DetectorReport.from_row(row, reused=reused))
-        decision = combine(
+        _, decision = record_verdict(
+            session,
+            item.image_id,
             [
                 DetectorScore(
                     r.name,
@@ -289,19 +291,6 @@ class Scanner:
                 for r, detector in zip(reports, self.detectors, strict=True)
             ],
             self.ensemble,
-        )
-        repository.save_verdict(
-            session,
-            item.image_id,
-            repository.VerdictRecord(
-                ensemble_version=self.ensemble.version,
-                detector_set_digest=decision.detector_set_digest,
-                detector_set=decision.detector_set,
-                ai_score=decision.ai_score,
-                label=VerdictLabel(decision.label),
-                flagged=decision.flagged,
-                reason=decision.reason,
-            ),
             actor=self.actor,
         )
         source_row = session.get(Source, source)
@@ -323,6 +312,34 @@ class Scanner:
             if decoded is None
             else {"format": decoded.format, "width": decoded.width, "height": decoded.height},
         )
+
+
+def record_verdict(
+    session: Session,
+    image_id: int,
+    scores: Sequence[DetectorScore],
+    ensemble: EnsembleConfig,
+    *,
+    actor: str,
+) -> tuple[Verdict, VerdictDecision]:
+    """Combine the scores and store the verdict (once per detector set) and, when flagged,
+    the image's review case. Shared by the embedded scan and the fleet's fan-in."""
+    decision = combine(scores, ensemble)
+    verdict, _ = repository.save_verdict(
+        session,
+        image_id,
+        repository.VerdictRecord(
+            ensemble_version=ensemble.version,
+            detector_set_digest=decision.detector_set_digest,
+            detector_set=decision.detector_set,
+            ai_score=decision.ai_score,
+            label=VerdictLabel(decision.label),
+            flagged=decision.flagged,
+            reason=decision.reason,
+        ),
+        actor=actor,
+    )
+    return verdict, decision
 
 
 def _chunks(paths: Iterable[Path], size: int) -> Iterator[list[Path]]:
