@@ -12,14 +12,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Insert, select, update
+from sqlalchemy import CursorResult, Insert, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.models import (
     AuditEvent,
     Base,
+    DeadLetter,
     Detection,
+    DetectionAttempt,
     Image,
     ReviewCase,
     ReviewState,
@@ -161,8 +163,6 @@ def sources_for_image(session: Session, image_id: int) -> Sequence[Source]:
 
 
 def count_rows(session: Session, model: type[Base]) -> int:
-    from sqlalchemy import func
-
     return int(session.execute(select(func.count()).select_from(model)).scalar_one())
 
 
@@ -389,8 +389,6 @@ def audit_trail(
 
 def count_attempt(session: Session, image_id: int, detector_name: str) -> int:
     """Add one to the deliveries of this detector task and return the new count."""
-    from db.models import DetectionAttempt
-
     _insert_ignore(
         session,
         DetectionAttempt,
@@ -419,8 +417,6 @@ def count_attempt(session: Session, image_id: int, detector_name: str) -> int:
 
 
 def record_dead_letter(session: Session, channel: str, reason: str, body: str) -> None:
-    from db.models import DeadLetter
-
     session.add(
         DeadLetter(channel=channel, reason=reason, body=body[:100_000], received_at=utcnow())
     )
@@ -454,8 +450,6 @@ def latest_detections(
 
 def current_versions(session: Session, names: Iterable[str]) -> dict[str, str]:
     """The version each detector wrote most recently, anywhere: what a worker serves now."""
-    from sqlalchemy import func
-
     newest = (
         select(Detection.detector_name, func.max(Detection.id).label("id"))
         .where(Detection.detector_name.in_(list(names)), Detection.error.is_(None))

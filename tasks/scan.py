@@ -19,6 +19,16 @@ from workers.fleet import TransientError
 # Worth another try later: storage, database or network trouble, never a bad upload.
 RETRYABLE = (TransientError, ConnectionError, OperationalError)
 
+# Every task: acknowledged after it ran, retried with backoff on trouble that may pass.
+DELIVERY: dict[str, Any] = {
+    "bind": True,
+    "acks_late": True,
+    "autoretry_for": RETRYABLE,
+    "retry_backoff": 2,
+    "retry_backoff_max": 300,
+    "max_retries": 10,
+}
+
 log = logging.getLogger(__name__)
 
 
@@ -38,12 +48,7 @@ def _detector(name: str) -> Any:
 
 @app.task(
     name="synthsentry.intake",
-    bind=True,
-    acks_late=True,
-    autoretry_for=RETRYABLE,
-    retry_backoff=2,
-    retry_backoff_max=300,
-    max_retries=10,
+    **DELIVERY,
 )
 def intake(self: Any, source_id: int) -> None:
     from workers import fleet
@@ -60,12 +65,7 @@ def intake(self: Any, source_id: int) -> None:
 
 @app.task(
     name="synthsentry.detect",
-    bind=True,
-    acks_late=True,
-    autoretry_for=RETRYABLE,
-    retry_backoff=2,
-    retry_backoff_max=300,
-    max_retries=10,
+    **DELIVERY,
 )
 def detect(self: Any, image_id: int, detector: str) -> None:
     from workers import fleet
