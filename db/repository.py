@@ -416,6 +416,17 @@ def count_attempt(session: Session, image_id: int, detector_name: str) -> int:
     )
 
 
+def attempts_so_far(session: Session, image_id: int, detector_name: str) -> int:
+    """Deliveries of this detector task counted so far (0 for a first delivery)."""
+    found = session.execute(
+        select(DetectionAttempt.attempts).where(
+            DetectionAttempt.image_id == image_id,
+            DetectionAttempt.detector_name == detector_name,
+        )
+    ).scalar_one_or_none()
+    return int(found or 0)
+
+
 def record_dead_letter(session: Session, channel: str, reason: str, body: str) -> None:
     session.add(
         DeadLetter(channel=channel, reason=reason, body=body[:100_000], received_at=utcnow())

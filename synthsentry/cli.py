@@ -90,9 +90,31 @@ def build_parser() -> argparse.ArgumentParser:
     role = worker.add_mutually_exclusive_group(required=True)
     role.add_argument("--intake", action="store_true", help="consume the intake queue")
     role.add_argument("--detector", metavar="NAME", help="consume the queue detect.NAME")
-    worker.add_argument("--concurrency", type=int, default=1, help="processes (default 1)")
     worker.add_argument(
-        "--pool", choices=["prefork", "solo", "threads"], default="prefork", help="Celery pool"
+        "--concurrency",
+        type=int,
+        default=1,
+        help="processes of an intake worker or of an unbatched detector worker (default 1)",
+    )
+    worker.add_argument(
+        "--pool",
+        choices=["prefork", "solo", "threads"],
+        default=None,
+        help="Celery pool (default prefork; a batching detector worker always uses threads)",
+    )
+    worker.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="detector workers: largest batch the model sees, across messages (default "
+        "SYNTHSENTRY_BATCH_SIZE); 1 runs one message per prefork process, without batching",
+    )
+    worker.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=None,
+        help="detector workers: longest a message waits for others to fill its batch "
+        "(default SYNTHSENTRY_BATCH_WAIT_MS, 50)",
     )
 
     ingest = commands.add_parser("ingest", help="turn S3 upload events into scans")
@@ -380,6 +402,27 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.detector and args.detector not in _catalog(settings).specs:
         raise CliError(f"unknown detector {args.detector!r}", EXIT_USAGE)
+    batch_size = args.batch_size if args.batch_size is not None else settings.batch_size
+    batch_wait_ms = args.batch_wait_ms if args.batch_wait_ms is not None else settings.batch_wait_ms
+    if batch_size < 1 or batch_wait_ms < 0 or args.concurrency < 1:
+        raise CliError(
+            "--batch-size and --concurrency must be >= 1, --batch-wait-ms >= 0", EXIT_USAGE
+        )
+    pool, concurrency = args.pool or "prefork", args.concurrency
+    if args.detector and batch_size > 1:
+        if args.pool not in (None, "threads"):
+            raise CliError(
+                "a batching detector worker runs on threads; use --batch-size 1", EXIT_USAGE
+            )
+        # One thread per message: a batch runs while the next one fills.
+        pool, concurrency = "threads", 2 * batch_size
+        import tasks.scan
+
+        tasks.scan.use_batching(
+            max_batch=batch_size,
+            max_wait_s=batch_wait_ms / 1000,
+            watchdog_s=float(settings.task_time_limit_seconds),
+        )
     _prepare_database(settings)
     queue = INTAKE_QUEUE if args.intake else queue_for(args.detector)
     app = configure(settings)
@@ -389,9 +432,9 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
             "--queues",
             queue,
             "--concurrency",
-            str(args.concurrency),
+            str(concurrency),
             "--pool",
-            args.pool,
+            pool,
             "--hostname",
             f"{queue}@%h",
             "--loglevel",

@@ -96,13 +96,24 @@ class Settings(BaseSettings):
         "redis://127.0.0.1:6379/0", description="Celery broker (Redis). JSON messages only."
     )
     visibility_timeout_seconds: int = Field(
-        3600,
-        ge=60,
-        description="Redis redelivers a message not acknowledged within this time; must exceed "
-        "the longest wait plus run time of any task.",
+        900,
+        ge=10,
+        description="Redis redelivers a message not acknowledged within this time (this is "
+        "how the messages of a worker that died come back); must exceed the longest wait plus "
+        "run time of any task: more than twice the task time limit plus the batch wait.",
     )
     task_time_limit_seconds: int = Field(
-        600, ge=10, description="A task running longer than this is killed (and retried)."
+        300,
+        ge=5,
+        description="A task (or one batch of a detector worker) running longer than this is "
+        "stopped: a prefork child is killed, a batching worker exits; the messages come back.",
+    )
+    batch_wait_ms: float = Field(
+        50.0,
+        ge=0,
+        le=10_000,
+        description="Longest a detector worker holds a message waiting for others to fill a "
+        "batch; a full batch (SYNTHSENTRY_BATCH_SIZE) runs at once.",
     )
     max_detect_attempts: int = Field(
         3,
@@ -137,12 +148,20 @@ class Settings(BaseSettings):
         raise ValueError("device must be 'cpu', 'cuda' or 'cuda:N'")
 
     @model_validator(mode="after")
-    def _refuse_embedded_defaults_in_production(self) -> Settings:
+    def _check_combinations(self) -> Settings:
         # The embedded SQLite file is for one person's laptop: a fleet that silently wrote
         # verdicts to a local file would lose them with the container.
         if self.environment == "production" and not self.database_url:
             raise ValueError(
                 "SYNTHSENTRY_DATABASE_URL must be set when SYNTHSENTRY_ENVIRONMENT=production"
+            )
+        # A batching worker holds a message while the batch before it runs and while its
+        # own runs; Redis must not hand it to another worker meanwhile.
+        held = 2 * self.task_time_limit_seconds + self.batch_wait_ms / 1000
+        if self.visibility_timeout_seconds <= held:
+            raise ValueError(
+                f"SYNTHSENTRY_VISIBILITY_TIMEOUT_SECONDS ({self.visibility_timeout_seconds}) must "
+                f"exceed twice SYNTHSENTRY_TASK_TIME_LIMIT_SECONDS plus the batch wait ({held:g})"
             )
         secret = self.webhook_secret.get_secret_value()
         if self.environment == "production" and secret and _looks_like_placeholder(secret):

@@ -8,6 +8,8 @@ before the pool forks, and ``worker_process_init`` is too short for loading mode
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from functools import cache, lru_cache
 from typing import Any
 
@@ -32,18 +34,71 @@ DELIVERY: dict[str, Any] = {
 log = logging.getLogger(__name__)
 
 
+# A threads-pool worker starts many tasks at once: build each shared object once.
+_building = threading.RLock()
+
+
 @lru_cache(maxsize=1)
-def _context() -> Any:
+def _context_once() -> Any:
     from tasks.runtime import build_context
 
     return build_context()
 
 
+def _context() -> Any:
+    with _building:
+        return _context_once()
+
+
 @cache
-def _detector(name: str) -> Any:
+def _detector_once(name: str) -> Any:
     from tasks.runtime import load_detector
 
     return load_detector(name)
+
+
+def _detector(name: str) -> Any:
+    with _building:
+        return _detector_once(name)
+
+
+# Set by a batching detector worker (threads pool) before it starts consuming.
+_batch_options: dict[str, float] = {}
+
+
+def use_batching(*, max_batch: int, max_wait_s: float, watchdog_s: float) -> None:
+    """Make this process's detect tasks share one batch per detector (threads pool only: a
+    prefork child sees one message at a time and would only wait)."""
+    _batch_options.update(max_batch=max_batch, max_wait_s=max_wait_s, watchdog_s=watchdog_s)
+
+
+def _batching(name: str) -> Any:
+    if not _batch_options:
+        return None
+    with _building:
+        return _batching_once(name)
+
+
+@cache
+def _batching_once(name: str) -> Any:
+    from workers.fleet import Batching
+
+    return Batching.for_detector(
+        _detector(name),
+        max_batch=int(_batch_options["max_batch"]),
+        max_wait_s=_batch_options["max_wait_s"],
+        watchdog_s=_batch_options["watchdog_s"],
+        on_stuck=_exit_stuck,
+    )
+
+
+def _exit_stuck(seconds: float) -> None:
+    # A batch that hangs (a wedged device, a runaway decode) cannot be interrupted in a
+    # thread. Exiting hands its messages back to the broker (visibility timeout); the
+    # attempt counter stops an image that hangs every time.
+    log.critical("a batch ran %.0f s, past the task time limit; exiting", seconds)
+    logging.shutdown()
+    os._exit(70)
 
 
 @app.task(
@@ -70,7 +125,7 @@ def intake(self: Any, source_id: int) -> None:
 def detect(self: Any, image_id: int, detector: str) -> None:
     from workers import fleet
 
-    verdict = fleet.detect(_context(), _detector(detector), image_id)
+    verdict = fleet.detect(_context(), _detector(detector), image_id, batching=_batching(detector))
     log.info(
         "detected",
         extra={

@@ -246,6 +246,35 @@ def test_usage_errors_exit_2_with_a_message(
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--detector", "provenance", "--pool", "prefork"], "runs on threads"),
+        (["--detector", "provenance", "--batch-size", "0"], "--batch-size and --concurrency"),
+        (["--detector", "nope"], "unknown detector 'nope'"),
+    ],
+)
+def test_worker_usage_errors_exit_2_before_connecting(
+    run: Run, args: list[str], message: str
+) -> None:
+    # The broker URL points nowhere: the options are refused before anything connects.
+    result = run("worker", *args, SYNTHSENTRY_BROKER_URL="redis://127.0.0.1:1/0")
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+
+
+def test_a_short_visibility_timeout_is_refused(run: Run, tmp_path: Path) -> None:
+    """A message must not be handed to a second worker while the first still holds it."""
+    result = run(
+        "scan",
+        tmp_path,
+        SYNTHSENTRY_TASK_TIME_LIMIT_SECONDS="60",
+        SYNTHSENTRY_VISIBILITY_TIMEOUT_SECONDS="100",
+    )
+    assert result.returncode == 2
+    assert "VISIBILITY_TIMEOUT_SECONDS (100) must exceed twice" in result.stderr
+
+
 def test_requested_detector_without_weights_is_an_error_naming_the_uri(
     run: Run, tmp_path: Path
 ) -> None:

@@ -122,7 +122,19 @@ def test_model_workers_get_a_gpu_and_outlive_their_longest_task() -> None:
             assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
                 "tolerations"
             ]
-            assert parsed.concurrency == 1  # one model process per GPU
+            # One model process per GPU, batching across messages on threads.
+            assert parsed.concurrency == 1 and parsed.pool in (None, "threads")
+            assert parsed.batch_size is None or parsed.batch_size > 1
+
+
+def test_configured_limits_pass_the_settings_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ConfigMap's values go through the same validation a worker applies at start."""
+    (configmap,) = _by_kind("ConfigMap")
+    for name, value in configmap["data"].items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SYNTHSENTRY_DATABASE_URL", "postgresql://db/synthsentry")
+    parsed = Settings()
+    assert parsed.visibility_timeout_seconds > 2 * parsed.task_time_limit_seconds
 
 
 def _compose() -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 
 from workers.detectors.base import Detector
 from workers.detectors.registry import BUILTIN_SPECS, build_detector
-from workers.engine import collect_batches, is_staged, prepare, run_detector
+from workers.engine import MicroBatcher, collect_batches, is_staged, prepare, run_detector
 
 from badfiles import sample_picture
 from checkpoints import SUMSUB_MOBILENET, write_sumsub_raw
@@ -86,6 +87,115 @@ def test_items_arriving_within_the_window_share_a_batch() -> None:
     batches = list(collect_batches(source, max_batch=16, max_wait_s=5.0))
     thread.join()
     assert batches == [[1, 2, 3]]
+
+
+def _submit_together(batcher: MicroBatcher[int, int], items: list[int]) -> list[int]:
+    """Submit ``items`` from one thread each, as a threads-pool worker's tasks do."""
+    with ThreadPoolExecutor(len(items)) as pool:
+        return list(pool.map(batcher, items))
+
+
+def test_batcher_fills_batches_from_many_threads() -> None:
+    seen: list[list[int]] = []
+
+    def run(items: list[int]) -> list[int]:
+        seen.append(list(items))
+        return [item * 10 for item in items]
+
+    batcher = MicroBatcher(run, max_batch=4, max_wait_s=5.0)
+    # Each caller gets its own result back, whatever batch it travelled in.
+    assert _submit_together(batcher, list(range(8))) == [i * 10 for i in range(8)]
+    batcher.close()
+    # Eight callers at once, batches of four: full batches, not a long wait for more.
+    assert sorted(len(batch) for batch in seen) == [4, 4]
+    assert sorted(i for batch in seen for i in batch) == list(range(8))
+
+
+def test_batcher_lone_item_waits_only_the_window() -> None:
+    batcher = MicroBatcher(lambda items: items, max_batch=32, max_wait_s=0.05)
+    started = time.monotonic()
+    assert batcher(5) == 5
+    # The slack covers a loaded machine; a 32-batch would never fill.
+    assert time.monotonic() - started < 2.0
+    batcher.close()
+    assert batcher.batch_sizes == [1]
+
+
+def test_batcher_runs_suspects_alone_after_the_others() -> None:
+    order: list[list[str]] = []
+    release = threading.Event()
+
+    def run(items: list[str]) -> list[str]:
+        release.wait(5)
+        order.append(list(items))
+        return items
+
+    batcher = MicroBatcher(run, max_batch=8, max_wait_s=5.0)
+    futures = [batcher.submit("a"), batcher.submit("s1", alone=True), batcher.submit("b")]
+    futures += [batcher.submit("s2", alone=True)] + [batcher.submit(x) for x in "cdef"]
+    release.set()
+    assert [f.result(10) for f in futures] == ["a", "s1", "b", "s2", "c", "d", "e", "f"]
+    batcher.close()
+    assert order == [["a", "b", "c", "d", "e", "f"], ["s1"], ["s2"]]
+
+
+def test_batcher_failure_reaches_every_caller_of_that_batch_only() -> None:
+    def run(items: list[int]) -> list[int]:
+        if 13 in items:
+            raise ValueError("unlucky batch")
+        return items
+
+    batcher = MicroBatcher(run, max_batch=2, max_wait_s=5.0)
+    bad = [batcher.submit(13), batcher.submit(1)]
+    good = [batcher.submit(2), batcher.submit(3)]
+    for future in bad:
+        with pytest.raises(ValueError, match="unlucky batch"):
+            future.result(10)
+    assert [f.result(10) for f in good] == [2, 3]
+    # A run that returns the wrong number of results is an error, not a silent mismatch.
+    short = MicroBatcher(lambda items: items[:1], max_batch=2, max_wait_s=5.0)
+    pair = [short.submit(1), short.submit(2)]
+    with pytest.raises(RuntimeError, match="1 results for a batch of 2"):
+        pair[1].result(10)
+    batcher.close()
+    short.close()
+
+
+def test_batcher_watchdog_reports_a_hung_batch() -> None:
+    stuck: list[float] = []
+    hang = threading.Event()
+
+    def run(items: list[int]) -> list[int]:
+        hang.wait(5)
+        return items
+
+    batcher = MicroBatcher(run, max_batch=1, max_wait_s=0.0, watchdog_s=0.1, on_stuck=stuck.append)
+    future = batcher.submit(1)
+    wait_until = time.monotonic() + 5
+    while not stuck and time.monotonic() < wait_until:
+        time.sleep(0.01)
+    assert stuck and stuck[0] >= 0.1
+    hang.set()
+    assert future.result(10) == 1
+    assert batcher(2) == 2  # a batch that finishes in time reports nothing
+    batcher.close()
+    assert len(stuck) == 1
+
+
+def test_batched_forward_matches_one_image_at_a_time(mj5: Detector) -> None:
+    """The batcher with the real engine: scores do not depend on batch company."""
+    batcher = MicroBatcher(
+        lambda items: run_detector(mj5, items, max_batch=len(items)), max_batch=5, max_wait_s=5.0
+    )
+    images = _images()
+    with ThreadPoolExecutor(len(images)) as pool:
+        batched = list(pool.map(lambda im: batcher(prepare(im, b"", [mj5])), images))
+    batcher.close()
+    assert batcher.batch_sizes == [5]
+    for (output, _, error), image in zip(batched, images, strict=True):
+        (reference,) = mj5.detect_batch([image], [b""])
+        assert error is None and output is not None
+        assert output.score == pytest.approx(reference.score, abs=1e-4)
 
 
 def test_scan_pipeline_keeps_input_order(tmp_path: Path, mj5: Detector, sqlite_url: str) -> None:

@@ -232,3 +232,43 @@ def test_poison_message_stops_after_bounded_attempts(
         row = session.query(Detection).filter_by(detector_name="poison").one()
         assert row.score is None and row.error is not None and "gave up after 2" in row.error
     assert "poison failed" in verdict.reason
+
+
+def test_batched_detection_shares_forward_passes_and_isolates_redeliveries(
+    sessions: sessionmaker[Session], s3_endpoint: str, bucket: str, models: dict[str, Detector]
+) -> None:
+    """Messages handled by one thread each (a threads-pool worker) meet in one batch; their
+    stored scores equal the unbatched ones; a redelivered message runs alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from db.models import DetectionAttempt
+
+    mj5 = models["sumsub-mj5"]
+    ctx = _context(sessions, s3_endpoint, detectors=["sumsub-mj5"])
+    image_ids = []
+    for i in range(6):
+        source_id = fleet.record_upload(ctx, _upload(s3_endpoint, f"b/{i}.png", _png((80 + i, 64))))
+        assert source_id is not None
+        ((image_id, _),) = fleet.take_in(ctx, source_id)
+        image_ids.append(image_id)
+    # The last image was delivered once before, to a worker that died holding it.
+    suspect = image_ids[-1]
+    with sessions.begin() as session:
+        session.add(DetectionAttempt(image_id=suspect, detector_name="sumsub-mj5", attempts=1))
+    batching = fleet.Batching.for_detector(mj5, max_batch=8, max_wait_s=2.0)
+    with ThreadPoolExecutor(6) as pool:
+        verdicts = list(pool.map(lambda i: fleet.detect(ctx, mj5, i, batching=batching), image_ids))
+    batching.batcher.close()
+    assert all(v is not None for v in verdicts)
+    # Five fresh messages in one forward pass; the suspect in a batch of its own.
+    assert sorted(batching.batcher.batch_sizes) == [1, 5]
+    with sessions() as session:
+        rows = {d.image_id: d for d in session.query(Detection)}
+        attempts = {a.image_id: a.attempts for a in session.query(DetectionAttempt)}
+    assert attempts == {i: (2 if i == suspect else 1) for i in image_ids}
+    for image_id in image_ids:
+        data = fleet._bytes_of(ctx, image_id)
+        (reference,) = mj5.detect_batch([fleet.decode(data, ctx.limits).image], [data])
+        assert rows[image_id].error is None
+        assert rows[image_id].score == pytest.approx(reference.score, abs=1e-4)
+    assert (_count(sessions, Verdict), _count(sessions, ReviewCase)) == (6, 6)

@@ -4,9 +4,11 @@ Nothing is mocked; workers are killed with real signals."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,11 +102,21 @@ def _counts(url: str) -> dict[str, int]:
     return counts
 
 
-def _workers(env: dict[str, str], tmp_path: Path) -> tuple[FleetProcess, FleetProcess]:
+def _workers(
+    env: dict[str, str], tmp_path: Path, *detector_args: str
+) -> tuple[FleetProcess, FleetProcess]:
     return (
         FleetProcess("intake", ["worker", "--intake", "--concurrency", "2"], env, tmp_path),
-        FleetProcess("mj5", ["worker", "--detector", "sumsub-mj5"], env, tmp_path),
+        FleetProcess("mj5", ["worker", "--detector", "sumsub-mj5", *detector_args], env, tmp_path),
     )
+
+
+def _batch_sizes(log: Path) -> list[int]:
+    sizes = []
+    for line in log.read_text(errors="replace").splitlines():
+        if '"batch ran"' in line:
+            sizes.append(int(json.loads(line[line.index("{") :])["batch_size"]))
+    return sizes
 
 
 def test_submit_to_verdict_through_real_workers(
@@ -136,7 +148,7 @@ def test_sigkilled_model_process_loses_nothing(
     env: dict[str, str], tmp_path: Path, s3_endpoint: str, clean_database: str
 ) -> None:
     keys = _put_images(s3_endpoint, "killed", 12)
-    intake, mj5 = _workers(env, tmp_path)
+    intake, mj5 = _workers(env, tmp_path, "--batch-size", "1")  # prefork, one per process
     with running(intake, mj5) as processes:
         submitted = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
         assert submitted.returncode == 0, submitted.stderr
@@ -167,6 +179,51 @@ def test_sigkilled_model_process_loses_nothing(
     assert counts["attempts"] > 12
     assert "WorkerLostError" in mj5.log_path.read_text(errors="replace")
     assert _counts(clean_database)["verdicts"] == 12
+
+
+def test_sigkilled_batching_worker_loses_nothing(
+    env: dict[str, str], tmp_path: Path, s3_endpoint: str, clean_database: str
+) -> None:
+    """A batching worker holds a batch running and a batch filling, all in one process: when
+    that process dies, Redis hands its messages out again after the visibility timeout, and
+    the restarted worker finishes them, once each."""
+    env = {
+        **env,
+        "SYNTHSENTRY_TASK_TIME_LIMIT_SECONDS": "10",
+        "SYNTHSENTRY_VISIBILITY_TIMEOUT_SECONDS": "25",
+    }
+    keys = _put_images(s3_endpoint, "killed-batch", 16)
+    intake, mj5 = _workers(env, tmp_path, "--batch-size", "4", "--batch-wait-ms", "200")
+    with running(intake, mj5) as processes:
+        sent = time.monotonic()
+        submitted = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
+        assert submitted.returncode == 0, submitted.stderr
+        in_flight = wait_for(
+            lambda: (c := _counts(clean_database))["attempts"] > c["detections"] and c,
+            timeout=180,
+            what="detector tasks in flight",
+            processes=processes,
+            interval=0.005,
+        )
+        mj5.kill()
+        assert _counts(clean_database)["detections"] < 16, "the kill came too late to test"
+        mj5.start()
+        counts = wait_for(
+            lambda: (c := _counts(clean_database))["pending"] == 0 and c["sources"] == 17 and c,
+            timeout=240,
+            what="every upload to be scored after the kill",
+            processes=processes,
+        )
+        finished_after = time.monotonic() - sent
+    assert counts["verdicts"] == 16 and counts["detections"] == 16
+    assert counts["review_cases"] == 16 and counts["rejected"] == 1
+    # The messages the dead process held were delivered again and counted again.
+    assert counts["attempts"] > 16 and in_flight["attempts"] > in_flight["detections"]
+    # Redelivery waited for the visibility timeout, counted from the first delivery: the
+    # restarted worker could not take the held messages earlier.
+    assert finished_after >= 25, finished_after
+    # Messages met in batches larger than one.
+    assert max(_batch_sizes(mj5.log_path)) > 1
 
 
 class PersistentRedis:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from PIL import Image
 
@@ -161,3 +163,110 @@ def collect_batches(
         yield batch
         if ended:
             return
+
+
+R = TypeVar("R")
+
+
+@dataclass
+class _Waiting(Generic[T, R]):
+    item: T
+    alone: bool
+    future: Future[R]
+
+
+class MicroBatcher(Generic[T, R]):
+    """Run ``run`` on batches of items submitted from many threads at once.
+
+    Each caller submits one item and waits for its own result. A batch is run when it is
+    full (``max_batch``) or ``max_wait_s`` after its first item arrived, so a busy worker
+    feeds the model full batches while a lone item waits at most ``max_wait_s``. Items
+    submitted with ``alone=True`` are run in a batch of their own, after the others that
+    were collected with them: a suspect (say, an image whose earlier delivery died with its
+    worker) cannot take innocent neighbours down with it.
+
+    ``run`` must return one result per item, in order; if it raises, every item of that
+    batch gets the exception. If one run takes longer than ``watchdog_s``, ``on_stuck`` is
+    called with the seconds elapsed (a worker uses it to exit, so that its messages are
+    delivered again instead of waiting on a hung device forever).
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[T]], list[R]],
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        watchdog_s: float | None = None,
+        on_stuck: Callable[[float], None] | None = None,
+        name: str = "batcher",
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self._run = run
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._watchdog_s = watchdog_s
+        self._on_stuck = on_stuck
+        self._queue: queue.Queue[_Waiting[T, R] | None] = queue.Queue()
+        self.batch_sizes: list[int] = []  # sizes of the batches run so far (for logs, tests)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, item: T, *, alone: bool = False) -> Future[R]:
+        future: Future[R] = Future()
+        self._queue.put(_Waiting(item, alone, future))
+        return future
+
+    def __call__(self, item: T, *, alone: bool = False) -> R:
+        return self.submit(item, alone=alone).result()
+
+    def close(self) -> None:
+        """Run what was submitted, then stop the batching thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        for collected in collect_batches(
+            self._queue, max_batch=self.max_batch, max_wait_s=self.max_wait_s
+        ):
+            together = [w for w in collected if not w.alone]
+            groups = ([together] if together else []) + [[w] for w in collected if w.alone]
+            for group in groups:
+                self._run_group(group)
+
+    def _run_group(self, group: list[_Waiting[T, R]]) -> None:
+        live = [w for w in group if w.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        self.batch_sizes.append(len(live))
+        started = time.monotonic()
+        watchdog = None
+        if self._watchdog_s is not None and self._on_stuck is not None:
+            on_stuck = self._on_stuck
+            watchdog = threading.Timer(
+                self._watchdog_s, lambda: on_stuck(time.monotonic() - started)
+            )
+            watchdog.daemon = True
+            watchdog.start()
+        try:
+            results = self._run([w.item for w in live])
+            if len(results) != len(live):
+                raise RuntimeError(f"{len(results)} results for a batch of {len(live)}")
+        except Exception as exc:
+            for waiting in live:
+                waiting.future.set_exception(exc)
+        else:
+            for waiting, result in zip(live, results, strict=True):
+                waiting.future.set_result(result)
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            log.info(
+                "batch ran",
+                extra={
+                    "batcher": self._thread.name,
+                    "batch_size": len(live),
+                    "ms": round((time.monotonic() - started) * 1000, 1),
+                },
+            )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -24,7 +25,7 @@ from db import repository
 from db.models import Image, Source, SourceKind, SourceStatus, Verdict
 from db.session import transaction
 from workers.detectors.base import Detector
-from workers.engine import prepare, run_detector
+from workers.engine import DetectorResult, MicroBatcher, Prepared, prepare, run_detector
 from workers.ensemble import DetectorScore, EnsembleConfig
 from workers.intake import IntakeLimits, Rejected, RejectReason, decode
 from workers.scan import REJECTED, SCORED, DetectorReport, ScanOutcome, record_verdict
@@ -205,9 +206,65 @@ def take_in(ctx: FleetContext, source_id: int) -> list[tuple[int, str]]:
 # --- detection --------------------------------------------------------------------------
 
 
-def detect(ctx: FleetContext, detector: Detector, image_id: int) -> Verdict | None:
+@dataclass
+class Batching:
+    """How a worker that holds many messages at once runs its detector: every message's
+    thread fetches and decodes its own image, then waits on ``batcher`` for the forward
+    pass. ``suspects`` serialises redelivered messages (see ``detect``)."""
+
+    batcher: MicroBatcher[Prepared, DetectorResult]
+    suspects: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def for_detector(
+        cls,
+        detector: Detector,
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        watchdog_s: float | None = None,
+        on_stuck: Callable[[float], None] | None = None,
+    ) -> Batching:
+        return cls(
+            MicroBatcher(
+                lambda items: run_detector(detector, items, max_batch=len(items)),
+                max_batch=max_batch,
+                max_wait_s=max_wait_s,
+                watchdog_s=watchdog_s,
+                on_stuck=on_stuck,
+                name=f"batcher-{detector.spec.name}",
+            )
+        )
+
+
+def detect(
+    ctx: FleetContext, detector: Detector, image_id: int, *, batching: Batching | None = None
+) -> Verdict | None:
     """Run one detector on one image and store its answer; returns the verdict if this was
-    the last detection the image was waiting for."""
+    the last detection the image was waiting for.
+
+    With ``batching``, the forward pass joins other messages' images in one batch. A
+    message delivered before (its worker died while holding it) is a suspect: it waits for
+    the other suspects, counts its attempt only then, and runs in a batch of its own. So an
+    image that kills its worker every time reaches ``max_attempts`` and is recorded as an
+    error, while the innocent messages that died beside it count at most one extra attempt.
+    """
+    if batching is not None:
+        with ctx.session_factory() as session:
+            delivered_before = repository.attempts_so_far(session, image_id, detector.spec.name)
+        if delivered_before:
+            with batching.suspects:
+                return _attempt(ctx, detector, image_id, lambda p: batching.batcher(p, alone=True))
+        return _attempt(ctx, detector, image_id, batching.batcher)
+    return _attempt(ctx, detector, image_id, lambda p: run_detector(detector, [p], max_batch=1)[0])
+
+
+def _attempt(
+    ctx: FleetContext,
+    detector: Detector,
+    image_id: int,
+    score: Callable[[Prepared], DetectorResult],
+) -> Verdict | None:
     name = detector.spec.name
     with transaction(ctx.session_factory) as session:
         attempts = repository.count_attempt(session, image_id, name)
@@ -226,8 +283,7 @@ def detect(ctx: FleetContext, detector: Detector, image_id: int) -> Verdict | No
         decoded = decode(data, ctx.limits)
     except Rejected as exc:
         return _store(ctx, detector, image_id, error=f"{exc.reason.value}: {exc.message}")
-    prepared = prepare(decoded.image, data, [detector])
-    ((output, latency_ms, error),) = run_detector(detector, [prepared], max_batch=1)
+    output, latency_ms, error = score(prepare(decoded.image, data, [detector]))
     return _store(ctx, detector, image_id, output=output, latency_ms=latency_ms, error=error)
 
 
