@@ -125,7 +125,10 @@ class Source(Base):
     """
 
     __tablename__ = "sources"
-    __table_args__ = (UniqueConstraint("kind", "ref_key"),)
+    __table_args__ = (
+        UniqueConstraint("kind", "ref_key"),
+        Index("ix_sources_status_created_at", "status", "created_at"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     kind: Mapped[SourceKind] = mapped_column(_enum(SourceKind, "source_kind"))
@@ -145,6 +148,10 @@ class Source(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
     seen_count: Mapped[int] = mapped_column(default=1)
+    # Pending uploads are checked for lost messages (see workers.fleet.resend_stalled): not
+    # before this time, or ``created_at`` plus the check delay when never re-sent.
+    recheck_at: Mapped[datetime | None]
+    resend_count: Mapped[int] = mapped_column(default=0, server_default="0")
 
     image: Mapped[Image | None] = relationship()
 

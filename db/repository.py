@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Insert, func, select, update
+from sqlalchemy import CursorResult, Insert, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -479,6 +479,28 @@ def pending_sources(session: Session, image_id: int) -> Sequence[Source]:
     return (
         session.execute(
             select(Source).where(Source.image_id == image_id, Source.status == SourceStatus.PENDING)
+        )
+        .scalars()
+        .all()
+    )
+
+
+def stalled_sources(
+    session: Session, *, created_before: datetime, now: datetime, limit: int
+) -> Sequence[Source]:
+    """Pending sources due for a check for lost messages, oldest first, locked so that two
+    checkers never take the same row (SKIP LOCKED on Postgres)."""
+    due = or_(
+        and_(Source.recheck_at.is_(None), Source.created_at < created_before),
+        Source.recheck_at < now,
+    )
+    return (
+        session.execute(
+            select(Source)
+            .where(Source.status == SourceStatus.PENDING, due)
+            .order_by(Source.created_at, Source.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
         )
         .scalars()
         .all()

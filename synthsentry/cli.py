@@ -7,7 +7,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -142,6 +142,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("uris", nargs="+", metavar="s3://BUCKET/KEY")
 
+    reconcile = commands.add_parser(
+        "reconcile",
+        help="send again the messages of uploads that stayed pending (lost by a broker or a "
+        "killed worker)",
+        description="Every --every seconds, find uploads still pending --after seconds after "
+        "they were recorded (doubling the delay on each further try) and send their missing "
+        "intake or detect messages again. Safe to run beside the fleet: every step is "
+        "idempotent. Run one (or more: they skip each other's rows).",
+    )
+    reconcile.add_argument(
+        "--after",
+        type=float,
+        default=None,
+        help="seconds an upload may stay pending before its work is sent again (default: "
+        "the visibility timeout plus the task time limit, so Redis redelivers first)",
+    )
+    reconcile.add_argument("--every", type=float, default=60.0, help="seconds between checks")
+    reconcile.add_argument("--once", action="store_true", help="check once and exit")
+
     status = commands.add_parser(
         "status", help="print the stored result of S3 objects (same shape as scan --json)"
     )
@@ -166,25 +185,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from synthsentry import logs
 
     logs.configure(settings.log_level, json_lines=settings.log_json)
+    commands: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
+        "scan": _scan,
+        "detectors": _detectors,
+        "db": _db,
+        "worker": _worker,
+        "ingest": _ingest_sqs,
+        "webhook": _webhook,
+        "submit": _submit,
+        "status": _status,
+        "reconcile": _reconcile,
+    }
     try:
-        if args.command == "scan":
-            return _scan(args, settings)
-        if args.command == "detectors" and args.detectors_command == "verify":
-            return _detectors_verify(args, settings)
-        if args.command == "detectors":
-            return _detectors_list(args, settings)
-        if args.command == "db":
-            return _db(args, settings)
-        if args.command == "worker":
-            return _worker(args, settings)
-        if args.command == "ingest":
-            return _ingest_sqs(args, settings)
-        if args.command == "webhook":
-            return _webhook(args, settings)
-        if args.command == "submit":
-            return _submit(args, settings)
-        if args.command == "status":
-            return _status(args, settings)
+        if args.command in commands:
+            return commands[args.command](args, settings)
     except CliError as exc:
         print(f"synthsentry: {exc}", file=sys.stderr)
         return exc.status
@@ -575,6 +589,46 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
         else:
             print(f"s3://{bucket}/{key}: queued (source {source_id})")
     return EXIT_OK
+
+
+def _detectors(args: argparse.Namespace, settings: Settings) -> int:
+    if args.detectors_command == "verify":
+        return _detectors_verify(args, settings)
+    return _detectors_list(args, settings)
+
+
+def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+    import threading
+
+    from tasks.app import configure
+    from tasks.runtime import build_context
+    from tasks.submit import resend_lost
+
+    after = args.after
+    if after is None:
+        after = settings.visibility_timeout_seconds + settings.task_time_limit_seconds
+    if after <= 0 or args.every <= 0:
+        raise CliError("--after and --every must be positive", EXIT_USAGE)
+    _prepare_database(settings)
+    configure(settings)
+    context = build_context()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    while True:
+        try:
+            sent = resend_lost(context, after_s=after)
+        except Exception:  # the database or broker is away: try again at the next check
+            log.exception("reconcile check failed")
+            if args.once:
+                return EXIT_FAILURE
+        else:
+            if args.once:
+                print(f"sent {sent} messages again")
+                return EXIT_OK
+        if stop.wait(args.every):
+            return EXIT_OK
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:

@@ -9,7 +9,7 @@ import logging
 from db.models import SourceKind
 from tasks.app import app
 from workers.events import UploadRecord
-from workers.fleet import FleetContext, Upload, record_upload
+from workers.fleet import FleetContext, Upload, queue_for, record_upload, resend_stalled
 
 log = logging.getLogger(__name__)
 
@@ -36,3 +36,15 @@ def submit_upload(
         return None
     app.send_task("synthsentry.intake", args=(source_id,))
     return source_id
+
+
+def resend_lost(ctx: FleetContext, *, after_s: float) -> int:
+    """Send again the messages of uploads pending longer than ``after_s``; returns how many
+    messages were sent. Marked in the database before sending: a crash in between only
+    delays that upload to its next check."""
+    work = resend_stalled(ctx, after_s=after_s)
+    for source_id in work.intake:
+        app.send_task("synthsentry.intake", args=(source_id,))
+    for image_id, detector in work.detect:
+        app.send_task("synthsentry.detect", args=(image_id, detector), queue=queue_for(detector))
+    return len(work.intake) + len(work.detect)

@@ -272,3 +272,48 @@ def test_batched_detection_shares_forward_passes_and_isolates_redeliveries(
         assert rows[image_id].error is None
         assert rows[image_id].score == pytest.approx(reference.score, abs=1e-4)
     assert (_count(sessions, Verdict), _count(sessions, ReviewCase)) == (6, 6)
+
+
+def test_lost_messages_are_sent_again_when_due(
+    sessions: sessionmaker[Session], s3_endpoint: str, bucket: str, models: dict[str, Detector]
+) -> None:
+    """Postgres, not the broker, says what is owed: uploads still pending after the delay get
+    their missing messages again, with a doubling delay between tries."""
+    from datetime import timedelta
+
+    from db.models import utcnow
+
+    ctx = _context(sessions, s3_endpoint)
+    lost_intake = fleet.record_upload(ctx, _upload(s3_endpoint, "lost/intake.png", _png((70, 50))))
+    half_done = fleet.record_upload(ctx, _upload(s3_endpoint, "lost/detect.png", _png((50, 70))))
+    finished = fleet.record_upload(ctx, _upload(s3_endpoint, "lost/none.png", _png((60, 60))))
+    assert lost_intake and half_done and finished
+    ((image_id, _), _) = fleet.take_in(ctx, half_done)
+    fleet.detect(ctx, models["sumsub-mj5"], image_id)  # the sumsub-sd5 message was lost
+    for done_image, name in fleet.take_in(ctx, finished):
+        fleet.detect(ctx, models[name], done_image)
+
+    assert fleet.resend_stalled(ctx, after_s=60) == fleet.Resend([], [])  # not due yet
+    later = utcnow() + timedelta(seconds=61)
+    work = fleet.resend_stalled(ctx, after_s=60, now=later)
+    assert work == fleet.Resend(intake=[lost_intake], detect=[(image_id, "sumsub-sd5")])
+    # Checked again only after twice the delay, then four times.
+    assert fleet.resend_stalled(ctx, after_s=60, now=later + timedelta(seconds=119)).intake == []
+    again = fleet.resend_stalled(ctx, after_s=60, now=later + timedelta(seconds=121))
+    assert again == work
+    with sessions() as session:
+        source = session.get(Source, lost_intake)
+        assert source is not None and source.resend_count == 2
+
+    # Doing the resent work (twice, as duplicates would) finishes both uploads once.
+    for _ in range(2):
+        for name, new_image in ((n, i) for i, n in fleet.take_in(ctx, lost_intake)):
+            fleet.detect(ctx, models[name], new_image)
+        fleet.detect(ctx, models["sumsub-sd5"], image_id)
+    assert fleet.resend_stalled(ctx, after_s=60, now=later + timedelta(days=1)) == fleet.Resend(
+        [], []
+    )
+    assert (_count(sessions, Verdict), _count(sessions, ReviewCase)) == (3, 3)
+    with sessions() as session:
+        statuses = {s.id: s.status for s in session.query(Source)}
+    assert set(statuses.values()) == {SourceStatus.SCORED}

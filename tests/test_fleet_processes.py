@@ -194,7 +194,10 @@ def test_sigkilled_batching_worker_loses_nothing(
     }
     keys = _put_images(s3_endpoint, "killed-batch", 16)
     intake, mj5 = _workers(env, tmp_path, "--batch-size", "4", "--batch-wait-ms", "200")
-    with running(intake, mj5) as processes:
+    # Redis pops a message before it marks it unacknowledged: a kill between the two loses
+    # the message, and the reconciler sends its work again (after 35 s, the default here).
+    reconcile = FleetProcess("reconcile", ["reconcile", "--every", "2"], env, tmp_path)
+    with running(intake, mj5, reconcile) as processes:
         sent = time.monotonic()
         submitted = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
         assert submitted.returncode == 0, submitted.stderr
@@ -224,6 +227,35 @@ def test_sigkilled_batching_worker_loses_nothing(
     assert finished_after >= 25, finished_after
     # Messages met in batches larger than one.
     assert max(_batch_sizes(mj5.log_path)) > 1
+
+
+def test_work_the_broker_lost_is_sent_again(
+    env: dict[str, str], tmp_path: Path, s3_endpoint: str, clean_database: str
+) -> None:
+    """Uploads recorded while the broker loses every queued message (a Redis without its
+    disk) are finished anyway: the reconciler finds them pending in Postgres."""
+    import redis
+
+    keys = _put_images(s3_endpoint, "lost", 4)
+    submitted = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
+    assert submitted.returncode == 0, submitted.stderr
+    redis.Redis.from_url(env["SYNTHSENTRY_BROKER_URL"]).flushdb()
+    assert _counts(clean_database)["pending"] == 5
+    reconcile = FleetProcess(
+        "reconcile", ["reconcile", "--after", "1", "--every", "1"], env, tmp_path
+    )
+    with running(*_workers(env, tmp_path), reconcile) as processes:
+        counts = wait_for(
+            lambda: (c := _counts(clean_database))["pending"] == 0 and c,
+            timeout=180,
+            what="every lost upload to be scored",
+            processes=processes,
+        )
+    assert counts["verdicts"] == 4 and counts["detections"] == 4 and counts["rejected"] == 1
+    assert "sending again the work of stalled uploads" in reconcile.log_path.read_text()
+    # Nothing is pending, so a check finds nothing to send.
+    once = _cli(env, "reconcile", "--after", "1", "--once")
+    assert once.returncode == 0 and "sent 0 messages again" in once.stdout, once.stderr
 
 
 class PersistentRedis:

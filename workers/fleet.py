@@ -16,13 +16,15 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository
-from db.models import Image, Source, SourceKind, SourceStatus, Verdict
+from db.models import Image, Source, SourceKind, SourceStatus, Verdict, utcnow
 from db.session import transaction
 from workers.detectors.base import Detector
 from workers.engine import DetectorResult, MicroBatcher, Prepared, prepare, run_detector
@@ -214,6 +216,11 @@ class Batching:
 
     batcher: MicroBatcher[Prepared, DetectorResult]
     suspects: threading.Lock = field(default_factory=threading.Lock)
+    # Decoding and preprocessing are CPU work: only as many at once as there are cores for
+    # it, however many messages are waiting (more only thrash the cores the model needs).
+    decoding: threading.BoundedSemaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(2)
+    )
 
     @classmethod
     def for_detector(
@@ -222,6 +229,7 @@ class Batching:
         *,
         max_batch: int,
         max_wait_s: float,
+        decode_threads: int = 2,
         watchdog_s: float | None = None,
         on_stuck: Callable[[float], None] | None = None,
     ) -> Batching:
@@ -233,7 +241,8 @@ class Batching:
                 watchdog_s=watchdog_s,
                 on_stuck=on_stuck,
                 name=f"batcher-{detector.spec.name}",
-            )
+            ),
+            decoding=threading.BoundedSemaphore(decode_threads),
         )
 
 
@@ -254,8 +263,14 @@ def detect(
             delivered_before = repository.attempts_so_far(session, image_id, detector.spec.name)
         if delivered_before:
             with batching.suspects:
-                return _attempt(ctx, detector, image_id, lambda p: batching.batcher(p, alone=True))
-        return _attempt(ctx, detector, image_id, batching.batcher)
+                return _attempt(
+                    ctx,
+                    detector,
+                    image_id,
+                    lambda p: batching.batcher(p, alone=True),
+                    batching.decoding,
+                )
+        return _attempt(ctx, detector, image_id, batching.batcher, batching.decoding)
     return _attempt(ctx, detector, image_id, lambda p: run_detector(detector, [p], max_batch=1)[0])
 
 
@@ -264,6 +279,7 @@ def _attempt(
     detector: Detector,
     image_id: int,
     score: Callable[[Prepared], DetectorResult],
+    decoding: AbstractContextManager[Any] | None = None,
 ) -> Verdict | None:
     name = detector.spec.name
     with transaction(ctx.session_factory) as session:
@@ -280,10 +296,12 @@ def _attempt(
         return _store(ctx, detector, image_id, error=gave_up)
     try:
         data = _bytes_of(ctx, image_id)
-        decoded = decode(data, ctx.limits)
+        with decoding or nullcontext():
+            decoded = decode(data, ctx.limits)
+            prepared = prepare(decoded.image, data, [detector])
     except Rejected as exc:
         return _store(ctx, detector, image_id, error=f"{exc.reason.value}: {exc.message}")
-    output, latency_ms, error = score(prepare(decoded.image, data, [detector]))
+    output, latency_ms, error = score(prepared)
     return _store(ctx, detector, image_id, output=output, latency_ms=latency_ms, error=error)
 
 
@@ -367,6 +385,52 @@ def conclude(session: Session, ctx: FleetContext, image_id: int) -> Verdict | No
     for source in repository.pending_sources(session, image_id):
         repository.mark_source_scored(session, source)
     return verdict
+
+
+# --- lost messages ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resend:
+    """Work to send again for uploads that stayed pending too long."""
+
+    intake: list[int]  # source ids whose intake never finished
+    detect: list[tuple[int, str]]  # (image id, detector) with no detection stored
+
+
+def resend_stalled(
+    ctx: FleetContext, *, after_s: float, now: datetime | None = None, limit: int = 500
+) -> Resend:
+    """The messages to send again for uploads still pending ``after_s`` seconds after they
+    were recorded (then after 2x, 4x ... that delay for each further try).
+
+    The broker is not the record of what is owed, Postgres is: Redis pops a message before
+    it marks it unacknowledged, so a worker killed between the two loses it, and a broker
+    that lost its disk loses everything queued. Sending again is safe because every step is
+    idempotent; an image whose detections are all stored but whose verdict is missing gets
+    one detect message, which finds its work done and concludes.
+    """
+    now = now or utcnow()
+    intake: list[int] = []
+    detect: dict[tuple[int, str], None] = {}
+    with transaction(ctx.session_factory) as session:
+        for source in repository.stalled_sources(
+            session, created_before=now - timedelta(seconds=after_s), now=now, limit=limit
+        ):
+            source.resend_count += 1
+            source.recheck_at = now + timedelta(seconds=after_s * 2 ** min(source.resend_count, 8))
+            if source.image_id is None:
+                intake.append(source.id)
+                continue
+            stored = repository.latest_detections(session, source.image_id, ctx.detectors)
+            missing = [name for name in ctx.detectors if name not in stored] or [ctx.detectors[0]]
+            detect.update(((source.image_id, name), None) for name in missing)
+    if intake or detect:
+        log.warning(
+            "sending again the work of stalled uploads",
+            extra={"intake": len(intake), "detect": len(detect)},
+        )
+    return Resend(intake=intake, detect=list(detect))
 
 
 # --- reading results --------------------------------------------------------------------
