@@ -20,12 +20,16 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def make_engine(url: str, *, echo: bool = False) -> Engine:
+def make_engine(url: str, *, echo: bool = False, pool_size: int = 5) -> Engine:
+    """``pool_size``: connections kept open; a process with many threads (a batching
+    worker) wants one per thread, with as many again allowed in a burst."""
     if url.startswith("sqlite"):
         engine = create_engine(url, echo=echo)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, echo=echo, pool_pre_ping=True, future=True)
+    return create_engine(
+        url, echo=echo, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size
+    )
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

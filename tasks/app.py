@@ -14,6 +14,8 @@ Guarantees and the settings that give them (docs/fleet.md explains each):
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 from synthsentry.settings import Settings, get_settings
@@ -29,38 +31,42 @@ def restore_interval(visibility_timeout: int) -> int:
     return max(1, min(30, visibility_timeout // 10))
 
 
-def configure(settings: Settings | None = None) -> Celery:
-    """Apply settings to the app; called by every process that sends or runs tasks."""
-    settings = settings or get_settings()
-    app.conf.update(
-        broker_url=settings.broker_url,
-        broker_connection_retry_on_startup=True,
-        broker_connection_max_retries=None,  # keep reconnecting through a broker restart
-        broker_transport_options={
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Every Celery setting the fleet runs with."""
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,  # keep reconnecting through a broker restart
+        "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_seconds,
             # How often a worker looks for messages whose holder vanished (kombu's default
             # looks every 100 s); each look is one indexed range query on Redis.
             "unacked_restore_interval": restore_interval(settings.visibility_timeout_seconds),
             "unacked_restore_throttle": 1,
         },
-        task_serializer="json",
-        result_serializer="json",
-        event_serializer="json",
-        accept_content=["json"],
-        task_ignore_result=True,
-        result_backend=None,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        task_acks_on_failure_or_timeout=True,
-        worker_prefetch_multiplier=1,
-        task_time_limit=settings.task_time_limit_seconds,
-        task_soft_time_limit=settings.task_time_limit_seconds
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": settings.task_time_limit_seconds,
+        "task_soft_time_limit": settings.task_time_limit_seconds
         - max(1, min(30, settings.task_time_limit_seconds // 4)),
-        task_default_queue=INTAKE_QUEUE,
-        task_routes={"synthsentry.intake": {"queue": INTAKE_QUEUE}},
-        worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-    )
+        "task_default_queue": INTAKE_QUEUE,
+        "task_routes": {"synthsentry.intake": {"queue": INTAKE_QUEUE}},
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+    }
+
+
+def configure(settings: Settings | None = None) -> Celery:
+    """Apply settings to the app; called by every process that sends or runs tasks."""
+    app.conf.update(celery_config(settings or get_settings()))
     # Register the tasks on this app (the import has side effects by design).
     import tasks.scan  # noqa: F401
 

@@ -9,8 +9,10 @@ from synthsentry.settings import get_settings
 from workers.detectors.base import Detector
 
 
-def build_context() -> Any:
+def build_context(threads: int = 1) -> Any:
+    """``threads``: tasks this process runs at once (sizes the database and S3 pools)."""
     import boto3
+    from botocore.config import Config
 
     from db.session import make_engine, make_sessionmaker
     from workers.detectors.registry import Catalog
@@ -21,10 +23,14 @@ def build_context() -> Any:
     settings = get_settings()
     catalog = Catalog.build(settings.detector_config)
     client = boto3.client(
-        "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        region_name=settings.s3_region,
+        config=Config(max_pool_connections=max(10, threads)),
     )
+    engine = make_engine(settings.resolved_database_url, pool_size=max(5, threads))
     return FleetContext(
-        session_factory=make_sessionmaker(make_engine(settings.resolved_database_url)),
+        session_factory=make_sessionmaker(engine),
         s3=lambda: client,
         limits=IntakeLimits.from_settings(settings),
         ensemble=EnsembleConfig(

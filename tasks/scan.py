@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
+from synthsentry.settings import get_settings
 from tasks.app import app
 from workers.fleet import TransientError
 
@@ -42,7 +43,8 @@ _building = threading.RLock()
 def _context_once() -> Any:
     from tasks.runtime import build_context
 
-    return build_context()
+    # A batching worker runs two batches' worth of tasks at once, one thread each.
+    return build_context(threads=2 * int(_batch_options.get("max_batch", 1)))
 
 
 def _context() -> Any:
@@ -87,6 +89,7 @@ def _batching_once(name: str) -> Any:
         _detector(name),
         max_batch=int(_batch_options["max_batch"]),
         max_wait_s=_batch_options["max_wait_s"],
+        decode_threads=get_settings().intake_threads,
         watchdog_s=_batch_options["watchdog_s"],
         on_stuck=_exit_stuck,
     )
