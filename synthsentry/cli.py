@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -108,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="detector workers: largest batch the model sees, across messages (default "
         "SYNTHSENTRY_BATCH_SIZE); 1 runs one message per prefork process, without batching",
+    )
+    worker.add_argument(
+        "--device",
+        default=None,
+        help="detector workers: torch device, cpu, cuda or cuda:N (default SYNTHSENTRY_DEVICE); "
+        "pin one GPU per worker with CUDA_VISIBLE_DEVICES",
     )
     worker.add_argument(
         "--batch-wait-ms",
@@ -411,13 +418,22 @@ def _parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from tasks.app import INTAKE_QUEUE, configure
-    from workers.fleet import queue_for
+    from tasks.app import configure
+    from workers.fleet import INTAKE_QUEUE, queue_for
 
     if args.detector and args.detector not in _catalog(settings).specs:
         raise CliError(f"unknown detector {args.detector!r}", EXIT_USAGE)
     batch_size = args.batch_size if args.batch_size is not None else settings.batch_size
     batch_wait_ms = args.batch_wait_ms if args.batch_wait_ms is not None else settings.batch_wait_ms
+    if args.device is not None:
+        # Through the environment: every process of this worker reads it (prefork children
+        # inherit it), and the settings validate it.
+        os.environ["SYNTHSENTRY_DEVICE"] = args.device
+        get_settings.cache_clear()
+        try:
+            settings = get_settings()
+        except ValueError as exc:  # pydantic's ValidationError
+            raise CliError(f"--device: {exc}", EXIT_USAGE) from exc
     if batch_size < 1 or batch_wait_ms < 0 or args.concurrency < 1:
         raise CliError(
             "--batch-size and --concurrency must be >= 1, --batch-wait-ms >= 0", EXIT_USAGE

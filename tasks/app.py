@@ -19,10 +19,9 @@ from typing import Any
 from celery import Celery
 
 from synthsentry.settings import Settings, get_settings
+from workers.fleet import INTAKE_QUEUE
 
 app = Celery("synthsentry", set_as_current=False)
-
-INTAKE_QUEUE = "intake"
 
 
 def restore_interval(visibility_timeout: int) -> int:

@@ -5,6 +5,7 @@ worker always finds it; a duplicate of a finished upload sends nothing."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from db.models import SourceKind
 from tasks.app import app
@@ -38,11 +39,26 @@ def submit_upload(
     return source_id
 
 
+def _queue_busy() -> Callable[[str], bool]:
+    """Whether a queue still holds messages, asked of the broker once per queue per check."""
+    sizes: dict[str, int] = {}
+
+    def busy(queue: str) -> bool:
+        if queue not in sizes:
+            with app.connection_for_write() as connection:
+                # Declaring an existing queue changes nothing and returns its length.
+                declared = connection.default_channel.queue_declare(queue=queue)
+                sizes[queue] = int(declared.message_count)
+        return sizes[queue] > 0
+
+    return busy
+
+
 def resend_lost(ctx: FleetContext, *, after_s: float) -> int:
     """Send again the messages of uploads pending longer than ``after_s``; returns how many
     messages were sent. Marked in the database before sending: a crash in between only
     delays that upload to its next check."""
-    work = resend_stalled(ctx, after_s=after_s)
+    work = resend_stalled(ctx, after_s=after_s, queue_busy=_queue_busy())
     for source_id in work.intake:
         app.send_task("synthsentry.intake", args=(source_id,))
     for image_id, detector in work.detect:

@@ -252,6 +252,7 @@ def test_usage_errors_exit_2_with_a_message(
         (["--detector", "provenance", "--pool", "prefork"], "runs on threads"),
         (["--detector", "provenance", "--batch-size", "0"], "--batch-size and --concurrency"),
         (["--detector", "nope"], "unknown detector 'nope'"),
+        (["--detector", "provenance", "--device", "tpu"], "device must be 'cpu', 'cuda'"),
     ],
 )
 def test_worker_usage_errors_exit_2_before_connecting(

@@ -295,6 +295,10 @@ def test_lost_messages_are_sent_again_when_due(
 
     assert fleet.resend_stalled(ctx, after_s=60) == fleet.Resend([], [])  # not due yet
     later = utcnow() + timedelta(seconds=61)
+    # While the queues still hold messages, the work is most likely waiting its turn.
+    assert fleet.resend_stalled(
+        ctx, after_s=60, now=later, queue_busy=lambda _queue: True
+    ) == fleet.Resend([], [])
     work = fleet.resend_stalled(ctx, after_s=60, now=later)
     assert work == fleet.Resend(intake=[lost_intake], detect=[(image_id, "sumsub-sd5")])
     # Checked again only after twice the delay, then four times.

@@ -8,7 +8,6 @@ SIGKILLed mid-run."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote_plus
@@ -71,6 +70,9 @@ def _env(tmp_path: Path, database: str, redis_url: str, s3_endpoint: str) -> dic
         # review cases to what provenance finds, which the corpus manifest predicts.
         flag_threshold="1.0",
         allowed_buckets=BUCKET,
+        # Short, so that the messages of the worker killed below come back within the test.
+        task_time_limit_seconds="10",
+        visibility_timeout_seconds="25",
     )
 
 
@@ -96,6 +98,9 @@ def _fleet(
         FleetProcess("intake", ["worker", "--intake", "--concurrency", "2"], env, tmp_path),
         FleetProcess("provenance", ["worker", "--detector", "provenance"], env, tmp_path),
         FleetProcess("mj5", ["worker", "--detector", "sumsub-mj5"], env, tmp_path),
+        # Sends again the work of uploads pending past the visibility timeout plus the time
+        # limit (35 s here): what a kill between Redis's pop and its unacked mark would lose.
+        FleetProcess("reconcile", ["reconcile", "--every", "2"], env, tmp_path),
     ]
 
 
@@ -246,9 +251,9 @@ def test_duplicated_events_and_a_killed_model_process(
             processes=tuple(processes),
             interval=0.005,
         )
-        children = mj5.children()
-        if children:
-            os.kill(children[0], 9)
+        # SIGKILL the whole batching worker, as a lost node would, and start a new one.
+        mj5.kill()
+        mj5.start()
         state = wait_for(
             lambda: _finished(database, expected),
             timeout=600,

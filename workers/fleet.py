@@ -69,6 +69,9 @@ class FleetContext:
     max_attempts: int = 3
 
 
+INTAKE_QUEUE = "intake"
+
+
 def queue_for(detector: str) -> str:
     return f"detect.{detector}"
 
@@ -399,10 +402,19 @@ class Resend:
 
 
 def resend_stalled(
-    ctx: FleetContext, *, after_s: float, now: datetime | None = None, limit: int = 500
+    ctx: FleetContext,
+    *,
+    after_s: float,
+    queue_busy: Callable[[str], bool] = lambda _queue: False,
+    now: datetime | None = None,
+    limit: int = 500,
 ) -> Resend:
     """The messages to send again for uploads still pending ``after_s`` seconds after they
     were recorded (then after 2x, 4x ... that delay for each further try).
+
+    Work bound for a queue that still holds messages (``queue_busy``) is left for a later
+    check: in a backlog, an old pending upload is most likely waiting its turn, and sending
+    its work again would only lengthen the queue. Lost work is sent once its queue drains.
 
     The broker is not the record of what is owed, Postgres is: Redis pops a message before
     it marks it unacknowledged, so a worker killed between the two loses it, and a broker
@@ -417,14 +429,18 @@ def resend_stalled(
         for source in repository.stalled_sources(
             session, created_before=now - timedelta(seconds=after_s), now=now, limit=limit
         ):
+            if source.image_id is None:
+                if queue_busy(INTAKE_QUEUE):
+                    continue
+                intake.append(source.id)
+            else:
+                stored = repository.latest_detections(session, source.image_id, ctx.detectors)
+                missing = [n for n in ctx.detectors if n not in stored] or [ctx.detectors[0]]
+                if any(queue_busy(queue_for(name)) for name in missing):
+                    continue
+                detect.update(((source.image_id, name), None) for name in missing)
             source.resend_count += 1
             source.recheck_at = now + timedelta(seconds=after_s * 2 ** min(source.resend_count, 8))
-            if source.image_id is None:
-                intake.append(source.id)
-                continue
-            stored = repository.latest_detections(session, source.image_id, ctx.detectors)
-            missing = [name for name in ctx.detectors if name not in stored] or [ctx.detectors[0]]
-            detect.update(((source.image_id, name), None) for name in missing)
     if intake or detect:
         log.warning(
             "sending again the work of stalled uploads",

@@ -1,0 +1,507 @@
+"""Detector workers on a real broker: the fleet's batching worker against celery-batches and
+against one message per process.
+
+    .venv/bin/python benchmarks/bench_fleet.py [--images DIR] [--backlog 96] [--lone 10] [--kill]
+
+Starts a throwaway PostgreSQL and Redis (as the tests do) and moto's S3 server, writes a
+sumsub-mj5 checkpoint in the published format with random weights (MobileNetV3-L at 224 px;
+the real weights are not needed for speed), puts re-encoded corpus images in a bucket and
+takes them in once (fetch, hash, validate). Then, for each consumer, on a fresh database:
+
+- backlog: ``--backlog`` detect messages sent at once; images per second from the first
+  send to the last stored detection;
+- lone: ``--lone`` single messages, each sent to an idle worker; latency from send to stored
+  detection (median and worst);
+- with ``--kill``: a backlog of 48, with the process that runs the model SIGKILLed once
+  the first attempts are counted (the pool child for prefork consumers, the whole worker for
+  the batching one, which is then started again) and ``synthsentry reconcile`` running as
+  in a fleet; seconds until every detection is stored, how many messages were delivered
+  more than once, and whether the reconciler had to send work again (a message lost).
+
+Consumers (all the same work per image: fetch from S3, decode, preprocess, one forward pass
+shared by the batch, store, fan in):
+
+- batching: ``synthsentry worker --detector sumsub-mj5 --batch-size B`` (threads pool, one
+  shared batcher; what the fleet runs);
+- celery-batches: a ``celery_batches.Batches`` task (flush_every B, flush_interval = the
+  batch wait) on a prefork pool of one process, prefetching 2 B messages;
+- per-message: ``--batch-size 1`` (prefork, one process, one message at a time).
+
+Every worker gets the same settings: time limit 10 s, visibility timeout 25 s, so that the
+messages of a dead process come back within the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # server starters and checkpoint writers
+
+DETECTOR = "sumsub-mj5"
+QUEUE = f"detect.{DETECTOR}"
+BUCKET = "bench-uploads"
+SETTINGS = {
+    "SYNTHSENTRY_FLEET_DETECTORS": f'["{DETECTOR}"]',
+    "SYNTHSENTRY_TASK_TIME_LIMIT_SECONDS": "10",
+    "SYNTHSENTRY_VISIBILITY_TIMEOUT_SECONDS": "25",
+    "SYNTHSENTRY_LOG_LEVEL": "INFO",  # the batch sizes are read from the workers' logs
+    "HF_HUB_OFFLINE": "1",
+    "AWS_ACCESS_KEY_ID": "bench",
+    "AWS_SECRET_ACCESS_KEY": "bench",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+# --- the celery-batches consumer (run in its own process) -------------------------------
+
+
+def serve_celery_batches(batch_size: int, batch_wait_ms: float) -> None:
+    """A worker whose detect task is a celery_batches.Batches task doing the fleet's work."""
+    from celery import Celery
+    from celery_batches import Batches
+
+    from synthsentry import logs
+    from synthsentry.settings import get_settings
+    from tasks.app import celery_config
+    from tasks.runtime import build_context, load_detector
+    from workers import fleet
+
+    logs.configure(get_settings().log_level)  # the batch sizes are read from this log
+    app = Celery("bench-celery-batches")
+    # Same settings as the fleet, but the parent must hold a whole batch (and the next).
+    app.conf.update(celery_config(get_settings()), worker_prefetch_multiplier=2 * batch_size)
+    loaded: dict[str, Any] = {}
+
+    @app.task(  # type: ignore[untyped-decorator]
+        name="synthsentry.detect",
+        base=Batches,
+        flush_every=batch_size,
+        flush_interval=batch_wait_ms / 1000,
+        acks_late=True,
+    )
+    def detect(requests: list[Any]) -> None:
+        if not loaded:
+            loaded.update(ctx=build_context(), detector=load_detector(DETECTOR))
+        ctx, detector = loaded["ctx"], loaded["detector"]
+        # One thread per request fetches and decodes; the forward pass is shared, as in the
+        # fleet's worker. The batch is closed once every request has joined it.
+        batching = fleet.Batching.for_detector(detector, max_batch=len(requests), max_wait_s=5.0)
+        try:
+            with ThreadPoolExecutor(len(requests)) as pool:
+                list(
+                    pool.map(
+                        lambda r: fleet.detect(ctx, detector, r.args[0], batching=batching),
+                        requests,
+                    )
+                )
+        finally:
+            batching.batcher.close()
+            # Straight to the log file: Celery redirects a pool process's stderr.
+            for size in batching.batcher.batch_sizes:
+                line = json.dumps({"msg": "batch ran", "batch_size": size})
+                print(line, file=sys.__stderr__, flush=True)
+
+    app.worker_main(
+        [
+            "worker",
+            "--queues",
+            QUEUE,
+            "--concurrency",
+            "1",
+            "--pool",
+            "prefork",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel",
+            "WARNING",
+        ]
+    )
+
+
+# --- the bench ----------------------------------------------------------------------------
+
+
+class Worker:
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.argv, self.env, self.log = argv, env, log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+
+    def children(self) -> list[int]:
+        assert self.process is not None
+        pid = self.process.pid
+        try:
+            text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        except FileNotFoundError:
+            return []
+        return [int(p) for p in text.split()]
+
+    def kill_group(self) -> None:
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill_group()
+
+
+def consumers(batch_size: int, batch_wait_ms: float) -> dict[str, list[str]]:
+    cli = [sys.executable, "-m", "synthsentry.cli", "worker", "--detector", DETECTOR]
+    return {
+        "batching": [
+            *cli, "--batch-size", str(batch_size), "--batch-wait-ms", str(batch_wait_ms),
+        ],
+        "celery-batches": [
+            sys.executable, __file__, "--serve-celery-batches",
+            "--batch-size", str(batch_size), "--batch-wait-ms", str(batch_wait_ms),
+        ],
+        "per-message": [*cli, "--batch-size", "1"],
+    }  # fmt: skip
+
+
+def corpus_variants(folder: Path, count: int) -> list[bytes]:
+    """``count`` distinct JPEGs made from the corpus images (a corner block differs)."""
+    from PIL import Image
+
+    sources = []
+    for path in sorted(folder.iterdir()):
+        try:
+            with Image.open(path) as image:
+                if min(image.size) >= 64:  # the 1-pixel metadata carriers are no model load
+                    sources.append(image.convert("RGB"))
+        except Exception:
+            continue
+    out = []
+    for i in range(count):
+        image = sources[i % len(sources)].copy()
+        image.paste((i % 256, i // 256 % 256, 128), (0, 0, 16, 16))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=95)
+        out.append(buffer.getvalue())
+    assert len(set(out)) == count, "every upload must be distinct content"
+    return out
+
+
+def take_in_all(database: str, s3_endpoint: str, payloads: list[bytes]) -> list[int]:
+    """Record and take in every upload in this process; returns image ids in order."""
+    import boto3
+
+    from db.session import make_engine, make_sessionmaker
+    from workers import fleet
+    from workers.ensemble import EnsembleConfig
+    from workers.intake import IntakeLimits
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    ctx = fleet.FleetContext(
+        session_factory=make_sessionmaker(make_engine(database)),
+        s3=lambda: client,
+        limits=IntakeLimits(max_bytes=50 << 20, max_pixels=100_000_000, decode_timeout_s=60),
+        ensemble=EnsembleConfig(threshold=0.5),
+        detectors=[DETECTOR],
+    )
+    ids = []
+    for i, data in enumerate(payloads):
+        key = f"bench/{i:04d}.jpg"
+        etag = client.put_object(Bucket=BUCKET, Key=key, Body=data)["ETag"].strip('"')
+        upload = fleet.Upload(BUCKET, key, f"{BUCKET}/{key}@etag:{etag}", etag=etag)
+        source_id = fleet.record_upload(ctx, upload)
+        assert source_id is not None
+        ((image_id, _),) = fleet.take_in(ctx, source_id)
+        ids.append(image_id)
+    return ids
+
+
+class Probe:
+    """Reads the database the workers write to."""
+
+    def __init__(self, database: str) -> None:
+        import sqlalchemy as sa
+
+        self.sa = sa
+        self.engine = sa.create_engine(database)
+
+    def detections(self, ids: list[int]) -> int:
+        with self.engine.connect() as connection:
+            return int(
+                connection.execute(
+                    self.sa.text("SELECT count(*) FROM detections WHERE image_id = ANY(:ids)"),
+                    {"ids": ids},
+                ).scalar_one()
+            )
+
+    def attempts(self, ids: list[int]) -> int:
+        with self.engine.connect() as connection:
+            return int(
+                connection.execute(
+                    self.sa.text(
+                        "SELECT coalesce(sum(attempts), 0) FROM detection_attempts "
+                        "WHERE image_id = ANY(:ids)"
+                    ),
+                    {"ids": ids},
+                ).scalar_one()
+            )
+
+
+def wait(check: Callable[[], bool], timeout: float, interval: float = 0.002) -> float | None:
+    started = time.perf_counter()
+    while not check():
+        if time.perf_counter() - started > timeout:
+            return None
+        time.sleep(interval)
+    return time.perf_counter() - started
+
+
+def run_consumer(
+    name: str,
+    argv: list[str],
+    env: dict[str, str],
+    ids: list[int],
+    args: argparse.Namespace,
+    log_dir: Path,
+    take_in_more: Callable[[], list[int]],
+) -> dict[str, Any]:
+    from tasks.scan import detect
+
+    probe = Probe(env["SYNTHSENTRY_DATABASE_URL"])
+    worker = Worker(argv, env, log_dir / f"{name}.log")
+    worker.start()
+    result: dict[str, Any] = {}
+    send = lambda image_id: detect.apply_async((image_id, DETECTOR), queue=QUEUE)  # noqa: E731
+    try:
+        warm, ids = ids[:1], ids[1:]
+        send(warm[0])  # loads the model
+        if wait(lambda: probe.detections(warm) == 1, 300) is None:
+            raise RuntimeError(f"{name}: no detection after 300 s; see {worker.log}")
+        lone, ids = ids[: args.lone], ids[args.lone :]
+        latencies = []
+        for image_id in lone:
+            time.sleep(0.3)  # an idle worker
+            started = time.perf_counter()
+            send(image_id)
+            if wait(lambda i=image_id: probe.detections([i]) == 1, 60) is None:
+                raise RuntimeError(f"{name}: a lone message took over 60 s")
+            latencies.append((time.perf_counter() - started) * 1000)
+        result["lone_ms"] = latencies
+        backlog, ids = ids[: args.backlog], ids[args.backlog :]
+        started = time.perf_counter()
+        for image_id in backlog:
+            send(image_id)
+        if wait(lambda: probe.detections(backlog) == len(backlog), 600, 0.01) is None:
+            raise RuntimeError(f"{name}: backlog not done in 600 s")
+        result["backlog_s"] = time.perf_counter() - started
+        result["backlog"] = len(backlog)
+        result["batches"] = batch_sizes(worker.log)
+        if args.kill:
+            # As in a fleet: a reconciler sends again what stays pending past the visibility
+            # timeout plus the time limit (35 s here).
+            cli = [sys.executable, "-m", "synthsentry.cli"]
+            reconcile = Worker([*cli, "reconcile", "--every", "2"], env, log_dir / f"{name}.rec")
+            fresh = take_in_more()  # uploads recorded now, as the reconciler sees them
+            reconcile.start()
+            try:
+                result["kill"] = kill_run(name, worker, probe, fresh, send)
+            finally:
+                reconcile.stop()
+            text = reconcile.log.read_text(errors="replace")
+            result["kill"]["resent"] = text.count("sending again the work of stalled uploads")
+    finally:
+        worker.stop()
+        probe.engine.dispose()
+    return result
+
+
+def batch_sizes(log: Path) -> list[int]:
+    """Sizes of the forward batches a worker logged so far."""
+    sizes = []
+    for line in log.read_text(errors="replace").splitlines():
+        if '"batch ran"' in line:
+            sizes.append(int(json.loads(line[line.index("{") :])["batch_size"]))
+    return sizes
+
+
+def kill_run(
+    name: str, worker: Worker, probe: Probe, ids: list[int], send: Callable[[int], Any]
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    for image_id in ids:
+        send(image_id)
+    if wait(lambda: probe.attempts(ids) > probe.detections(ids), 60, 0.001) is None:
+        return {"error": "nothing in flight to kill"}
+    before = probe.detections(ids)
+    children = worker.children()
+    if name == "batching" or not children:
+        worker.kill_group()  # one process: the whole worker dies, and is started again
+        what = "worker"
+        worker.start()
+    else:
+        os.kill(children[0], signal.SIGKILL)  # the model's process; the parent lives on
+        what = "pool child"
+    took = wait(lambda: probe.detections(ids) == len(ids), 150, 0.05)
+    return {
+        "killed": what,
+        "done_at_kill": before,
+        "seconds": None if took is None else time.perf_counter() - started,
+        "stored": probe.detections(ids),
+        "sent": len(ids),
+        "redelivered": probe.attempts(ids) - len(ids),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=Path, default=REPO.parent / "shared/corpus/images")
+    parser.add_argument("--backlog", type=int, default=96)
+    parser.add_argument("--lone", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-wait-ms", type=float, default=50.0)
+    parser.add_argument("--kill", action="store_true", help="also SIGKILL a worker mid-backlog")
+    parser.add_argument("--only", action="append", help="run only these consumers")
+    parser.add_argument("--serve-celery-batches", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_celery_batches:
+        serve_celery_batches(args.batch_size, args.batch_wait_ms)
+        return 0
+    if not args.images.is_dir():
+        parser.error(f"{args.images} is not a folder of images (see --images)")
+
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    from db import migrate
+    from synthsentry.settings import Settings
+    from tasks.app import configure
+
+    import servers
+    from checkpoints import SUMSUB_MOBILENET, write_sumsub_raw
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
+    total = 1 + args.lone + args.backlog
+    payloads = corpus_variants(args.images, total + (48 if args.kill else 0))
+    chosen = consumers(args.batch_size, args.batch_wait_ms)
+    if args.only:
+        chosen = {k: v for k, v in chosen.items() if k in args.only}
+    results = {}
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        servers.start_postgres() as postgres,
+        servers.start_redis() as redis_server,
+    ):
+        folder = Path(tmp)
+        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        moto.start()
+        host, port = moto.get_host_and_port()
+        s3_endpoint = f"http://{host}:{port}"
+        os.environ.update({k: v for k, v in SETTINGS.items() if k.startswith("AWS_")})
+        import boto3
+
+        boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
+        weights = folder / "mj5.pt"
+        write_sumsub_raw(weights, SUMSUB_MOBILENET, seed=3)
+        config = folder / "detectors.toml"
+        config.write_text(
+            f'[detectors.{DETECTOR}]\nfamily = "sumsub"\nweights = "{weights}"\n'
+            f'[detectors.{DETECTOR}.options]\nbackbone = "{SUMSUB_MOBILENET}"\nai_index = 1\n',
+            encoding="utf-8",
+        )
+        base_env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHSENTRY_")}
+        base_env.update(SETTINGS)
+        base_env.update(
+            SYNTHSENTRY_BROKER_URL=redis_server.url,
+            SYNTHSENTRY_S3_ENDPOINT_URL=s3_endpoint,
+            SYNTHSENTRY_DETECTOR_CONFIG=str(config),
+            SYNTHSENTRY_DATA_DIR=str(folder / "data"),
+            PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        )
+        configure(Settings(broker_url=redis_server.url))
+        try:
+            for name, argv in chosen.items():
+                import redis
+
+                redis.Redis.from_url(redis_server.url).flushdb()
+                database = servers.recreate_database(
+                    postgres.url, f"bench_{name}".replace("-", "_")
+                )
+                migrate.upgrade(database)
+                ids = take_in_all(database, s3_endpoint, payloads[:total])
+                env = {**base_env, "SYNTHSENTRY_DATABASE_URL": database}
+                print(f"running {name} ...", file=sys.stderr, flush=True)
+                results[name] = run_consumer(
+                    name,
+                    argv,
+                    env,
+                    ids,
+                    args,
+                    folder,
+                    lambda db=database: take_in_all(db, s3_endpoint, payloads[total:]),
+                )
+        finally:
+            moto.stop()
+    report(results, args)
+    return 0
+
+
+def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
+    cpu = os.cpu_count()
+    print(
+        f"\nDetector worker, sumsub-mj5 shape (MobileNetV3-L 224, random weights), {cpu} CPU "
+        f"cores, batch {args.batch_size}, wait {args.batch_wait_ms:g} ms"
+    )
+    print(f"{'consumer':<16}{'backlog img/s':>15}{'vs per-message':>16}{'mean batch':>12}"
+          f"{'lone median ms':>16}{'lone max ms':>13}")  # fmt: skip
+    base = results.get("per-message")
+    base_rate = base["backlog"] / base["backlog_s"] if base else None
+    for name, r in results.items():
+        rate = r["backlog"] / r["backlog_s"]
+        ratio = f"{rate / base_rate:.2f}x" if base_rate else "-"
+        # Batches logged by the batcher (not by the per-message worker, whose batch is 1).
+        backlog_batches = r["batches"][1 + len(r["lone_ms"]) :] or [1]
+        mean_batch = sum(backlog_batches) / len(backlog_batches)
+        print(
+            f"{name:<16}{rate:>15.1f}{ratio:>16}{mean_batch:>12.1f}"
+            f"{statistics.median(r['lone_ms']):>16.0f}"
+            f"{max(r['lone_ms']):>13.0f}"
+        )
+    if args.kill:
+        print("\nSIGKILL mid-backlog (48 messages; visibility timeout 25 s):")
+        for name, r in results.items():
+            k = r["kill"]
+            if "error" in k:
+                print(f"{name:<16}{k['error']}")
+                continue
+            seconds = "NOT ALL STORED in 150 s" if k["seconds"] is None else f"{k['seconds']:.1f} s"
+            print(
+                f"{name:<16}killed {k['killed']:<11} stored {k['stored']}/{k['sent']} "
+                f"(done before the kill: {k['done_at_kill']}), all stored after {seconds}, "
+                f"{k['redelivered']} extra deliveries counted, reconciler sent work again "
+                f"{k['resent']} times"
+            )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
