@@ -121,6 +121,45 @@ def test_batcher_lone_item_waits_only_the_window() -> None:
     assert batcher.batch_sizes == [1]
 
 
+def test_batcher_waits_for_announced_callers_and_no_one_else() -> None:
+    """A window of 30 s that is never waited out: the batch closes once every announced
+    caller has submitted or left."""
+    batcher = MicroBatcher(lambda items: items, max_batch=32, max_wait_s=30.0, announced=True)
+    started = time.monotonic()
+    with batcher.expecting() as submit:  # a lone upload waits for no one
+        assert submit(1).result(10) == 1
+    assert time.monotonic() - started < 5
+
+    both_announced = threading.Barrier(2)
+
+    def caller(item: int, decode_s: float) -> int:
+        with batcher.expecting() as submit:
+            both_announced.wait(5)
+            time.sleep(decode_s)  # fetching and decoding its image
+            return int(submit(item).result(10))
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(caller, [2, 3], [0.0, 0.3])) == [2, 3]
+    assert time.monotonic() - started < 5
+    # The quick caller's item waited for the slow one's: one batch of two.
+    assert batcher.batch_sizes == [1, 2]
+
+    def leaves_without_submitting() -> None:
+        with batcher.expecting():
+            both_announced.wait(5)
+            time.sleep(0.3)  # its image turned out to be unreadable
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        leaving = pool.submit(leaves_without_submitting)
+        assert pool.submit(caller, 4, 0.0).result(10) == 4
+        leaving.result(10)
+    assert time.monotonic() - started < 5
+    batcher.close()
+    assert batcher.batch_sizes == [1, 2, 1]
+
+
 def test_batcher_runs_suspects_alone_after_the_others() -> None:
     order: list[list[str]] = []
     release = threading.Event()

@@ -229,6 +229,51 @@ def test_sigkilled_batching_worker_loses_nothing(
     assert max(_batch_sizes(mj5.log_path)) > 1
 
 
+def test_a_message_that_kills_its_worker_every_time_is_given_up(
+    env: dict[str, str], tmp_path: Path, s3_endpoint: str, clean_database: str
+) -> None:
+    """An upload whose every delivery takes the model's process down (here: SIGKILLed by the
+    test whenever its attempt is counted and before its result is stored) ends as a failed
+    detection after SYNTHSENTRY_MAX_DETECT_ATTEMPTS, with a verdict, instead of looping."""
+    import numpy as np
+    from PIL import Image
+
+    env = {**env, "SYNTHSENTRY_MAX_DETECT_ATTEMPTS": "2"}
+    noise = np.random.default_rng(7).integers(0, 256, (1200, 1600, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "PNG")  # slow enough to decode to be caught
+    s3_client(s3_endpoint).put_object(Bucket=BUCKET, Key="poison/big.png", Body=buffer.getvalue())
+    intake, mj5 = _workers(env, tmp_path, "--batch-size", "1")
+    kills = 0
+    with running(intake, mj5) as processes:
+        submitted = _cli(env, "submit", f"s3://{BUCKET}/poison/big.png")
+        assert submitted.returncode == 0, submitted.stderr
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            counts = _counts(clean_database)
+            if counts["detections"]:
+                break
+            # Deliveries past the limit never reach the model, so nothing kills them.
+            if kills < 2 and counts["attempts"] > kills and (children := mj5.children()):
+                os.kill(children[0], 9)
+                kills += 1
+            time.sleep(0.002)
+        counts = wait_for(
+            lambda: (c := _counts(clean_database))["verdicts"] == 1 and c,
+            timeout=120,
+            what="the poison upload's verdict",
+            processes=processes,
+        )
+    assert kills == 2 and counts["attempts"] == 3
+    engine = sa.create_engine(clean_database)
+    with engine.connect() as connection:
+        score, error = connection.execute(sa.text("SELECT score, error FROM detections")).one()
+        reason = connection.execute(sa.text("SELECT reason FROM verdicts")).scalar_one()
+    engine.dispose()
+    assert score is None and "gave up after 2 attempts" in error
+    assert "sumsub-mj5" in reason
+
+
 def test_work_the_broker_lost_is_sent_again(
     env: dict[str, str], tmp_path: Path, s3_endpoint: str, clean_database: str
 ) -> None:

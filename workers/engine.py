@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
@@ -133,13 +134,17 @@ def collect_batches(
     max_batch: int,
     max_wait_s: float,
     clock: Callable[[], float] = time.monotonic,
+    more_coming: Callable[[], bool] | None = None,
+    poll_s: float = 0.002,
 ) -> Iterator[list[T]]:
     """Group items from ``source`` into batches of at most ``max_batch``; a batch is handed
     out when full, or ``max_wait_s`` after its first item arrived, whichever comes first.
     A ``None`` in the queue ends the stream (after the pending batch is handed out).
 
     This is what lets a busy worker see full batches while a lone upload waits at most
-    ``max_wait_s`` for company.
+    ``max_wait_s`` for company. With ``more_coming`` (is any item on its way?), a batch is
+    also handed out as soon as nothing is queued and nothing is on its way: a lone upload
+    then waits for no one.
     """
     while True:
         first = source.get()
@@ -152,10 +157,13 @@ def collect_batches(
             remaining = deadline - clock()
             if remaining <= 0:
                 break
-            try:
-                item = source.get(timeout=remaining)
-            except queue.Empty:
+            # In this order: an item is queued before its sender stops being "on its way".
+            if more_coming is not None and not more_coming() and source.empty():
                 break
+            try:
+                item = source.get(timeout=remaining if more_coming is None else poll_s)
+            except queue.Empty:
+                continue
             if item is None:
                 ended = True
                 break
@@ -180,8 +188,10 @@ class MicroBatcher(Generic[T, R]):
 
     Each caller submits one item and waits for its own result. A batch is run when it is
     full (``max_batch``) or ``max_wait_s`` after its first item arrived, so a busy worker
-    feeds the model full batches while a lone item waits at most ``max_wait_s``. Items
-    submitted with ``alone=True`` are run in a batch of their own, after the others that
+    feeds the model full batches while a lone item waits at most ``max_wait_s``. With
+    ``announced=True`` callers announce themselves before they prepare their item
+    (``expecting``), and a batch closes as soon as no announced caller is still preparing
+    one: a lone item then waits for no one. Items submitted with ``alone=True`` are run in a batch of their own, after the others that
     were collected with them: a suspect (say, an image whose earlier delivery died with its
     worker) cannot take innocent neighbours down with it.
 
@@ -200,6 +210,7 @@ class MicroBatcher(Generic[T, R]):
         watchdog_s: float | None = None,
         on_stuck: Callable[[float], None] | None = None,
         name: str = "batcher",
+        announced: bool = False,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -209,9 +220,40 @@ class MicroBatcher(Generic[T, R]):
         self._watchdog_s = watchdog_s
         self._on_stuck = on_stuck
         self._queue: queue.Queue[_Waiting[T, R] | None] = queue.Queue()
+        self._announced = announced
+        self._expected = 0  # callers announced through expecting() that have not submitted
+        self._expected_lock = threading.Lock()
         self.batch_sizes: list[int] = []  # sizes of the batches run so far (for logs, tests)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
+
+    @contextmanager
+    def expecting(self) -> Iterator[Callable[..., Future[R]]]:
+        """For a caller that will probably submit one item soon: until it submits (through
+        the function this yields) or leaves, a collecting batch waits for it, within the
+        window. Only for a batcher made with ``announced=True``, whose batches wait for no
+        one else; otherwise a batch waits out its window for whoever may come."""
+        announced = True
+        self._add_expected(1)
+
+        def submit(item: T, *, alone: bool = False) -> Future[R]:
+            nonlocal announced
+            future = self.submit(item, alone=alone)  # queued first, then no longer expected
+            if announced:
+                announced = False
+                self._add_expected(-1)
+            return future
+
+        try:
+            yield submit
+        finally:
+            if announced:
+                announced = False
+                self._add_expected(-1)
+
+    def _add_expected(self, change: int) -> None:
+        with self._expected_lock:
+            self._expected += change
 
     def submit(self, item: T, *, alone: bool = False) -> Future[R]:
         future: Future[R] = Future()
@@ -228,7 +270,10 @@ class MicroBatcher(Generic[T, R]):
 
     def _loop(self) -> None:
         for collected in collect_batches(
-            self._queue, max_batch=self.max_batch, max_wait_s=self.max_wait_s
+            self._queue,
+            max_batch=self.max_batch,
+            max_wait_s=self.max_wait_s,
+            more_coming=(lambda: self._expected > 0) if self._announced else None,
         ):
             together = [w for w in collected if not w.alone]
             groups = ([together] if together else []) + [[w] for w in collected if w.alone]

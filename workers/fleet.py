@@ -244,6 +244,7 @@ class Batching:
                 watchdog_s=watchdog_s,
                 on_stuck=on_stuck,
                 name=f"batcher-{detector.spec.name}",
+                announced=True,  # every message's thread announces itself (see detect)
             ),
             decoding=threading.BoundedSemaphore(decode_threads),
         )
@@ -264,16 +265,19 @@ def detect(
     if batching is not None:
         with ctx.session_factory() as session:
             delivered_before = repository.attempts_so_far(session, image_id, detector.spec.name)
-        if delivered_before:
-            with batching.suspects:
-                return _attempt(
-                    ctx,
-                    detector,
-                    image_id,
-                    lambda p: batching.batcher(p, alone=True),
-                    batching.decoding,
-                )
-        return _attempt(ctx, detector, image_id, batching.batcher, batching.decoding)
+        # A suspect announces itself only once its turn has come: one waiting for the lock
+        # must not hold a batch open.
+        with (
+            batching.suspects if delivered_before else nullcontext(),
+            batching.batcher.expecting() as submit,
+        ):
+            return _attempt(
+                ctx,
+                detector,
+                image_id,
+                lambda p: submit(p, alone=bool(delivered_before)).result(),
+                batching.decoding,
+            )
     return _attempt(ctx, detector, image_id, lambda p: run_detector(detector, [p], max_batch=1)[0])
 
 
