@@ -191,9 +191,10 @@ class MicroBatcher(Generic[T, R]):
     feeds the model full batches while a lone item waits at most ``max_wait_s``. With
     ``announced=True`` callers announce themselves before they prepare their item
     (``expecting``), and a batch closes as soon as no announced caller is still preparing
-    one: a lone item then waits for no one. Items submitted with ``alone=True`` are run in a batch of their own, after the others that
-    were collected with them: a suspect (say, an image whose earlier delivery died with its
-    worker) cannot take innocent neighbours down with it.
+    one: a lone item then waits for no one. Items submitted with ``alone=True`` are run in
+    a batch of their own, after the others that were collected with them: a suspect (say,
+    an image whose earlier delivery died with its worker) cannot take innocent neighbours
+    down with it.
 
     ``run`` must return one result per item, in order; if it raises, every item of that
     batch gets the exception. If one run takes longer than ``watchdog_s``, ``on_stuck`` is
