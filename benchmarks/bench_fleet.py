@@ -39,7 +39,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +48,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # server starters and checkpoint writers
+sys.path.insert(0, str(REPO / "tests"))  # server starters, checkpoint writers, processes
+
+from fleet_processes import CLI, FleetProcess  # noqa: E402
 
 DETECTOR = "sumsub-mj5"
 QUEUE = f"detect.{DETECTOR}"
@@ -135,53 +136,15 @@ def serve_celery_batches(batch_size: int, batch_wait_ms: float) -> None:
 # --- the bench ----------------------------------------------------------------------------
 
 
-class Worker:
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.argv, self.env, self.log = argv, env, log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-
-    def children(self) -> list[int]:
-        assert self.process is not None
-        pid = self.process.pid
-        try:
-            text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-        except FileNotFoundError:
-            return []
-        return [int(p) for p in text.split()]
-
-    def kill_group(self) -> None:
-        assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill_group()
-
-
-def consumers(batch_size: int, batch_wait_ms: float) -> dict[str, list[str]]:
-    cli = [sys.executable, "-m", "synthsentry.cli", "worker", "--detector", DETECTOR]
+def consumers(batch_size: int, batch_wait_ms: float) -> dict[str, tuple[list[str], list[str]]]:
+    """name -> (command, arguments) of each consumer's worker process."""
+    batching = ["--batch-size", str(batch_size), "--batch-wait-ms", str(batch_wait_ms)]
+    worker = ["worker", "--detector", DETECTOR]
     return {
-        "batching": [
-            *cli, "--batch-size", str(batch_size), "--batch-wait-ms", str(batch_wait_ms),
-        ],
-        "celery-batches": [
-            sys.executable, __file__, "--serve-celery-batches",
-            "--batch-size", str(batch_size), "--batch-wait-ms", str(batch_wait_ms),
-        ],
-        "per-message": [*cli, "--batch-size", "1"],
-    }  # fmt: skip
+        "batching": (CLI, [*worker, *batching]),
+        "celery-batches": ([sys.executable, __file__], ["--serve-celery-batches", *batching]),
+        "per-message": (CLI, [*worker, "--batch-size", "1"]),
+    }
 
 
 def corpus_variants(folder: Path, count: int) -> list[bytes]:
@@ -278,7 +241,7 @@ def wait(check: Callable[[], bool], timeout: float, interval: float = 0.002) -> 
 
 def run_consumer(
     name: str,
-    argv: list[str],
+    command: tuple[list[str], list[str]],
     env: dict[str, str],
     ids: list[int],
     args: argparse.Namespace,
@@ -288,15 +251,14 @@ def run_consumer(
     from tasks.scan import detect
 
     probe = Probe(env["SYNTHSENTRY_DATABASE_URL"])
-    worker = Worker(argv, env, log_dir / f"{name}.log")
-    worker.start()
+    worker = FleetProcess(name, command[1], env, log_dir, command=command[0]).start()
     result: dict[str, Any] = {}
     send = lambda image_id: detect.apply_async((image_id, DETECTOR), queue=QUEUE)  # noqa: E731
     try:
         warm, ids = ids[:1], ids[1:]
         send(warm[0])  # loads the model
         if wait(lambda: probe.detections(warm) == 1, 300) is None:
-            raise RuntimeError(f"{name}: no detection after 300 s; see {worker.log}")
+            raise RuntimeError(f"{name}: no detection after 300 s; see {worker.log_path}")
         lone, ids = ids[: args.lone], ids[args.lone :]
         latencies = []
         for image_id in lone:
@@ -315,19 +277,20 @@ def run_consumer(
             raise RuntimeError(f"{name}: backlog not done in 600 s")
         result["backlog_s"] = time.perf_counter() - started
         result["backlog"] = len(backlog)
-        result["batches"] = batch_sizes(worker.log)
+        result["batches"] = worker.batch_sizes()
         if args.kill:
             # As in a fleet: a reconciler sends again what stays pending past the visibility
             # timeout plus the time limit (35 s here).
-            cli = [sys.executable, "-m", "synthsentry.cli"]
-            reconcile = Worker([*cli, "reconcile", "--every", "2"], env, log_dir / f"{name}.rec")
+            reconcile = FleetProcess(
+                f"{name}-reconcile", ["reconcile", "--every", "2"], env, log_dir
+            )
             fresh = take_in_more()  # uploads recorded now, as the reconciler sees them
             reconcile.start()
             try:
                 result["kill"] = kill_run(name, worker, probe, fresh, send)
             finally:
                 reconcile.stop()
-            text = reconcile.log.read_text(errors="replace")
+            text = reconcile.log_path.read_text(errors="replace")
             result["kill"]["resent"] = text.count("sending again the work of stalled uploads")
     finally:
         worker.stop()
@@ -335,17 +298,8 @@ def run_consumer(
     return result
 
 
-def batch_sizes(log: Path) -> list[int]:
-    """Sizes of the forward batches a worker logged so far."""
-    sizes = []
-    for line in log.read_text(errors="replace").splitlines():
-        if '"batch ran"' in line:
-            sizes.append(int(json.loads(line[line.index("{") :])["batch_size"]))
-    return sizes
-
-
 def kill_run(
-    name: str, worker: Worker, probe: Probe, ids: list[int], send: Callable[[int], Any]
+    name: str, worker: FleetProcess, probe: Probe, ids: list[int], send: Callable[[int], Any]
 ) -> dict[str, Any]:
     started = time.perf_counter()
     for image_id in ids:
@@ -355,7 +309,7 @@ def kill_run(
     before = probe.detections(ids)
     children = worker.children()
     if name == "batching" or not children:
-        worker.kill_group()  # one process: the whole worker dies, and is started again
+        worker.kill()  # one process: the whole worker dies, and is started again
         what = "worker"
         worker.start()
     else:

@@ -3,6 +3,7 @@ tests that need real processes, real signals and a real broker."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,18 +17,32 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+CLI = [sys.executable, "-m", "synthsentry.cli"]
+
+
 class FleetProcess:
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+    """``command`` + ``args`` in their own process group, output appended to
+    ``<log_dir>/<name>.log``; ``command`` is the synthsentry CLI unless given."""
+
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str],
+        log_dir: Path,
+        command: list[str] | None = None,
+    ) -> None:
         self.name = name
         self.args = args
         self.env = env
+        self.command = command or CLI
         self.log_path = log_dir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> FleetProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "synthsentry.cli", *self.args],
+            [*self.command, *self.args],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -64,6 +79,14 @@ class FleetProcess:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
+
+    def batch_sizes(self) -> list[int]:
+        """Sizes of the forward batches this process logged (``batch ran`` lines)."""
+        sizes = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if '"batch ran"' in line:
+                sizes.append(int(json.loads(line[line.index("{") :])["batch_size"]))
+        return sizes
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -4,7 +4,6 @@ Nothing is mocked; workers are killed with real signals."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys
@@ -111,14 +110,6 @@ def _workers(
     )
 
 
-def _batch_sizes(log: Path) -> list[int]:
-    sizes = []
-    for line in log.read_text(errors="replace").splitlines():
-        if '"batch ran"' in line:
-            sizes.append(int(json.loads(line[line.index("{") :])["batch_size"]))
-    return sizes
-
-
 def test_submit_to_verdict_through_real_workers(
     env: dict[str, str], tmp_path: Path, s3_endpoint: str, clean_database: str
 ) -> None:
@@ -197,10 +188,18 @@ def test_sigkilled_batching_worker_loses_nothing(
     # Redis pops a message before it marks it unacknowledged: a kill between the two loses
     # the message, and the reconciler sends its work again (after 35 s, the default here).
     reconcile = FleetProcess("reconcile", ["reconcile", "--every", "2"], env, tmp_path)
-    with running(intake, mj5, reconcile) as processes:
+    with running(intake, reconcile, mj5) as processes:
+        mj5.stop()  # a backlog first: the model worker starts on 16 waiting messages
         sent = time.monotonic()
         submitted = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
         assert submitted.returncode == 0, submitted.stderr
+        wait_for(
+            lambda: _counts(clean_database)["images"] == 17,
+            timeout=180,
+            what="intake to send every detect message",
+            processes=processes,
+        )
+        mj5.start()
         in_flight = wait_for(
             lambda: (c := _counts(clean_database))["attempts"] > c["detections"] and c,
             timeout=180,
@@ -225,8 +224,8 @@ def test_sigkilled_batching_worker_loses_nothing(
     # Redelivery waited for the visibility timeout, counted from the first delivery: the
     # restarted worker could not take the held messages earlier.
     assert finished_after >= 25, finished_after
-    # Messages met in batches larger than one.
-    assert max(_batch_sizes(mj5.log_path)) > 1
+    # The waiting messages met in batches larger than one.
+    assert max(mj5.batch_sizes()) > 1
 
 
 def test_a_message_that_kills_its_worker_every_time_is_given_up(
