@@ -16,7 +16,8 @@ takes them in once (fetch, hash, validate). Then, for each consumer, on a fresh 
   the first attempts are counted (the pool child for prefork consumers, the whole worker for
   the batching one, which is then started again) and ``synthsentry reconcile`` running as
   in a fleet; seconds until every detection is stored, how many messages were delivered
-  more than once, and whether the reconciler had to send work again (a message lost).
+  more than once, and whether the reconciler sent work again (a message lost, or one
+  still pending 35 s after its upload was recorded).
 
 Consumers (all the same work per image: fetch from S3, decode, preprocess, one forward pass
 shared by the batch, store, fan in):
