@@ -51,20 +51,17 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # server starters, checkpoint writers, processes
 
-from fleet_processes import CLI, FleetProcess  # noqa: E402
+from fleet_processes import CLI, FleetProcess, fleet_env  # noqa: E402
 
 DETECTOR = "sumsub-mj5"
 QUEUE = f"detect.{DETECTOR}"
 BUCKET = "bench-uploads"
+# Every worker's settings, beside what fleet_env gives (database, broker, S3, the detector).
 SETTINGS = {
-    "SYNTHSENTRY_FLEET_DETECTORS": f'["{DETECTOR}"]',
-    "SYNTHSENTRY_TASK_TIME_LIMIT_SECONDS": "10",
-    "SYNTHSENTRY_VISIBILITY_TIMEOUT_SECONDS": "25",
-    "SYNTHSENTRY_LOG_LEVEL": "INFO",  # the batch sizes are read from the workers' logs
-    "HF_HUB_OFFLINE": "1",
-    "AWS_ACCESS_KEY_ID": "bench",
-    "AWS_SECRET_ACCESS_KEY": "bench",
-    "AWS_DEFAULT_REGION": "us-east-1",
+    "fleet_detectors": f'["{DETECTOR}"]',
+    "task_time_limit_seconds": "10",
+    "visibility_timeout_seconds": "25",
+    "log_level": "INFO",  # the batch sizes are read from the workers' logs
 }
 
 
@@ -353,7 +350,6 @@ def main() -> int:
     from tasks.app import configure
 
     import servers
-    from checkpoints import SUMSUB_MOBILENET, write_sumsub_raw
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
     total = 1 + args.lone + args.backlog
@@ -372,39 +368,30 @@ def main() -> int:
         moto.start()
         host, port = moto.get_host_and_port()
         s3_endpoint = f"http://{host}:{port}"
-        os.environ.update({k: v for k, v in SETTINGS.items() if k.startswith("AWS_")})
+        for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            os.environ.setdefault(variable, "bench")  # moto takes any credentials
         import boto3
 
-        boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
-        weights = folder / "mj5.pt"
-        write_sumsub_raw(weights, SUMSUB_MOBILENET, seed=3)
-        config = folder / "detectors.toml"
-        config.write_text(
-            f'[detectors.{DETECTOR}]\nfamily = "sumsub"\nweights = "{weights}"\n'
-            f'[detectors.{DETECTOR}.options]\nbackbone = "{SUMSUB_MOBILENET}"\nai_index = 1\n',
-            encoding="utf-8",
-        )
-        base_env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHSENTRY_")}
-        base_env.update(SETTINGS)
-        base_env.update(
-            SYNTHSENTRY_BROKER_URL=redis_server.url,
-            SYNTHSENTRY_S3_ENDPOINT_URL=s3_endpoint,
-            SYNTHSENTRY_DETECTOR_CONFIG=str(config),
-            SYNTHSENTRY_DATA_DIR=str(folder / "data"),
-            PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
+            Bucket=BUCKET
         )
         configure(Settings(broker_url=redis_server.url))
         try:
             for name, argv in chosen.items():
-                import redis
-
-                redis.Redis.from_url(redis_server.url).flushdb()
                 database = servers.recreate_database(
                     postgres.url, f"bench_{name}".replace("-", "_")
                 )
                 migrate.upgrade(database)
                 ids = take_in_all(database, s3_endpoint, payloads[:total])
-                env = {**base_env, "SYNTHSENTRY_DATABASE_URL": database}
+                # The tests' fleet environment: a published-format sumsub-mj5 checkpoint with
+                # random weights, this database, an emptied broker, moto's S3.
+                env = fleet_env(
+                    folder,
+                    database=database,
+                    redis_url=redis_server.url,
+                    s3_endpoint=s3_endpoint,
+                    **SETTINGS,
+                )
                 print(f"running {name} ...", file=sys.stderr, flush=True)
                 results[name] = run_consumer(
                     name,
