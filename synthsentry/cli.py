@@ -288,15 +288,15 @@ def _catalog(settings: Settings) -> Any:
 
 def _weights_status(spec: Any, settings: Settings) -> str:
     """Where the weights stand, without downloading anything."""
+    from synthsentry.runtime import resolver as _resolver
     from workers.detectors.base import DetectorUnavailable
-    from workers.detectors.registry import weights_resolver
 
     if spec.weights is None:
         return "none needed"
     if spec.weights.startswith("s3://"):
         return "remote (s3, fetched on first use)"
     try:
-        weights_resolver(settings, local_only=True)(spec.weights, spec.name)
+        _resolver(settings, local_only=True)(spec.weights, spec.name)
     except DetectorUnavailable:
         return "not on this machine" if spec.weights.startswith("hf://") else "missing"
     return "cached" if spec.weights.startswith("hf://") else "local"
@@ -336,15 +336,16 @@ def _detectors_verify(args: argparse.Namespace, settings: Settings) -> int:
 
     from PIL import Image
 
+    from synthsentry.runtime import resolver as _resolver
     from workers.detectors.base import DetectorUnavailable
-    from workers.detectors.registry import SpecError, build_detector, weights_resolver
+    from workers.detectors.registry import SpecError, build_detector
 
     catalog = _catalog(settings)
     try:
         spec = catalog.resolve(args.selector)
     except SpecError as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
-    resolve = weights_resolver(settings)
+    resolve = _resolver(settings)
     started = time.perf_counter()
     try:
         detector = build_detector(spec, device=settings.device, resolve=resolve)
@@ -371,13 +372,13 @@ def _detectors_verify(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _load_detectors(selectors: list[str], settings: Settings) -> list[Any]:
+    from synthsentry.runtime import resolver as _resolver
     from workers.detectors.base import DetectorUnavailable
     from workers.detectors.registry import SpecError, build_available, build_detector
-    from workers.detectors.registry import weights_resolver as make_resolver
 
     catalog = _catalog(settings)
     if selectors:
-        resolve = make_resolver(settings)
+        resolve = _resolver(settings)
         detectors = []
         for selector in selectors:
             try:
@@ -394,7 +395,7 @@ def _load_detectors(selectors: list[str], settings: Settings) -> list[Any]:
     built, skipped = build_available(
         catalog.specs.values(),
         device=settings.device,
-        resolve=make_resolver(settings, local_only=True),
+        resolve=_resolver(settings, local_only=True),
     )
     for item in skipped:
         print(f"skipped detector {item.name}: {item.why}", file=sys.stderr)

@@ -47,8 +47,9 @@ def build_context(threads: int = 1) -> Any:
 
 
 def load_detector(name: str) -> Detector:
-    from workers.detectors.registry import Catalog, build_detector, weights_resolver
+    from synthsentry.runtime import resolver
+    from workers.detectors.registry import Catalog, build_detector
 
     settings = get_settings()
     spec = Catalog.build(settings.detector_config).resolve(name)
-    return build_detector(spec, device=settings.device, resolve=weights_resolver(settings))
+    return build_detector(spec, device=settings.device, resolve=resolver(settings))

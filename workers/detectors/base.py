@@ -32,6 +32,13 @@ class DetectorSpec:
     description: str = ""
     options: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def decisive(self) -> bool:
+        """A decisive detector's positive answer flags an image whatever the others say (a
+        signed "made by AI" manifest outweighs any pixel statistics). Set per spec, as the
+        option ``decisive``; the ensemble reads it from here and nowhere else."""
+        return bool(self.options.get("decisive", False))
+
 
 @dataclass(frozen=True)
 class DetectorOutput:

@@ -11,12 +11,9 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from workers.detectors.base import Detector, DetectorSpec, DetectorUnavailable
-
-if TYPE_CHECKING:
-    from synthsentry.settings import Settings
 
 SUMSUB_CONVNEXT = "convnext_large_mlp.clip_laion2b_soup_ft_in12k_in1k_384"
 SUMSUB_MOBILENET = "tf_mobilenetv3_large_100.in1k"
@@ -238,8 +235,15 @@ def build_available(
     return built, skipped
 
 
-def weights_resolver(settings: Settings, *, local_only: bool = False) -> WeightsResolver:
-    """Resolve weights URIs with this process's S3 endpoint and cache folder.
+def weights_resolver(
+    *,
+    cache_dir: Path,
+    s3_endpoint_url: str | None = None,
+    s3_region: str = "us-east-1",
+    local_only: bool = False,
+) -> WeightsResolver:
+    """Resolve weights URIs with this process's S3 endpoint and cache folder (where s3://
+    weights are kept; hf:// uses huggingface_hub's cache).
 
     ``local_only``: hf:// weights only from the local Hugging Face cache (no download).
     """
@@ -248,15 +252,13 @@ def weights_resolver(settings: Settings, *, local_only: bool = False) -> Weights
     def s3_client() -> Any:
         import boto3
 
-        return boto3.client(
-            "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region
-        )
+        return boto3.client("s3", endpoint_url=s3_endpoint_url, region_name=s3_region)
 
     def resolve(uri: str, name: str) -> Path:
         return resolve_weights(
             uri,
             s3_client_factory=s3_client,
-            cache_dir=settings.weights_dir,
+            cache_dir=cache_dir,
             detector_name=name,
             local_only=local_only,
         )
