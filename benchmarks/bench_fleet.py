@@ -51,10 +51,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # server starters, checkpoint writers, processes
 
+from tasks.queues import QUEUES  # noqa: E402
+
 from fleet_processes import CLI, FleetProcess, fleet_env  # noqa: E402
 
 DETECTOR = "sumsub-mj5"
-QUEUE = f"detect.{DETECTOR}"
+QUEUE = QUEUES.detect(DETECTOR)
 BUCKET = "bench-uploads"
 # Every worker's settings, beside what fleet_env gives (database, broker, S3, the detector).
 SETTINGS = {
@@ -74,9 +76,9 @@ def serve_celery_batches(batch_size: int, batch_wait_ms: float) -> None:
     from celery_batches import Batches
 
     from synthsentry import logs
+    from synthsentry.runtime import build_runtime
     from synthsentry.settings import get_settings
     from tasks.app import celery_config
-    from tasks.runtime import build_context, load_detector
     from workers import fleet
 
     logs.configure(get_settings().log_level)  # the batch sizes are read from this log
@@ -94,7 +96,11 @@ def serve_celery_batches(batch_size: int, batch_wait_ms: float) -> None:
     )
     def detect(requests: list[Any]) -> None:
         if not loaded:
-            loaded.update(ctx=build_context(), detector=load_detector(DETECTOR))
+            runtime = build_runtime()
+            loaded.update(
+                ctx=runtime.fleet_context(),
+                detector=runtime.build_detector(runtime.catalog.resolve(DETECTOR)),
+            )
         ctx, detector = loaded["ctx"], loaded["detector"]
         # One thread per request fetches and decodes; the forward pass is shared, as in the
         # fleet's worker. The batch is closed once every request has joined it.
@@ -110,7 +116,7 @@ def serve_celery_batches(batch_size: int, batch_wait_ms: float) -> None:
         finally:
             batching.batcher.close()
             # Straight to the log file: Celery redirects a pool process's stderr.
-            for size in batching.batcher.batch_sizes:
+            for size in batching.batcher.stats.recent:
                 line = json.dumps({"msg": "batch ran", "batch_size": size})
                 print(line, file=sys.__stderr__, flush=True)
 
@@ -246,12 +252,12 @@ def run_consumer(
     log_dir: Path,
     take_in_more: Callable[[], list[int]],
 ) -> dict[str, Any]:
-    from tasks.scan import detect
+    from tasks.app import send_detect
 
     probe = Probe(env["SYNTHSENTRY_DATABASE_URL"])
     worker = FleetProcess(name, command[1], env, log_dir, command=command[0]).start()
     result: dict[str, Any] = {}
-    send = lambda image_id: detect.apply_async((image_id, DETECTOR), queue=QUEUE)  # noqa: E731
+    send = lambda image_id: send_detect(image_id, DETECTOR)  # noqa: E731
     try:
         warm, ids = ids[:1], ids[1:]
         send(warm[0])  # loads the model

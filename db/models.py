@@ -87,6 +87,10 @@ class ReviewState(enum.StrEnum):
     OPEN = "open"
     CLAIMED = "claimed"
     DECIDED = "decided"
+    # Left the queue without a decision: a later verdict no longer flags the image (a new
+    # ensemble configuration, a new detector version). A verdict that flags it again
+    # reopens the case.
+    WITHDRAWN = "withdrawn"
 
 
 class ReviewDecision(enum.StrEnum):
@@ -181,12 +185,32 @@ class Detection(Base):
     image: Mapped[Image] = relationship(back_populates="detections")
 
 
+class Ensemble(Base):
+    """One ensemble configuration: everything that decides a verdict from the detectors'
+    scores (combination rule, weights, calibrations, threshold, decisive rules).
+
+    ``definition`` is the canonical document and ``digest`` its sha256; ``version`` names
+    the digest and is what verdicts carry. A row is written the first time a verdict is
+    stored under the configuration, and never changed.
+    """
+
+    __tablename__ = "ensembles"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), unique=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    definition: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Verdict(Base):
     """The ensemble's combination of detections for one image.
 
-    ``detector_set`` names the detector versions that were combined, so a verdict can be
-    traced to the exact models behind it. Unique per (image, ensemble version, detector
-    set): recomputing the same combination is a no-op.
+    Its identity is everything that decides it: the ensemble configuration (``ensemble_id``,
+    whose ``version`` is copied into ``ensemble_version``) and the detector versions and
+    scores that were combined (``detector_set``, digested into ``detector_set_digest``).
+    Recomputing the same combination under the same configuration is a no-op; a changed
+    weight, calibration or threshold is a new verdict.
     """
 
     __tablename__ = "verdicts"
@@ -195,6 +219,9 @@ class Verdict(Base):
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
     ensemble_version: Mapped[str] = mapped_column(String(64))
+    # Null only for a verdict written during a rolling upgrade by a release older than the
+    # ensembles table (revision 0004 links the older rows to a legacy configuration).
+    ensemble_id: Mapped[int | None] = mapped_column(ForeignKey("ensembles.id"), index=True)
     detector_set_digest: Mapped[str] = mapped_column(String(64))
     detector_set: Mapped[dict[str, Any]] = mapped_column(default=dict)
     ai_score: Mapped[float | None] = mapped_column(Float)
@@ -204,14 +231,15 @@ class Verdict(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     image: Mapped[Image] = relationship(back_populates="verdicts")
-    review_case: Mapped[ReviewCase | None] = relationship(back_populates="verdict")
 
 
 class ReviewCase(Base):
     """A flagged image waiting for, or decided by, a human moderator.
 
     One per image: a later verdict that flags the same image again (a rescan, a new model)
-    does not queue it twice; ``verdict_id`` is the verdict that opened the case.
+    does not queue it twice. ``verdict_id`` is the verdict that opened the case (or reopened
+    it after a withdrawal); the image's current verdict is read beside it, never in place
+    of it, so a moderator sees both when they differ.
     """
 
     __tablename__ = "review_cases"
@@ -231,7 +259,7 @@ class ReviewCase(Base):
     claimed_at: Mapped[datetime | None]
     decided_at: Mapped[datetime | None]
 
-    verdict: Mapped[Verdict] = relationship(back_populates="review_case")
+    verdict: Mapped[Verdict] = relationship()
 
     __table_args__ = (Index(None, "state", "opened_at"),)
 

@@ -27,6 +27,13 @@ def run_migrations_online() -> None:
     engine = make_engine(_url())
     with engine.connect() as connection:
         is_postgres = connection.dialect.name == "postgresql"
+        is_sqlite = connection.dialect.name == "sqlite"
+        if is_sqlite:
+            # SQLite alters a table by copying it into a new one and dropping the old, which
+            # enforced foreign keys would refuse while other tables point at it. The pragma
+            # only takes effect outside a transaction; the keys are checked after.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
         if is_postgres:
             connection.execute(text("SET lock_timeout = '5s'"))
             connection.execute(text("SET statement_timeout = '60s'"))
@@ -41,7 +48,13 @@ def run_migrations_online() -> None:
         try:
             with context.begin_transaction():
                 context.run_migrations()
+                if is_sqlite:
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise RuntimeError(f"migration broke foreign keys: {broken[:5]}")
         finally:
+            if is_sqlite:
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
             if is_postgres:
                 connection.execute(text(f"SELECT pg_advisory_unlock({MIGRATION_LOCK_ID})"))
                 connection.commit()

@@ -1,15 +1,209 @@
-"""The process's runtime, built from settings in one place."""
+"""The process's runtime: settings read once into typed values, and the one place that
+builds what the pipelines need from them (database sessions, the S3 client, detectors,
+the ensemble configuration, the fleet's context).
+
+Domain code in ``workers/`` takes these plain values, never the settings object. A CLI
+option that changes a setting for one process (``--device``, ``--threshold``) makes a
+changed runtime with :meth:`Runtime.replace`; nothing writes the environment.
+"""
 
 from __future__ import annotations
 
-from synthsentry.settings import Settings
-from workers.detectors.registry import WeightsResolver, weights_resolver
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from synthsentry.settings import Settings, check_device, get_settings
+from workers.detectors.base import Detector, DetectorSpec
+from workers.detectors.registry import (
+    Catalog,
+    Skipped,
+    SpecError,
+    WeightsResolver,
+    build_available,
+    build_detector,
+    weights_resolver,
+)
+from workers.engine import BatchObserver, LogBatches
+from workers.ensemble import Calibration, EnsembleConfig
+from workers.intake import IntakeLimits
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from workers.fleet import FleetContext, S3Reader
 
 
-def resolver(settings: Settings, *, local_only: bool = False) -> WeightsResolver:
-    return weights_resolver(
-        cache_dir=settings.weights_dir,
-        s3_endpoint_url=settings.s3_endpoint_url,
-        s3_region=settings.s3_region,
-        local_only=local_only,
-    )
+@dataclass(frozen=True)
+class Batching:
+    """How a detector worker groups messages into model batches."""
+
+    max_batch: int
+    max_wait_s: float
+    # A batch running longer than this is taken as hung: the worker exits so that its
+    # messages are delivered again (a thread cannot be interrupted).
+    watchdog_s: float
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What this process runs with, read once from settings."""
+
+    environment: str
+    database_url: str
+    database_echo: bool
+    data_dir: Path
+    limits: IntakeLimits
+    catalog: Catalog
+    device: str
+    batch_size: int
+    batch_wait_s: float
+    intake_threads: int
+    threshold: float
+    weights: Mapping[str, float]
+    calibrations: Mapping[str, Calibration]
+    fleet_detectors: tuple[str, ...]
+    max_detect_attempts: int
+    task_time_limit_s: int
+    visibility_timeout_s: int
+    s3_endpoint_url: str | None
+    s3_region: str
+    weights_dir: Path
+    # Where batch figures go (the logs today; the metrics exporter reads the same calls).
+    batch_observer: BatchObserver = field(default_factory=LogBatches)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Runtime:
+        """Raises ``SpecError`` when the operator's detector file is malformed."""
+        return cls(
+            environment=settings.environment,
+            database_url=settings.resolved_database_url,
+            database_echo=settings.database_echo,
+            data_dir=settings.data_dir,
+            limits=IntakeLimits(
+                max_bytes=settings.max_image_bytes,
+                max_pixels=settings.max_image_pixels,
+                decode_timeout_s=settings.decode_timeout_seconds,
+            ),
+            catalog=Catalog.build(settings.detector_config),
+            device=settings.device,
+            batch_size=settings.batch_size,
+            batch_wait_s=settings.batch_wait_ms / 1000,
+            intake_threads=settings.intake_threads,
+            threshold=settings.flag_threshold,
+            weights=dict(settings.ensemble_weights),
+            calibrations={
+                name: Calibration(a=platt.a, b=platt.b)
+                for name, platt in settings.ensemble_calibrations.items()
+            },
+            fleet_detectors=tuple(settings.fleet_detectors),
+            max_detect_attempts=settings.max_detect_attempts,
+            task_time_limit_s=settings.task_time_limit_seconds,
+            visibility_timeout_s=settings.visibility_timeout_seconds,
+            s3_endpoint_url=settings.s3_endpoint_url,
+            s3_region=settings.s3_region,
+            weights_dir=settings.weights_dir,
+        )
+
+    def replace(self, **changes: Any) -> Runtime:
+        """This runtime with some values changed for this process (a CLI option); the
+        values are checked as the settings check them."""
+        if "device" in changes:
+            changes["device"] = check_device(changes["device"])
+        if "threshold" in changes and not 0.0 <= changes["threshold"] <= 1.0:
+            raise ValueError("the threshold must be between 0 and 1")
+        for name in ("batch_size", "intake_threads"):
+            if name in changes and changes[name] < 1:
+                raise ValueError(f"{name.replace('_', ' ')} must be at least 1")
+        if "batch_wait_s" in changes and changes["batch_wait_s"] < 0:
+            raise ValueError("the batch wait must not be negative")
+        return dataclasses.replace(self, **changes)
+
+    # --- the ensemble -------------------------------------------------------------------
+
+    def ensemble(self, specs: Iterable[DetectorSpec]) -> EnsembleConfig:
+        """The ensemble configuration over these detectors: the configured threshold,
+        weights and calibrations, and the decisive rules of their specs."""
+        return EnsembleConfig.for_detectors(
+            specs, threshold=self.threshold, weights=self.weights, calibrations=self.calibrations
+        )
+
+    @property
+    def fleet_ensemble(self) -> EnsembleConfig:
+        """The configuration the fleet decides with (its detectors' specs)."""
+        unknown = [name for name in self.fleet_detectors if name not in self.catalog.specs]
+        if unknown:
+            raise SpecError(
+                f"SYNTHSENTRY_FLEET_DETECTORS names unknown detectors: {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(self.catalog.specs))}"
+            )
+        return self.ensemble(self.catalog.specs[name] for name in self.fleet_detectors)
+
+    # --- detectors ----------------------------------------------------------------------
+
+    def weights_resolver(self, *, local_only: bool = False) -> WeightsResolver:
+        return weights_resolver(
+            cache_dir=self.weights_dir,
+            s3_endpoint_url=self.s3_endpoint_url,
+            s3_region=self.s3_region,
+            local_only=local_only,
+        )
+
+    def build_detector(self, spec: DetectorSpec) -> Detector:
+        """Fetch (if needed) and load one detector; raises ``DetectorUnavailable``."""
+        return build_detector(spec, device=self.device, resolve=self.weights_resolver())
+
+    def build_available(self) -> tuple[list[Detector], list[Skipped]]:
+        """Every catalog detector whose weights are already on this machine (no download)."""
+        return build_available(
+            self.catalog.specs.values(),
+            device=self.device,
+            resolve=self.weights_resolver(local_only=True),
+        )
+
+    # --- services -----------------------------------------------------------------------
+
+    def session_factory(self, *, pool_size: int = 5) -> sessionmaker[Session]:
+        from db.session import make_engine, make_sessionmaker
+
+        engine = make_engine(self.database_url, echo=self.database_echo, pool_size=pool_size)
+        return make_sessionmaker(engine)
+
+    def s3_client(self, *, max_connections: int = 10) -> S3Reader:
+        import boto3
+        from botocore.config import Config
+
+        client: S3Reader = boto3.client(
+            "s3",
+            endpoint_url=self.s3_endpoint_url,
+            region_name=self.s3_region,
+            config=Config(max_pool_connections=max(10, max_connections)),
+        )
+        return client
+
+    def fleet_context(self, *, threads: int = 1) -> FleetContext:
+        """``threads``: tasks this process runs at once (sizes the database and S3 pools)."""
+        from workers.fleet import FleetContext
+
+        client = self.s3_client(max_connections=threads)
+        return FleetContext(
+            session_factory=self.session_factory(pool_size=max(5, threads)),
+            s3=lambda: client,
+            limits=self.limits,
+            ensemble=self.fleet_ensemble,
+            detectors=list(self.fleet_detectors),
+            max_attempts=self.max_detect_attempts,
+        )
+
+    def batching(self) -> Batching:
+        return Batching(
+            max_batch=self.batch_size,
+            max_wait_s=self.batch_wait_s,
+            watchdog_s=float(self.task_time_limit_s),
+        )
+
+
+def build_runtime(settings: Settings | None = None) -> Runtime:
+    return Runtime.from_settings(settings or get_settings())

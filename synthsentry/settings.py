@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,6 +25,22 @@ def _looks_like_placeholder(secret: str) -> bool:
 
 def _default_data_dir() -> Path:
     return Path.cwd() / ".synthsentry"
+
+
+def check_device(value: str) -> str:
+    """A torch device name this project runs on: ``cpu``, ``cuda`` or ``cuda:N``."""
+    if value in {"cpu", "cuda"} or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {value!r}")
+
+
+class PlattCalibration(BaseModel):
+    """``p' = sigmoid(a * logit(p) + b)`` for one detector's scores."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    a: float = 1.0
+    b: float = 0.0
 
 
 class Settings(BaseSettings):
@@ -83,6 +99,11 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='Per-detector weight in the ensemble mean, JSON: {"sumsub-v2": 2.0}. '
         "Detectors not named weigh 1.0.",
+    )
+    ensemble_calibrations: dict[str, PlattCalibration] = Field(
+        default_factory=dict,
+        description="Per-detector Platt calibration of scores before they are combined, JSON: "
+        '{"sumsub-v2": {"a": 1.3, "b": -0.2}}. Detectors not named are taken as they are.',
     )
 
     # Object storage (S3 or any S3-protocol server such as MinIO).
@@ -143,9 +164,15 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
-        if value in {"cpu", "cuda"} or value.startswith("cuda:"):
-            return value
-        raise ValueError("device must be 'cpu', 'cuda' or 'cuda:N'")
+        return check_device(value)
+
+    @field_validator("ensemble_weights")
+    @classmethod
+    def _check_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        negative = sorted(name for name, weight in value.items() if not weight >= 0)
+        if negative:
+            raise ValueError(f"ensemble weights must be >= 0: {', '.join(negative)}")
+        return value
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:

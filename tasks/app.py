@@ -10,6 +10,10 @@ Guarantees and the settings that give them (docs/fleet.md explains each):
   detector worker has two batches' worth of slots (threads), one running, one filling;
 - JSON only, never pickle, on the wire;
 - no result backend: results live in Postgres.
+
+Importing this module (to send a task by name) loads Celery and the settings, nothing
+more: no database driver, no image library, no torch. A worker imports the task
+definitions (``tasks.scan``) when it starts.
 """
 
 from __future__ import annotations
@@ -19,9 +23,13 @@ from typing import Any
 from celery import Celery
 
 from synthsentry.settings import Settings, get_settings
-from workers.fleet import INTAKE_QUEUE
+from tasks.queues import QUEUES
 
-app = Celery("synthsentry", set_as_current=False)
+# The task names, for senders; the definitions live in tasks.scan.
+INTAKE_TASK = "synthsentry.intake"
+DETECT_TASK = "synthsentry.detect"
+
+app = Celery("synthsentry", set_as_current=False, include=["tasks.scan"])
 
 
 def restore_interval(visibility_timeout: int) -> int:
@@ -56,8 +64,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": settings.task_time_limit_seconds,
         "task_soft_time_limit": settings.task_time_limit_seconds
         - max(1, min(30, settings.task_time_limit_seconds // 4)),
-        "task_default_queue": INTAKE_QUEUE,
-        "task_routes": {"synthsentry.intake": {"queue": INTAKE_QUEUE}},
+        "task_default_queue": QUEUES.intake,
+        "task_routes": {INTAKE_TASK: {"queue": QUEUES.intake}},
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
     }
@@ -66,7 +74,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def configure(settings: Settings | None = None) -> Celery:
     """Apply settings to the app; called by every process that sends or runs tasks."""
     app.conf.update(celery_config(settings or get_settings()))
-    # Register the tasks on this app (the import has side effects by design).
-    import tasks.scan  # noqa: F401
-
     return app
+
+
+def send_intake(source_id: int) -> None:
+    app.send_task(INTAKE_TASK, args=(source_id,), queue=QUEUES.intake)
+
+
+def send_detect(image_id: int, detector: str) -> None:
+    app.send_task(DETECT_TASK, args=(image_id, detector), queue=QUEUES.detect(detector))

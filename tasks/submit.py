@@ -5,12 +5,12 @@ worker always finds it; a duplicate of a finished upload sends nothing."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 from db.models import SourceKind
-from tasks.app import app
+from tasks.app import app, send_detect, send_intake
+from tasks.queues import QUEUES
 from workers.events import UploadRecord
-from workers.fleet import FleetContext, Upload, queue_for, record_upload, resend_stalled
+from workers.fleet import FleetContext, Upload, record_upload, resend_stalled
 
 log = logging.getLogger(__name__)
 
@@ -35,32 +35,38 @@ def submit_upload(
     if source_id is None:
         log.info("duplicate upload event", extra={"bucket": record.bucket, "ref": record.ref_key()})
         return None
-    app.send_task("synthsentry.intake", args=(source_id,))
+    send_intake(source_id)
     return source_id
 
 
-def _queue_busy() -> Callable[[str], bool]:
+class BrokerBacklog:
     """Whether a queue still holds messages, asked of the broker once per queue per check."""
-    sizes: dict[str, int] = {}
 
-    def busy(queue: str) -> bool:
-        if queue not in sizes:
+    def __init__(self) -> None:
+        self._sizes: dict[str, int] = {}
+
+    def intake_waiting(self) -> bool:
+        return self._waiting(QUEUES.intake)
+
+    def detection_waiting(self, detector: str) -> bool:
+        return self._waiting(QUEUES.detect(detector))
+
+    def _waiting(self, queue: str) -> bool:
+        if queue not in self._sizes:
             with app.connection_for_write() as connection:
                 # Declaring an existing queue changes nothing and returns its length.
                 declared = connection.default_channel.queue_declare(queue=queue)
-                sizes[queue] = int(declared.message_count)
-        return sizes[queue] > 0
-
-    return busy
+                self._sizes[queue] = int(declared.message_count)
+        return self._sizes[queue] > 0
 
 
 def resend_lost(ctx: FleetContext, *, after_s: float) -> int:
     """Send again the messages of uploads pending longer than ``after_s``; returns how many
     messages were sent. Marked in the database before sending: a crash in between only
     delays that upload to its next check."""
-    work = resend_stalled(ctx, after_s=after_s, queue_busy=_queue_busy())
+    work = resend_stalled(ctx, after_s=after_s, backlog=BrokerBacklog())
     for source_id in work.intake:
-        app.send_task("synthsentry.intake", args=(source_id,))
+        send_intake(source_id)
     for image_id, detector in work.detect:
-        app.send_task("synthsentry.detect", args=(image_id, detector), queue=queue_for(detector))
+        send_detect(image_id, detector)
     return len(work.intake) + len(work.detect)

@@ -3,8 +3,12 @@ and held against the code they deploy (the CLI's parser, the settings, the queue
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +17,8 @@ import yaml
 
 from synthsentry.cli import build_parser
 from synthsentry.settings import Settings
+from tasks.queues import QUEUES
 from workers.detectors.registry import BUILTIN_SPECS
-from workers.fleet import queue_for
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS_VARS = {f"SYNTHSENTRY_{name.upper()}" for name in Settings.model_fields}
@@ -40,7 +44,7 @@ def _queue_of(args: list[str]) -> str | None:
     parsed = build_parser().parse_args(args)
     if parsed.command != "worker":
         return None
-    return "intake" if parsed.intake else queue_for(parsed.detector)
+    return QUEUES.intake if parsed.intake else QUEUES.detect(parsed.detector)
 
 
 def test_every_manifest_is_well_formed() -> None:
@@ -78,7 +82,16 @@ def test_configmap_and_env_only_name_real_settings(monkeypatch: pytest.MonkeyPat
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("SYNTHSENTRY_DATABASE_URL", "postgresql+psycopg2://u:p@db:5432/s")
     settings = Settings()
-    assert settings.fleet_detectors == ["provenance", "commfor-vit384"]
+    # Every detector of the fleet's ensemble is known and has a worker on its queue: an
+    # image waits for all of them.
+    consumed = {
+        _queue_of(d["spec"]["template"]["spec"]["containers"][0]["args"])
+        for d in _by_kind("Deployment")
+    }
+    assert settings.fleet_detectors
+    for detector in settings.fleet_detectors:
+        assert detector in BUILTIN_SPECS, detector
+        assert QUEUES.detect(detector) in consumed, f"no worker for {detector}"
     for document in _by_kind("Deployment"):
         for container in document["spec"]["template"]["spec"]["containers"]:
             for variable in container.get("env", []):
@@ -181,12 +194,34 @@ def test_dockerfile_runs_as_non_root_and_copies_what_exists() -> None:
     ]
     assert re.fullmatch(r"FROM python:3\.11-[\w.-]+", lines[0])
     assert any(line.startswith("USER ") and "root" not in line for line in lines)
-    assert lines[-2:] == ['ENTRYPOINT ["synthsentry"]', 'CMD ["--help"]']
+    # The image runs the project's console script, and its default command works.
+    entrypoint = json.loads(_instruction(lines, "ENTRYPOINT"))
+    command = json.loads(_instruction(lines, "CMD"))
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert entrypoint == ["synthsentry"] and "synthsentry" in scripts
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from {scripts['synthsentry'].replace(':', ' import ')} as m; raise SystemExit(m())",
+            *command,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
     for line in lines:
         if line.startswith("COPY "):
             for source in shlex.split(line)[1:-1]:
                 assert (REPO / source).exists(), source
     assert not any(line.startswith("ADD ") for line in lines)
+
+
+def _instruction(lines: list[str], name: str) -> str:
+    """The argument of the last ``name`` instruction (the one that takes effect)."""
+    (last, *_) = [line for line in reversed(lines) if line.startswith(f"{name} ")]
+    return last.removeprefix(f"{name} ")
 
 
 @pytest.mark.parametrize("path", ["docker/detectors.toml"])

@@ -14,7 +14,15 @@ from PIL import Image
 
 from workers.detectors.base import Detector
 from workers.detectors.registry import BUILTIN_SPECS, build_detector
-from workers.engine import MicroBatcher, collect_batches, is_staged, prepare, run_detector
+from workers.engine import (
+    RECENT_BATCHES,
+    BatchStats,
+    MicroBatcher,
+    collect_batches,
+    is_staged,
+    prepare,
+    run_detector,
+)
 
 from badfiles import sample_picture
 from checkpoints import SUMSUB_MOBILENET, write_sumsub_raw
@@ -37,10 +45,11 @@ def test_batched_engine_matches_one_image_at_a_time(mj5: Detector) -> None:
     prepared = [prepare(image, b"", [mj5]) for image in images]
     batched = run_detector(mj5, prepared, max_batch=3)  # batches of 3 and 2
     single = [mj5.detect_batch([image], [b""])[0] for image in images]
-    for (output, latency, error), reference in zip(batched, single, strict=True):
-        assert error is None and output is not None and latency is not None
-        assert output.score == pytest.approx(reference.score, abs=1e-4)
-    scores = [o.score for o, _, _ in batched if o is not None]
+    for result, reference in zip(batched, single, strict=True):
+        assert result.error is None and result.output is not None
+        assert result.latency_ms is not None
+        assert result.output.score == pytest.approx(reference.score, abs=1e-4)
+    scores = [r.output.score for r in batched if r.output is not None]
     assert max(scores) - min(scores) > 1e-3, "distinct images must get distinct scores"
 
 
@@ -50,8 +59,8 @@ def test_preprocessing_failure_stays_with_its_image(mj5: Detector) -> None:
     prepared[1].tensors.clear()
     prepared[1].errors["sumsub-mj5"] = "ValueError: cannot preprocess"
     results = run_detector(mj5, prepared, max_batch=8)
-    assert [r[2] for r in results] == [None, "ValueError: cannot preprocess", None]
-    assert results[0][0] is not None and results[2][0] is not None
+    assert [r.error for r in results] == [None, "ValueError: cannot preprocess", None]
+    assert results[0].output is not None and results[2].output is not None
 
 
 def test_batches_fill_up_to_the_size_limit() -> None:
@@ -118,7 +127,36 @@ def test_batcher_lone_item_waits_only_the_window() -> None:
     # The slack covers a loaded machine; a 32-batch would never fill.
     assert time.monotonic() - started < 2.0
     batcher.close()
-    assert batcher.batch_sizes == [1]
+    assert list(batcher.stats.recent) == [1]
+
+
+def test_batch_stats_stay_bounded_in_a_long_lived_worker() -> None:
+    stats = BatchStats()
+    for i in range(4 * RECENT_BATCHES):
+        stats.add(1 + i % 2)
+    assert len(stats.recent) == RECENT_BATCHES
+    assert (stats.batches, stats.items, stats.largest) == (
+        4 * RECENT_BATCHES,
+        6 * RECENT_BATCHES,
+        2,
+    )
+    assert stats.mean == pytest.approx(1.5)
+
+
+def test_batcher_reports_every_batch_to_its_observer() -> None:
+    seen: list[tuple[str, int]] = []
+
+    class Recorder:
+        def batch_ran(self, batcher: str, size: int, seconds: float) -> None:
+            assert seconds >= 0
+            seen.append((batcher, size))
+
+    batcher = MicroBatcher(
+        lambda items: items, max_batch=4, max_wait_s=0.0, name="probe", observer=Recorder()
+    )
+    assert batcher(7) == 7
+    batcher.close()
+    assert seen == [("probe", 1)]
 
 
 def test_batcher_waits_for_announced_callers_and_no_one_else() -> None:
@@ -143,7 +181,7 @@ def test_batcher_waits_for_announced_callers_and_no_one_else() -> None:
         assert list(pool.map(caller, [2, 3], [0.0, 0.3])) == [2, 3]
     assert time.monotonic() - started < 5
     # The quick caller's item waited for the slow one's: one batch of two.
-    assert batcher.batch_sizes == [1, 2]
+    assert list(batcher.stats.recent) == [1, 2]
 
     def leaves_without_submitting() -> None:
         with batcher.expecting():
@@ -157,7 +195,7 @@ def test_batcher_waits_for_announced_callers_and_no_one_else() -> None:
         leaving.result(10)
     assert time.monotonic() - started < 5
     batcher.close()
-    assert batcher.batch_sizes == [1, 2, 1]
+    assert list(batcher.stats.recent) == [1, 2, 1]
 
 
 def test_batcher_runs_suspects_alone_after_the_others() -> None:
@@ -230,11 +268,11 @@ def test_batched_forward_matches_one_image_at_a_time(mj5: Detector) -> None:
     with ThreadPoolExecutor(len(images)) as pool:
         batched = list(pool.map(lambda im: batcher(prepare(im, b"", [mj5])), images))
     batcher.close()
-    assert batcher.batch_sizes == [5]
-    for (output, _, error), image in zip(batched, images, strict=True):
+    assert list(batcher.stats.recent) == [5]
+    for result, image in zip(batched, images, strict=True):
         (reference,) = mj5.detect_batch([image], [b""])
-        assert error is None and output is not None
-        assert output.score == pytest.approx(reference.score, abs=1e-4)
+        assert result.error is None and result.output is not None
+        assert result.output.score == pytest.approx(reference.score, abs=1e-4)
 
 
 def test_scan_pipeline_keeps_input_order(tmp_path: Path, mj5: Detector, sqlite_url: str) -> None:

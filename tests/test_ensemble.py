@@ -6,10 +6,9 @@ import math
 
 import pytest
 
+from db.models import VerdictLabel
+from workers.detectors.registry import BUILTIN_SPECS
 from workers.ensemble import (
-    INCONCLUSIVE,
-    LIKELY_AI,
-    NO_INDICATION,
     Calibration,
     DetectorScore,
     EnsembleConfig,
@@ -22,21 +21,21 @@ def test_weighted_mean_and_flag_at_threshold() -> None:
     decision = combine(scores, EnsembleConfig(threshold=0.5, weights={"a": 3.0}))
     assert decision.ai_score == pytest.approx((3 * 0.9 + 0.3) / 4)
     assert decision.flagged is True
-    assert decision.label == LIKELY_AI
+    assert decision.label == VerdictLabel.LIKELY_AI
     assert "not proof" in decision.reason
     assert "a 0.90" in decision.reason and "b 0.30" in decision.reason
 
 
 def test_score_equal_to_threshold_is_flagged() -> None:
     decision = combine([DetectorScore("a", "1", 0.5)], EnsembleConfig(threshold=0.5))
-    assert decision.flagged and decision.label == LIKELY_AI
+    assert decision.flagged and decision.label == VerdictLabel.LIKELY_AI
 
 
 def test_below_threshold_is_no_indication() -> None:
     decision = combine([DetectorScore("a", "1", 0.2)], EnsembleConfig(threshold=0.5))
     assert decision.ai_score == pytest.approx(0.2)
     assert not decision.flagged
-    assert decision.label == NO_INDICATION
+    assert decision.label == VerdictLabel.NO_INDICATION
 
 
 def test_abstention_is_left_out_not_counted_as_human() -> None:
@@ -54,7 +53,7 @@ def test_nobody_answered_is_inconclusive_and_not_flagged() -> None:
         EnsembleConfig(),
     )
     assert decision.ai_score is None
-    assert decision.label == INCONCLUSIVE
+    assert decision.label == VerdictLabel.INCONCLUSIVE
     assert not decision.flagged
     assert "1 failed: m" in decision.reason
 
@@ -64,7 +63,7 @@ def test_failed_detector_is_named_in_reason() -> None:
         [DetectorScore("a", "1", 0.1), DetectorScore("b", "1", None, error="boom")],
         EnsembleConfig(),
     )
-    assert decision.label == NO_INDICATION
+    assert decision.label == VerdictLabel.NO_INDICATION
     assert "b failed" in decision.reason
 
 
@@ -108,22 +107,70 @@ def test_decisive_positive_flags_whatever_the_models_say() -> None:
     decision = combine(
         [
             DetectorScore("model", "1", 0.05),
-            DetectorScore(
-                "provenance", "1", 1.0, decisive=True, summary="C2PA: created by Adobe Firefly"
-            ),
+            DetectorScore("provenance", "1", 1.0, summary="C2PA: created by Adobe Firefly"),
         ],
-        EnsembleConfig(threshold=0.9),
+        EnsembleConfig(threshold=0.9, decisive=frozenset({"provenance"})),
     )
     assert decision.ai_score == pytest.approx(0.525)
-    assert decision.flagged and decision.label == LIKELY_AI
+    assert decision.flagged and decision.label == VerdictLabel.LIKELY_AI
     assert decision.reason.startswith("provenance: C2PA: created by Adobe Firefly")
     assert "not proof" in decision.reason
 
 
 def test_decisive_detector_that_abstains_changes_nothing() -> None:
     decision = combine(
-        [DetectorScore("model", "1", 0.2), DetectorScore("provenance", "1", None, decisive=True)],
-        EnsembleConfig(),
+        [DetectorScore("model", "1", 0.2), DetectorScore("provenance", "1", None)],
+        EnsembleConfig(decisive=frozenset({"provenance"})),
     )
     assert decision.ai_score == pytest.approx(0.2)
-    assert not decision.flagged and decision.label == NO_INDICATION
+    assert not decision.flagged and decision.label == VerdictLabel.NO_INDICATION
+
+
+def test_a_positive_answer_of_a_detector_that_is_not_decisive_is_only_averaged() -> None:
+    decision = combine(
+        [DetectorScore("model", "1", 0.05), DetectorScore("provenance", "1", 1.0)],
+        EnsembleConfig(threshold=0.9),
+    )
+    assert not decision.flagged and decision.ai_score == pytest.approx(0.525)
+
+
+def test_decisive_rules_come_from_the_detector_specs() -> None:
+    specs = [BUILTIN_SPECS["provenance"], BUILTIN_SPECS["sumsub-mj5"]]
+    config = EnsembleConfig.for_detectors(specs, threshold=0.5)
+    assert config.decisive == frozenset({"provenance"})
+    assert EnsembleConfig.for_detectors(specs[1:], threshold=0.5).decisive == frozenset()
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        EnsembleConfig(threshold=0.6),
+        EnsembleConfig(weights={"a": 2.0}),
+        EnsembleConfig(calibrations={"a": Calibration(a=1.5, b=0.0)}),
+        EnsembleConfig(decisive=frozenset({"a"})),
+        EnsembleConfig(decisive=frozenset({"a"}), decisive_min_score=0.9),
+    ],
+    ids=["threshold", "weights", "calibration", "decisive", "decisive-score"],
+)
+def test_everything_that_decides_a_verdict_is_in_the_config_digest(
+    changed: EnsembleConfig,
+) -> None:
+    base = EnsembleConfig()
+    assert changed.digest != base.digest
+    assert changed.version != base.version
+    assert changed.version.startswith("weighted-mean@")
+
+
+def test_configs_that_decide_alike_share_their_digest() -> None:
+    """Defaults written out (weight 1, identity calibration) mean what leaving them out
+    means: the same verdicts, so the same version."""
+    explicit = EnsembleConfig(weights={"a": 1.0}, calibrations={"a": Calibration()})
+    assert explicit.digest == EnsembleConfig().digest
+    assert EnsembleConfig(threshold=0.5).definition() == EnsembleConfig().definition()
+
+
+def test_an_ensemble_config_refuses_impossible_values() -> None:
+    with pytest.raises(ValueError, match="threshold"):
+        EnsembleConfig(threshold=1.5)
+    with pytest.raises(ValueError, match="weights must be >= 0: a"):
+        EnsembleConfig(weights={"a": -1.0})

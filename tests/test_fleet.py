@@ -11,13 +11,14 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Detection, ReviewCase, Source, SourceStatus, Verdict
+from db.models import Detection, ReviewCase, ReviewState, Source, SourceStatus, Verdict
 from db.session import make_engine, make_sessionmaker
 from workers import fleet
 from workers.detectors.base import Detector, DetectorSpec
 from workers.detectors.registry import BUILTIN_SPECS, build_detector
 from workers.ensemble import EnsembleConfig
-from workers.intake import IntakeLimits
+from workers.intake import IntakeLimits, decode
+from workers.results import status_of
 
 from badfiles import sample_picture
 from checkpoints import SUMSUB_MOBILENET, write_sumsub_raw
@@ -120,9 +121,45 @@ def test_upload_to_verdict_once_whatever_is_repeated(
     assert _count(sessions, ReviewCase) == 1
     assert fleet.record_upload(ctx, upload) is None  # a duplicate event of a finished scan
     with sessions() as session:
-        (outcome,) = fleet.status_of(session, BUCKET, "a b/one.png")
+        (outcome,) = status_of(session, BUCKET, "a b/one.png", active_ensemble=ctx.ensemble.version)
     assert outcome.status == "scored" and outcome.flagged
     assert {d.name for d in outcome.detectors} == {"sumsub-mj5", "sumsub-sd5"}
+
+
+def test_a_rescan_under_a_changed_ensemble_stores_a_new_verdict_the_case_follows(
+    sessions: sessionmaker[Session], s3_endpoint: str, bucket: str, models: dict[str, Detector]
+) -> None:
+    """The same bytes uploaded again after the threshold changed: every detection is reused,
+    the verdict under the new configuration is stored, and the open case is withdrawn; both
+    verdicts stay visible beside the case."""
+    flagging = _context(sessions, s3_endpoint)  # threshold 0: everything is flagged
+    data = _png((90, 60))
+    first = fleet.record_upload(flagging, _upload(s3_endpoint, "again/1.png", data))
+    assert first is not None
+    for image_id, name in fleet.take_in(flagging, first):
+        opened = fleet.detect(flagging, models[name], image_id)
+    assert opened is not None and opened.flagged
+
+    strict = _context(sessions, s3_endpoint, ensemble=EnsembleConfig(threshold=1.0))
+    second = fleet.record_upload(strict, _upload(s3_endpoint, "again/2.png", data))
+    assert second is not None
+    assert fleet.take_in(strict, second) == []  # every detection reused: concluded at intake
+    assert fleet.take_in(strict, second) == []  # and once only
+    assert (_count(sessions, Detection), _count(sessions, Verdict)) == (2, 2)
+    with sessions() as session:
+        (outcome,) = status_of(
+            session, BUCKET, "again/2.png", active_ensemble=strict.ensemble.version
+        )
+        (earlier,) = status_of(
+            session, BUCKET, "again/1.png", active_ensemble=flagging.ensemble.version
+        )
+    assert not outcome.flagged and outcome.ensemble_version == strict.ensemble.version
+    assert outcome.review is not None and outcome.review.state == ReviewState.WITHDRAWN
+    assert outcome.review.opened_by.id == opened.id and outcome.review.opened_by.flagged
+    assert outcome.review.current is not None and not outcome.review.current.flagged
+    # Read under the first configuration, the image's current verdict is still the first.
+    assert earlier.flagged and earlier.review is not None
+    assert earlier.review.current is not None and earlier.review.current.id == opened.id
 
 
 def test_concurrent_last_detections_store_one_verdict(
@@ -181,7 +218,7 @@ def test_object_deleted_before_intake_is_rejected_missing(
         source = session.get(Source, source_id)
         assert source is not None
         assert (source.status, source.reject_reason) == (SourceStatus.REJECTED, "missing")
-        (outcome,) = fleet.status_of(session, BUCKET, "gone.png")
+        (outcome,) = status_of(session, BUCKET, "gone.png", active_ensemble="any")
     assert outcome.status == "rejected" and outcome.reason == "missing"
 
 
@@ -261,17 +298,27 @@ def test_batched_detection_shares_forward_passes_and_isolates_redeliveries(
     batching.batcher.close()
     assert all(v is not None for v in verdicts)
     # Five fresh messages in one forward pass; the suspect in a batch of its own.
-    assert sorted(batching.batcher.batch_sizes) == [1, 5]
+    assert sorted(batching.batcher.stats.recent) == [1, 5]
     with sessions() as session:
         rows = {d.image_id: d for d in session.query(Detection)}
         attempts = {a.image_id: a.attempts for a in session.query(DetectionAttempt)}
     assert attempts == {i: (2 if i == suspect else 1) for i in image_ids}
     for image_id in image_ids:
         data = fleet._bytes_of(ctx, image_id)
-        (reference,) = mj5.detect_batch([fleet.decode(data, ctx.limits).image], [data])
+        (reference,) = mj5.detect_batch([decode(data, ctx.limits).image], [data])
         assert rows[image_id].error is None
         assert rows[image_id].score == pytest.approx(reference.score, abs=1e-4)
     assert (_count(sessions, Verdict), _count(sessions, ReviewCase)) == (6, 6)
+
+
+class _Busy:
+    """Every queue still holds messages."""
+
+    def intake_waiting(self) -> bool:
+        return True
+
+    def detection_waiting(self, detector: str) -> bool:
+        return True
 
 
 def test_lost_messages_are_sent_again_when_due(
@@ -296,9 +343,7 @@ def test_lost_messages_are_sent_again_when_due(
     assert fleet.resend_stalled(ctx, after_s=60) == fleet.Resend([], [])  # not due yet
     later = utcnow() + timedelta(seconds=61)
     # While the queues still hold messages, the work is most likely waiting its turn.
-    assert fleet.resend_stalled(
-        ctx, after_s=60, now=later, queue_busy=lambda _queue: True
-    ) == fleet.Resend([], [])
+    assert fleet.resend_stalled(ctx, after_s=60, now=later, backlog=_Busy()) == fleet.Resend([], [])
     work = fleet.resend_stalled(ctx, after_s=60, now=later)
     assert work == fleet.Resend(intake=[lost_intake], detect=[(image_id, "sumsub-sd5")])
     # Checked again only after twice the delay, then four times.

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
+from synthsentry.runtime import Runtime
 from synthsentry.settings import Settings
 from workers.intake import (
     SNIFF_BYTES,
@@ -42,7 +43,7 @@ from badfiles import (
 )
 
 # The field defaults (50 MiB, 100 Mpx, 20 s), whatever SYNTHSENTRY_* says in this shell.
-DEFAULT_LIMITS = IntakeLimits.from_settings(Settings.model_construct())
+DEFAULT_LIMITS = Runtime.from_settings(Settings.model_construct()).limits
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 SIZE = (64, 48)
 
@@ -57,13 +58,6 @@ def rejection(action: Callable[[], object]) -> Rejected:
     exc = caught.value
     assert str(exc) == exc.message and exc.message.strip(), "a moderator needs a sentence"
     return exc
-
-
-def test_default_limits_come_from_settings() -> None:
-    defaults = IntakeLimits.from_settings(Settings.model_construct())
-    assert defaults == IntakeLimits(50 * 1024 * 1024, 100_000_000, 20.0)
-    custom = Settings(max_image_bytes=10, max_image_pixels=20, decode_timeout_seconds=0.5)
-    assert IntakeLimits.from_settings(custom) == IntakeLimits(10, 20, 0.5)
 
 
 @pytest.mark.parametrize("field", ["max_bytes", "max_pixels", "decode_timeout_s"])

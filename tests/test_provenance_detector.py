@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from db.models import VerdictLabel
 from workers.detectors.base import Detector, DetectorSpec, DetectorUnavailable
 from workers.detectors.provenance import ProvenanceOptionsError, load_provenance
-from workers.ensemble import LIKELY_AI, DetectorScore, EnsembleConfig, combine
+from workers.detectors.registry import BUILTIN_SPECS
+from workers.ensemble import DetectorScore, EnsembleConfig, combine
 from workers.provenance.c2pa import C2paReader
 
 from provenance_fixtures import (
@@ -113,17 +115,11 @@ def test_a_decisive_positive_flags_the_image_whatever_the_models_say() -> None:
     decision = combine(
         [
             DetectorScore("sumsub-v2", "1", 0.05),
-            DetectorScore(
-                "provenance",
-                "1",
-                output.score,
-                decisive=True,
-                summary=output.evidence["summary"],
-            ),
+            DetectorScore("provenance", "1", output.score, summary=output.evidence["summary"]),
         ],
-        EnsembleConfig(),
+        EnsembleConfig.for_detectors([BUILTIN_SPECS["provenance"]], threshold=0.5),
     )
-    assert decision.flagged and decision.label == LIKELY_AI
+    assert decision.flagged and decision.label == VerdictLabel.LIKELY_AI
     assert "AUTOMATIC1111" in decision.reason and "not proof" in decision.reason
 
 
@@ -135,9 +131,9 @@ def test_abstention_leaves_the_models_alone() -> None:
     decision = combine(
         [
             DetectorScore("sumsub-v2", "1", 0.2),
-            DetectorScore("provenance", "1", None, decisive=True),
+            DetectorScore("provenance", "1", None),
         ],
-        EnsembleConfig(),
+        EnsembleConfig.for_detectors([BUILTIN_SPECS["provenance"]], threshold=0.5),
     )
     assert decision.ai_score == pytest.approx(0.2) and not decision.flagged
 

@@ -54,7 +54,7 @@ def test_each_source_is_recorded_once_and_seen_again(db_session: Session) -> Non
 def test_rejection_is_recorded_on_the_source(db_session: Session) -> None:
     ref = repository.SourceRef(SourceKind.CLI, "/gone.png@unread", local_path="/gone.png")
     source, _ = repository.record_source(db_session, ref, None)
-    repository.mark_source_rejected(db_session, source, "missing", "the file vanished")
+    repository.mark_source_rejected(db_session, source.id, "missing", "the file vanished")
     row = db_session.get(Source, source.id)
     assert row is not None
     assert row.status == SourceStatus.REJECTED
@@ -94,9 +94,16 @@ def test_stored_failure_is_not_reused_and_is_replaced_by_an_answer(db_session: S
     assert (answered.score, answered.error) == (0.4, None)
 
 
-def _verdict(flagged: bool, digest: str = "d" * 64) -> repository.VerdictRecord:
+ENSEMBLE = repository.EnsembleRecord(
+    version="weighted-mean@0123456789abcdef", digest="e" * 64, definition={"threshold": 0.5}
+)
+
+
+def _verdict(
+    flagged: bool, digest: str = "d" * 64, ensemble: repository.EnsembleRecord = ENSEMBLE
+) -> repository.VerdictRecord:
     return repository.VerdictRecord(
-        ensemble_version="v0",
+        ensemble=ensemble,
         detector_set_digest=digest,
         detector_set={"detectors": []},
         ai_score=0.9 if flagged else 0.1,
@@ -125,6 +132,99 @@ def test_unflagged_verdict_opens_no_case(db_session: Session) -> None:
     assert repository.count_rows(db_session, ReviewCase) == 0
     latest = repository.latest_verdict(db_session, image.id)
     assert latest is not None and latest.label == VerdictLabel.NO_INDICATION
+
+
+def _other_ensemble(name: str) -> repository.EnsembleRecord:
+    digest = (name * 64)[:64]
+    return repository.EnsembleRecord(f"weighted-mean@{digest[:16]}", digest, {"name": name})
+
+
+def _case_state(session: Session) -> tuple[ReviewState, int]:
+    case = session.query(ReviewCase).one()
+    session.refresh(case)
+    return case.state, case.verdict_id
+
+
+def test_a_verdict_that_no_longer_flags_withdraws_the_open_case_and_a_new_flag_reopens_it(
+    db_session: Session,
+) -> None:
+    image = _image(db_session)
+    first, _ = repository.save_verdict(db_session, image.id, _verdict(True), actor="t")
+    cleared, _ = repository.save_verdict(
+        db_session, image.id, _verdict(False, ensemble=_other_ensemble("b")), actor="t"
+    )
+    assert _case_state(db_session) == (ReviewState.WITHDRAWN, first.id)
+    again, created = repository.save_verdict(
+        db_session, image.id, _verdict(True, ensemble=_other_ensemble("c")), actor="t"
+    )
+    assert created and _case_state(db_session) == (ReviewState.OPEN, again.id)
+    # Back to the first configuration: its stored verdict is current again, and the case
+    # follows it without a new verdict row.
+    repository.save_verdict(
+        db_session, image.id, _verdict(False, ensemble=_other_ensemble("b")), actor="t"
+    )
+    back, created_back = repository.save_verdict(db_session, image.id, _verdict(True), actor="t")
+    assert back.id == first.id and not created_back
+    assert _case_state(db_session) == (ReviewState.OPEN, first.id)
+    assert repository.count_rows(db_session, Verdict) == 3
+    actions = [
+        e.action
+        for e in db_session.query(AuditEvent).order_by(AuditEvent.id)
+        if e.subject_type == "review_case"
+    ]
+    assert actions == [
+        "review_case.opened",
+        "review_case.withdrawn",
+        "review_case.reopened",
+        "review_case.withdrawn",
+        "review_case.reopened",
+    ]
+    assert cleared.ensemble_version == _other_ensemble("b").version
+
+
+@pytest.mark.parametrize("state", [ReviewState.CLAIMED, ReviewState.DECIDED])
+def test_a_held_or_decided_case_keeps_its_state_when_the_verdict_changes(
+    db_session: Session, state: ReviewState
+) -> None:
+    image = _image(db_session)
+    repository.save_verdict(db_session, image.id, _verdict(True), actor="t")
+    case = db_session.query(ReviewCase).one()
+    case.state = state
+    db_session.flush()
+    repository.save_verdict(
+        db_session, image.id, _verdict(False, ensemble=_other_ensemble("b")), actor="t"
+    )
+    assert _case_state(db_session)[0] == state
+
+
+def test_the_case_shows_the_verdict_that_opened_it_and_the_current_one(
+    db_session: Session,
+) -> None:
+    image = _image(db_session)
+    opened, _ = repository.save_verdict(db_session, image.id, _verdict(True), actor="t")
+    case = db_session.query(ReviewCase).one()
+    case.state = ReviewState.CLAIMED  # a moderator holds it while the configuration changes
+    db_session.flush()
+    other = _other_ensemble("b")
+    now, _ = repository.save_verdict(
+        db_session, image.id, _verdict(False, ensemble=other), actor="t"
+    )
+    found = repository.with_verdicts(db_session, image.id, ensemble_version=other.version)
+    assert found is not None and found.verdicts_differ
+    assert (found.opened_by.id, found.current and found.current.id) == (opened.id, now.id)
+    under_first = repository.with_verdicts(db_session, image.id, ensemble_version=ENSEMBLE.version)
+    assert under_first is not None and not under_first.verdicts_differ
+    never = repository.with_verdicts(db_session, image.id, ensemble_version="weighted-mean@none")
+    assert never is not None and never.current is None
+
+
+def test_an_ensemble_configuration_is_stored_once(db_session: Session) -> None:
+    first = repository.register_ensemble(db_session, ENSEMBLE)
+    again = repository.register_ensemble(db_session, ENSEMBLE)
+    assert first.id == again.id and first.definition == {"threshold": 0.5}
+    clash = repository.EnsembleRecord(ENSEMBLE.version, "f" * 64, {"threshold": 0.6})
+    with pytest.raises(repository.EnsembleVersionClash):
+        repository.register_ensemble(db_session, clash)
 
 
 @pytest.mark.parametrize("commit", [True, False])

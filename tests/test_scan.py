@@ -11,11 +11,11 @@ from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import migrate, repository
-from db.models import Detection, ReviewCase, Source, SourceStatus
+from db.models import AuditEvent, Detection, ReviewCase, ReviewState, Source, SourceStatus, Verdict
 from db.session import make_engine, make_sessionmaker
 from workers.detectors.base import Detector, DetectorOutput, DetectorSpec
 from workers.detectors.registry import BUILTIN_SPECS, build_detector
-from workers.ensemble import EnsembleConfig
+from workers.ensemble import Calibration, EnsembleConfig
 from workers.intake import IntakeLimits
 from workers.scan import Scanner, iter_image_paths
 
@@ -147,6 +147,81 @@ def test_flagged_images_open_one_review_case_each(
     # Flagging all three again (another threshold, so new verdicts) queues only the third.
     assert scan(0.0) == [True, True, True]
     assert cases() == 3
+
+
+@dataclass
+class FixedScore:
+    """A detector that answers the same score for every image (no model needed)."""
+
+    name: str
+    score: float
+
+    @property
+    def spec(self) -> DetectorSpec:
+        return DetectorSpec(self.name, "timm", "1")
+
+    @property
+    def version(self) -> str:
+        return "1"
+
+    @property
+    def weights_sha256(self) -> str | None:
+        return None
+
+    def detect_batch(
+        self, images: Sequence[Image.Image], raw: Sequence[bytes]
+    ) -> list[DetectorOutput]:
+        return [DetectorOutput(self.score, {"fixed": True}) for _ in images]
+
+
+def test_a_changed_ensemble_is_a_new_verdict_and_the_review_case_follows_it(
+    tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    """Weights, calibrations and the threshold decide a verdict: changing any of them stores
+    a new verdict (the detections are reused), and the review case follows the newest one;
+    re-running an unchanged configuration adds nothing."""
+    (path,) = _pictures(tmp_path / "in", 1)
+    detectors = [FixedScore("low", 0.2), FixedScore("high", 0.9)]
+
+    def scan(config: EnsembleConfig) -> tuple[bool, dict[str, int], ReviewState, int]:
+        (outcome,) = Scanner(detectors, sessions, LIMITS, config).scan([path])
+        assert outcome.ensemble_version == config.version
+        with sessions() as session:
+            counts = {
+                model.__tablename__: repository.count_rows(session, model)
+                for model in (Detection, Verdict, ReviewCase, AuditEvent)
+            }
+            case = session.query(ReviewCase).one()
+            opened_by = case.verdict_id
+            state = case.state
+        assert outcome.review is not None and outcome.review.state == state
+        return outcome.flagged, counts, state, opened_by
+
+    base = EnsembleConfig(threshold=0.5)  # (0.2 + 0.9) / 2 = 0.55
+    flagged, counts, state, first = scan(base)
+    assert flagged and state == ReviewState.OPEN
+    assert (counts["detections"], counts["verdicts"], counts["review_cases"]) == (2, 1, 1)
+    assert scan(base) == (flagged, counts, state, first), "an unchanged config adds nothing"
+
+    lighter = EnsembleConfig(threshold=0.5, weights={"high": 0.25})  # 0.425 / 1.25 = 0.34
+    flagged, counts, state, opened_by = scan(lighter)
+    assert not flagged and state == ReviewState.WITHDRAWN and opened_by == first
+    assert (counts["detections"], counts["verdicts"]) == (2, 2)
+
+    # low calibrated to sigmoid(logit(0.2) + 3) = 0.834: (0.834 + 0.225) / 1.25 = 0.85
+    calibrated = EnsembleConfig(
+        threshold=0.5, weights={"high": 0.25}, calibrations={"low": Calibration(a=1.0, b=3.0)}
+    )
+    flagged, counts, state, reopened_by = scan(calibrated)
+    assert flagged and state == ReviewState.OPEN and reopened_by != first
+    assert (counts["detections"], counts["verdicts"]) == (2, 3)
+
+    stricter = EnsembleConfig(
+        threshold=0.9, weights={"high": 0.25}, calibrations={"low": Calibration(a=1.0, b=3.0)}
+    )
+    flagged, counts, state, _ = scan(stricter)
+    assert not flagged and state == ReviewState.WITHDRAWN
+    assert (counts["detections"], counts["verdicts"], counts["review_cases"]) == (2, 4, 1)
 
 
 def test_iter_image_paths_walks_sorted_and_skips_hidden(tmp_path: Path) -> None:

@@ -15,11 +15,12 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeGuard, TypeVar
 
 from PIL import Image
 
@@ -27,12 +28,21 @@ from workers.detectors.base import Detector, DetectorOutput
 
 log = logging.getLogger(__name__)
 
-# (output or None, latency per image in ms, error text or None)
-DetectorResult = tuple[DetectorOutput | None, float | None, str | None]
+
+@dataclass(frozen=True)
+class DetectorResult:
+    """One detector's result for one image: its output, or why there is none."""
+
+    output: DetectorOutput | None
+    latency_ms: float | None = None  # per image (a batch's time divided by its size)
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, error: str) -> DetectorResult:
+        return cls(output=None, latency_ms=None, error=error)
 
 
-@runtime_checkable
-class StagedDetector(Protocol):
+class StagedDetector(Detector, Protocol):
     """A detector whose work splits into per-image preprocessing and a batched forward."""
 
     def preprocess(self, image: Image.Image) -> Any: ...
@@ -40,8 +50,10 @@ class StagedDetector(Protocol):
     def forward(self, batch: Any) -> list[DetectorOutput]: ...
 
 
-def is_staged(detector: Detector) -> bool:
-    return isinstance(detector, StagedDetector)
+def is_staged(detector: Detector) -> TypeGuard[StagedDetector]:
+    return callable(getattr(detector, "preprocess", None)) and callable(
+        getattr(detector, "forward", None)
+    )
 
 
 @dataclass
@@ -60,7 +72,7 @@ def prepare(image: Image.Image, raw: bytes, detectors: Sequence[Detector]) -> Pr
     for detector in detectors:
         if is_staged(detector):
             try:
-                prepared.tensors[detector.spec.name] = detector.preprocess(image)  # type: ignore[attr-defined]
+                prepared.tensors[detector.spec.name] = detector.preprocess(image)
             except Exception as exc:
                 prepared.errors[detector.spec.name] = f"{type(exc).__name__}: {exc}"
     return prepared
@@ -85,7 +97,7 @@ def _run_batch(detector: Detector, batch: list[Prepared]) -> list[DetectorResult
     name = detector.spec.name
     failed = {i: p.errors[name] for i, p in enumerate(batch) if name in p.errors}
     runnable = [i for i in range(len(batch)) if i not in failed]
-    results: dict[int, DetectorResult] = {i: (None, None, err) for i, err in failed.items()}
+    results = {i: DetectorResult.failed(err) for i, err in failed.items()}
     if runnable:
         started = time.perf_counter()
         try:
@@ -98,7 +110,7 @@ def _run_batch(detector: Detector, batch: list[Prepared]) -> list[DetectorResult
         else:
             per_image_ms = (time.perf_counter() - started) * 1000 / len(runnable)
             for i, output in zip(runnable, outputs, strict=True):
-                results[i] = (output, per_image_ms, None)
+                results[i] = DetectorResult(output, per_image_ms)
     return [results[i] for i in range(len(batch))]
 
 
@@ -108,16 +120,16 @@ def _run_one(detector: Detector, item: Prepared) -> DetectorResult:
         (output,) = _call(detector, [item])
     except Exception as exc:
         log.exception("detector failed on an image", extra={"detector": detector.spec.name})
-        return None, None, f"{type(exc).__name__}: {exc}"
-    return output, (time.perf_counter() - started) * 1000, None
+        return DetectorResult.failed(f"{type(exc).__name__}: {exc}")
+    return DetectorResult(output, (time.perf_counter() - started) * 1000)
 
 
 def _call(detector: Detector, items: list[Prepared]) -> list[DetectorOutput]:
+    outputs: list[DetectorOutput]
     if is_staged(detector) and all(detector.spec.name in p.tensors for p in items):
         import torch
 
-        stacked = torch.stack([p.tensors[detector.spec.name] for p in items])
-        outputs: list[DetectorOutput] = detector.forward(stacked)  # type: ignore[attr-defined]
+        outputs = detector.forward(torch.stack([p.tensors[detector.spec.name] for p in items]))
     else:
         outputs = detector.detect_batch([p.image for p in items], [p.raw for p in items])
     if len(outputs) != len(items):
@@ -175,6 +187,45 @@ def collect_batches(
 
 R = TypeVar("R")
 
+# A long-lived worker runs millions of batches: keep counts and the latest sizes only.
+RECENT_BATCHES = 256
+
+
+@dataclass
+class BatchStats:
+    """A bounded summary of the batches a batcher ran."""
+
+    batches: int = 0
+    items: int = 0
+    largest: int = 0
+    recent: deque[int] = field(default_factory=lambda: deque(maxlen=RECENT_BATCHES))
+
+    def add(self, size: int) -> None:
+        self.batches += 1
+        self.items += size
+        self.largest = max(self.largest, size)
+        self.recent.append(size)
+
+    @property
+    def mean(self) -> float:
+        return self.items / self.batches if self.batches else 0.0
+
+
+class BatchObserver(Protocol):
+    """Where a batcher reports each batch it ran (the logs; metrics later)."""
+
+    def batch_ran(self, batcher: str, size: int, seconds: float) -> None: ...
+
+
+class LogBatches:
+    """Reports every batch as one structured log line (``batch ran``, with its size)."""
+
+    def batch_ran(self, batcher: str, size: int, seconds: float) -> None:
+        log.info(
+            "batch ran",
+            extra={"batcher": batcher, "batch_size": size, "ms": round(seconds * 1000, 1)},
+        )
+
 
 @dataclass
 class _Waiting(Generic[T, R]):
@@ -212,6 +263,7 @@ class MicroBatcher(Generic[T, R]):
         on_stuck: Callable[[float], None] | None = None,
         name: str = "batcher",
         announced: bool = False,
+        observer: BatchObserver | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -224,7 +276,8 @@ class MicroBatcher(Generic[T, R]):
         self._announced = announced
         self._expected = 0  # callers announced through expecting() that have not submitted
         self._expected_lock = threading.Lock()
-        self.batch_sizes: list[int] = []  # sizes of the batches run so far (for logs, tests)
+        self.stats = BatchStats()
+        self._observer: BatchObserver = observer or LogBatches()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -285,7 +338,7 @@ class MicroBatcher(Generic[T, R]):
         live = [w for w in group if w.future.set_running_or_notify_cancel()]
         if not live:
             return
-        self.batch_sizes.append(len(live))
+        self.stats.add(len(live))
         started = time.monotonic()
         watchdog = None
         if self._watchdog_s is not None and self._on_stuck is not None:
@@ -308,11 +361,4 @@ class MicroBatcher(Generic[T, R]):
         finally:
             if watchdog is not None:
                 watchdog.cancel()
-            log.info(
-                "batch ran",
-                extra={
-                    "batcher": self._thread.name,
-                    "batch_size": len(live),
-                    "ms": round((time.monotonic() - started) * 1000, 1),
-                },
-            )
+            self._observer.batch_ran(self._thread.name, len(live), time.monotonic() - started)

@@ -1,9 +1,14 @@
-"""Ensemble v0: combine detector scores into one ``ai_score`` and decide whether a human
+"""The ensemble: combine detector scores into one ``ai_score`` and decide whether a human
 should look.
 
 The published detectors describe their output as "an indication, not proof", so the
 ensemble never says an image *is* AI-generated: it says whether the evidence is strong
 enough to put the image in front of a moderator, and why.
+
+Everything that decides a verdict is one :class:`EnsembleConfig`: the combination rule,
+the weights, the calibrations, the threshold and the decisive rules. Its canonical
+definition has a digest, and its version names that digest, so a verdict stored under one
+configuration is never mistaken for a verdict under another.
 """
 
 from __future__ import annotations
@@ -11,15 +16,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import Any, Literal
 
-ENSEMBLE_VERSION = "v0-weighted-mean"
+from db.models import VerdictLabel
 
-LIKELY_AI = "likely_ai"
-NO_INDICATION = "no_indication"
-INCONCLUSIVE = "inconclusive"
+Rule = Literal["weighted-mean"]
+WEIGHTED_MEAN: Rule = "weighted-mean"
+
+# A decisive detector's answer at or above this flags the image on its own.
+DECISIVE_MIN_SCORE = 0.5
+DEFAULT_WEIGHT = 1.0
 
 
 @dataclass(frozen=True)
@@ -30,8 +39,12 @@ class Calibration:
     a: float = 1.0
     b: float = 0.0
 
+    @property
+    def is_identity(self) -> bool:
+        return self.a == 1.0 and self.b == 0.0
+
     def apply(self, p: float) -> float:
-        if self.a == 1.0 and self.b == 0.0:
+        if self.is_identity:
             return p
         eps = 1e-7
         q = min(max(p, eps), 1.0 - eps)
@@ -41,13 +54,76 @@ class Calibration:
 
 @dataclass(frozen=True)
 class EnsembleConfig:
+    """Everything that decides a verdict from the detectors' scores.
+
+    ``decisive`` names the detectors whose positive answer (at least ``decisive_min_score``)
+    flags an image whatever the others say; build it from the detector specs with
+    :meth:`for_detectors`, never by hand in a pipeline.
+    """
+
     threshold: float = 0.5
     weights: Mapping[str, float] = field(default_factory=dict)
     calibrations: Mapping[str, Calibration] = field(default_factory=dict)
-    version: str = ENSEMBLE_VERSION
+    decisive: frozenset[str] = frozenset()
+    decisive_min_score: float = DECISIVE_MIN_SCORE
+    rule: Rule = WEIGHTED_MEAN
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"the threshold must be within [0, 1], got {self.threshold!r}")
+        negative = sorted(name for name, w in self.weights.items() if not w >= 0.0)
+        if negative:
+            raise ValueError(f"ensemble weights must be >= 0: {', '.join(negative)}")
+
+    @classmethod
+    def for_detectors(
+        cls,
+        specs: Iterable[Any],
+        *,
+        threshold: float,
+        weights: Mapping[str, float] | None = None,
+        calibrations: Mapping[str, Calibration] | None = None,
+    ) -> EnsembleConfig:
+        """The configuration for an ensemble of these detector specs: which of them are
+        decisive comes from each spec (``DetectorSpec.decisive``) and nowhere else."""
+        return cls(
+            threshold=threshold,
+            weights=dict(weights or {}),
+            calibrations=dict(calibrations or {}),
+            decisive=frozenset(spec.name for spec in specs if spec.decisive),
+        )
 
     def weight(self, detector: str) -> float:
-        return self.weights.get(detector, 1.0)
+        return self.weights.get(detector, DEFAULT_WEIGHT)
+
+    def definition(self) -> dict[str, Any]:
+        """The canonical, JSON-ready definition: equal definitions decide alike. Weights of
+        1 and identity calibrations are left out, since they are what an absent entry means."""
+        return {
+            "rule": self.rule,
+            "threshold": float(self.threshold),
+            "default_weight": DEFAULT_WEIGHT,
+            "weights": {
+                name: float(w) for name, w in sorted(self.weights.items()) if w != DEFAULT_WEIGHT
+            },
+            "calibrations": {
+                name: {"kind": "platt", "a": float(c.a), "b": float(c.b)}
+                for name, c in sorted(self.calibrations.items())
+                if not c.is_identity
+            },
+            "decisive": sorted(self.decisive),
+            "decisive_min_score": float(self.decisive_min_score),
+        }
+
+    @cached_property
+    def digest(self) -> str:
+        """sha256 of the canonical definition."""
+        return _digest(self.definition())
+
+    @property
+    def version(self) -> str:
+        """``<rule>@<first 16 hex digits of the digest>``: stored with every verdict."""
+        return f"{self.rule}@{self.digest[:16]}"
 
 
 @dataclass(frozen=True)
@@ -58,20 +134,28 @@ class DetectorScore:
     version: str
     score: float | None
     error: str | None = None
-    # A decisive detector's positive answer (score >= 0.5) flags the image whatever the
-    # other detectors say: a signed "made by AI" manifest outweighs any pixel statistics.
-    decisive: bool = False
     summary: str | None = None  # what a decisive detector found, for the flag reason
 
 
 @dataclass(frozen=True)
 class VerdictDecision:
     ai_score: float | None
-    label: str
+    label: VerdictLabel
     flagged: bool
     reason: str
+    # The detector versions and scores combined, and their digest: with the ensemble
+    # version, the identity of a verdict.
     detector_set: dict[str, Any]
     detector_set_digest: str
+
+
+def detector_set(scores: Sequence[DetectorScore]) -> dict[str, Any]:
+    return {
+        "detectors": [
+            {"name": s.name, "version": s.version, "score": s.score, "failed": s.error is not None}
+            for s in sorted(scores, key=lambda s: s.name)
+        ]
+    }
 
 
 def combine(scores: Sequence[DetectorScore], config: EnsembleConfig) -> VerdictDecision:
@@ -82,22 +166,20 @@ def combine(scores: Sequence[DetectorScore], config: EnsembleConfig) -> VerdictD
     """
     answered = [s for s in scores if s.score is not None and config.weight(s.name) > 0]
     failed = [s for s in scores if s.error is not None]
-    detector_set = {
-        "detectors": [
-            {"name": s.name, "version": s.version, "score": s.score, "failed": s.error is not None}
-            for s in sorted(scores, key=lambda s: s.name)
-        ],
-        "threshold": config.threshold,
-    }
-    digest = hashlib.sha256(json.dumps(detector_set, sort_keys=True).encode()).hexdigest()
+    combined = detector_set(scores)
+    digest = _digest(combined)
 
     if not answered:
         why = "no detector produced a score"
         if failed:
             why += f" ({len(failed)} failed: {', '.join(s.name for s in failed)})"
-        return VerdictDecision(None, INCONCLUSIVE, False, why, detector_set, digest)
+        return VerdictDecision(None, VerdictLabel.INCONCLUSIVE, False, why, combined, digest)
 
-    decisive = [s for s in answered if s.decisive and (s.score or 0.0) >= 0.5]
+    decisive = [
+        s
+        for s in answered
+        if s.name in config.decisive and (s.score or 0.0) >= config.decisive_min_score
+    ]
     total_weight = sum(config.weight(s.name) for s in answered)
     calibrated = {
         s.name: config.calibrations.get(s.name, Calibration()).apply(s.score or 0.0)
@@ -107,23 +189,26 @@ def combine(scores: Sequence[DetectorScore], config: EnsembleConfig) -> VerdictD
     parts = ", ".join(f"{name} {p:.2f}" for name, p in sorted(calibrated.items()))
     flagged = ai_score >= config.threshold or bool(decisive)
     if decisive:
-        label = LIKELY_AI
         found = "; ".join(f"{s.name}: {s.summary or 'AI signal found'}" for s in decisive)
         reason = (
             f"{found} (ai_score {ai_score:.2f}; {parts}): an indication for human review, not proof"
         )
     elif flagged:
-        label = LIKELY_AI
         reason = (
             f"ai_score {ai_score:.2f} is at or above the review threshold "
             f"{config.threshold:.2f} ({parts}): an indication for human review, not proof"
         )
     else:
-        label = NO_INDICATION
         reason = (
             f"ai_score {ai_score:.2f} is below the review threshold "
             f"{config.threshold:.2f} ({parts})"
         )
     if failed:
         reason += f"; not counted: {', '.join(s.name for s in failed)} failed"
-    return VerdictDecision(ai_score, label, flagged, reason, detector_set, digest)
+    label = VerdictLabel.LIKELY_AI if flagged else VerdictLabel.NO_INDICATION
+    return VerdictDecision(ai_score, label, flagged, reason, combined, digest)
+
+
+def _digest(document: Mapping[str, Any]) -> str:
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()

@@ -1,18 +1,20 @@
 """The fleet's steps as plain functions; the Celery tasks in ``tasks/`` only call these.
 
+One of the two pipelines over the scoring core (``workers/scoring.py``); the local-file
+scan is the other.
+
     upload recorded (source row, pending)  -> take_in: fetch once, hash, validate, find
     the detectors still missing            -> detect (one per detector queue): count the
     attempt, score, store the detection    -> conclude: under a row lock on the image, the
     writer of the last expected detection stores the verdict (once) and opens a review case.
 
 Every step is idempotent: a redelivered message or a duplicated event finds its work done
-and changes nothing. Nothing here sends messages; the caller sends the returned work after
-the transaction that recorded it has committed.
+and changes nothing. Nothing here sends messages or names queues; the caller sends the
+returned work after the transaction that recorded it has committed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -24,21 +26,25 @@ from typing import Any, Protocol
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository
-from db.models import Image, Source, SourceKind, SourceStatus, Verdict, utcnow
+from db.models import SourceKind, SourceStatus, Verdict, utcnow
 from db.session import transaction
+from workers import scoring
 from workers.detectors.base import Detector
-from workers.engine import DetectorResult, MicroBatcher, Prepared, prepare, run_detector
-from workers.ensemble import DetectorScore, EnsembleConfig
+from workers.engine import (
+    BatchObserver,
+    DetectorResult,
+    MicroBatcher,
+    Prepared,
+    prepare,
+    run_detector,
+)
+from workers.ensemble import EnsembleConfig
 from workers.intake import IntakeLimits, Rejected, RejectReason, decode
-from workers.scan import REJECTED, SCORED, DetectorReport, ScanOutcome, record_verdict
+from workers.scoring import TransientError
 
 log = logging.getLogger(__name__)
 
 ACTOR = "fleet"
-
-
-class TransientError(Exception):
-    """Worth retrying later: storage or network trouble, not a property of the upload."""
 
 
 class S3Reader(Protocol):
@@ -65,15 +71,7 @@ class FleetContext:
     limits: IntakeLimits
     ensemble: EnsembleConfig
     detectors: Sequence[str]  # the ensemble: every image waits for all of these
-    decisive: Mapping[str, bool] = field(default_factory=dict)
     max_attempts: int = 3
-
-
-INTAKE_QUEUE = "intake"
-
-
-def queue_for(detector: str) -> str:
-    return f"detect.{detector}"
 
 
 # --- recording uploads ------------------------------------------------------------------
@@ -108,14 +106,13 @@ def record_upload(
 # --- intake -----------------------------------------------------------------------------
 
 
-def fetch_object(s3: S3Reader, source: Source, limits: IntakeLimits) -> bytes:
+def fetch_object(s3: S3Reader, stored: repository.StoredObject, limits: IntakeLimits) -> bytes:
     """The object's bytes, read at most once past the size limit."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    assert source.bucket is not None and source.object_key is not None
-    params: dict[str, Any] = {"Bucket": source.bucket, "Key": source.object_key}
-    if source.version_id:
-        params["VersionId"] = source.version_id
+    params: dict[str, Any] = {"Bucket": stored.bucket, "Key": stored.key}
+    if stored.version_id:
+        params["VersionId"] = stored.version_id
     try:
         head = s3.head_object(**params)
         size = int(head.get("ContentLength", 0))
@@ -134,7 +131,7 @@ def fetch_object(s3: S3Reader, source: Source, limits: IntakeLimits) -> bytes:
         if code in {"NoSuchKey", "404", "NoSuchVersion", "NotFound", "NoSuchBucket"}:
             raise Rejected(
                 RejectReason.MISSING,
-                f"s3://{source.bucket}/{source.object_key} no longer exists",
+                f"s3://{stored.bucket}/{stored.key} no longer exists",
             ) from exc
         if code in {"AccessDenied", "403"}:
             raise Rejected(
@@ -154,58 +151,30 @@ def take_in(ctx: FleetContext, source_id: int) -> list[tuple[int, str]]:
     """Fetch, hash and validate one upload. Returns ``(image_id, detector)`` pairs still to
     run; an empty list when the upload was rejected or every result could be reused."""
     with ctx.session_factory() as session:
-        source = session.get(Source, source_id)
+        source = repository.get_source(session, source_id)
         if source is None:
             raise LookupError(f"no source {source_id}")
         if source.status != SourceStatus.PENDING:
             return []
-        session.expunge(source)
-    data = b""
-    try:
-        data = fetch_object(ctx.s3(), source, ctx.limits)
-        sha256 = hashlib.sha256(data).hexdigest()
-        decoded = decode(data, ctx.limits)
-    except Rejected as rejection:
-        with transaction(ctx.session_factory) as session:
-            row = session.get(Source, source_id)
-            assert row is not None
-            if data:  # bytes that were read but refused: keep their identity
-                image = repository.get_or_create_image(
-                    session,
-                    repository.ImageFacts(
-                        sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)
-                    ),
-                )
-                row.image_id = image.id
-            repository.mark_source_rejected(session, row, rejection.reason.value, rejection.message)
-        log.info(
-            "upload rejected", extra={"source_id": source_id, "reason": rejection.reason.value}
-        )
-        return []
+        stored = repository.stored_object(session, source_id)
+    if stored is None:
+        raise LookupError(f"source {source_id} names no object to fetch")
+    intake = scoring.take_in(lambda: fetch_object(ctx.s3(), stored, ctx.limits), ctx.limits)
     with transaction(ctx.session_factory) as session:
-        image = repository.get_or_create_image(
-            session,
-            repository.ImageFacts(
-                sha256=sha256,
-                size_bytes=len(data),
-                format=decoded.format,
-                mime=decoded.mime,
-                width=decoded.width,
-                height=decoded.height,
-                frames=decoded.frames,
-                mode=decoded.mode,
-            ),
-        )
-        row = session.get(Source, source_id)
-        assert row is not None
-        row.image_id = image.id
-        session.flush()
+        image_id = scoring.record_intake(session, source_id, intake)
+        if image_id is None:
+            assert intake.rejection is not None
+            log.info(
+                "upload rejected",
+                extra={"source_id": source_id, "reason": intake.rejection.reason.value},
+            )
+            return []
         versions = repository.current_versions(session, ctx.detectors)
-        reusable = repository.reusable_detections(session, image.id, versions)
+        reusable = repository.reusable_detections(session, image_id, versions)
         missing = [name for name in ctx.detectors if name not in reusable]
         if not missing:
-            conclude(session, ctx, image.id)
-        return [(image.id, name) for name in missing]
+            conclude(session, ctx, image_id)
+        return [(image_id, name) for name in missing]
 
 
 # --- detection --------------------------------------------------------------------------
@@ -235,6 +204,7 @@ class Batching:
         decode_threads: int = 2,
         watchdog_s: float | None = None,
         on_stuck: Callable[[float], None] | None = None,
+        observer: BatchObserver | None = None,
     ) -> Batching:
         return cls(
             MicroBatcher(
@@ -245,6 +215,7 @@ class Batching:
                 on_stuck=on_stuck,
                 name=f"batcher-{detector.spec.name}",
                 announced=True,  # every message's thread announces itself (see detect)
+                observer=observer,
             ),
             decoding=threading.BoundedSemaphore(decode_threads),
         )
@@ -300,64 +271,44 @@ def _attempt(
             f"gave up after {ctx.max_attempts} attempts: every delivery ended without a "
             "result (the worker was killed or the task timed out)"
         )
-        return _store(ctx, detector, image_id, error=gave_up)
+        return _store(ctx, detector, image_id, DetectorResult.failed(gave_up))
     try:
         data = _bytes_of(ctx, image_id)
         with decoding or nullcontext():
             decoded = decode(data, ctx.limits)
             prepared = prepare(decoded.image, data, [detector])
     except Rejected as exc:
-        return _store(ctx, detector, image_id, error=f"{exc.reason.value}: {exc.message}")
-    output, latency_ms, error = score(prepared)
-    return _store(ctx, detector, image_id, output=output, latency_ms=latency_ms, error=error)
+        failed = DetectorResult.failed(f"{exc.reason.value}: {exc.message}")
+        return _store(ctx, detector, image_id, failed)
+    return _store(ctx, detector, image_id, score(prepared))
 
 
 def _bytes_of(ctx: FleetContext, image_id: int) -> bytes:
     """The image's bytes, from any of its sources whose object still has them."""
     with ctx.session_factory() as session:
-        image = session.get(Image, image_id)
+        image = repository.get_image(session, image_id)
         assert image is not None
-        sources = [s for s in repository.sources_for_image(session, image_id) if s.bucket]
-        for source in sources:
-            session.expunge(source)
         expected = image.sha256
+        objects = repository.objects_of_image(session, image_id)
     last: Rejected | None = None
-    for source in sources:
+    for stored in objects:
         try:
-            data = fetch_object(ctx.s3(), source, ctx.limits)
+            data = fetch_object(ctx.s3(), stored, ctx.limits)
         except Rejected as exc:
             last = exc
             continue
-        if hashlib.sha256(data).hexdigest() == expected:
+        if scoring.sha256_of(data) == expected:
             return data
         last = Rejected(RejectReason.MISSING, "the object was replaced by other content")
     raise last or Rejected(RejectReason.MISSING, "no stored object holds these bytes")
 
 
 def _store(
-    ctx: FleetContext,
-    detector: Detector,
-    image_id: int,
-    *,
-    output: Any = None,
-    latency_ms: float | None = None,
-    error: str | None = None,
+    ctx: FleetContext, detector: Detector, image_id: int, result: DetectorResult
 ) -> Verdict | None:
     with transaction(ctx.session_factory) as session:
         repository.lock_image(session, image_id)  # first: the fan-in below needs it anyway
-        repository.save_detection(
-            session,
-            image_id,
-            repository.DetectionRecord(
-                detector_name=detector.spec.name,
-                detector_version=detector.version,
-                weights_sha256=detector.weights_sha256,
-                score=output.score if output is not None else None,
-                evidence=output.evidence if output is not None else {},
-                latency_ms=latency_ms,
-                error=error,
-            ),
-        )
+        repository.save_detection(session, image_id, scoring.detection_record(detector, result))
         return conclude(session, ctx, image_id)
 
 
@@ -366,32 +317,15 @@ def _store(
 
 def conclude(session: Session, ctx: FleetContext, image_id: int) -> Verdict | None:
     """If every detector of the ensemble has answered for this image, store the verdict
-    (once: the image row is locked, and the verdict is unique per detector set) and mark
-    the image's pending sources scored."""
+    (once: the image row is locked, and the verdict is unique per configuration and
+    detector set) and mark the image's pending sources scored."""
     repository.lock_image(session, image_id)
     latest = repository.latest_detections(session, image_id, ctx.detectors)
     if set(latest) != set(ctx.detectors):
         return None
-    verdict, _ = record_verdict(
-        session,
-        image_id,
-        [
-            DetectorScore(
-                row.detector_name,
-                row.detector_version,
-                row.score,
-                row.error,
-                decisive=ctx.decisive.get(row.detector_name, False),
-                summary=row.evidence.get("summary"),
-            )
-            for row in latest.values()
-        ],
-        ctx.ensemble,
-        actor=ACTOR,
-    )
-    for source in repository.pending_sources(session, image_id):
-        repository.mark_source_scored(session, source)
-    return verdict
+    concluded = scoring.conclude(session, image_id, latest, ctx.ensemble, actor=ACTOR)
+    repository.mark_pending_sources_scored(session, image_id)
+    return concluded.verdict
 
 
 # --- lost messages ----------------------------------------------------------------------
@@ -405,20 +339,38 @@ class Resend:
     detect: list[tuple[int, str]]  # (image id, detector) with no detection stored
 
 
+class Backlog(Protocol):
+    """Whether work of each kind is still waiting in its queue (asked of the broker)."""
+
+    def intake_waiting(self) -> bool: ...
+
+    def detection_waiting(self, detector: str) -> bool: ...
+
+
+class NoBacklog:
+    """Nothing is waiting anywhere: every stalled upload's work is sent again."""
+
+    def intake_waiting(self) -> bool:
+        return False
+
+    def detection_waiting(self, detector: str) -> bool:
+        return False
+
+
 def resend_stalled(
     ctx: FleetContext,
     *,
     after_s: float,
-    queue_busy: Callable[[str], bool] = lambda _queue: False,
+    backlog: Backlog | None = None,
     now: datetime | None = None,
     limit: int = 500,
 ) -> Resend:
     """The messages to send again for uploads still pending ``after_s`` seconds after they
     were recorded (then after 2x, 4x ... that delay for each further try).
 
-    Work bound for a queue that still holds messages (``queue_busy``) is left for a later
-    check: in a backlog, an old pending upload is most likely waiting its turn, and sending
-    its work again would only lengthen the queue. Lost work is sent once its queue drains.
+    Work of a kind that still waits in its queue (``backlog``) is left for a later check:
+    in a backlog, an old pending upload is most likely waiting its turn, and sending its
+    work again would only lengthen the queue. Lost work is sent once its queue drains.
 
     The broker is not the record of what is owed, Postgres is: Redis pops a message before
     it marks it unacknowledged, so a worker killed between the two loses it, and a broker
@@ -426,6 +378,7 @@ def resend_stalled(
     idempotent; an image whose detections are all stored but whose verdict is missing gets
     one detect message, which finds its work done and concludes.
     """
+    waiting = backlog or NoBacklog()
     now = now or utcnow()
     intake: list[int] = []
     detect: dict[tuple[int, str], None] = {}
@@ -434,80 +387,20 @@ def resend_stalled(
             session, created_before=now - timedelta(seconds=after_s), now=now, limit=limit
         ):
             if source.image_id is None:
-                if queue_busy(INTAKE_QUEUE):
+                if waiting.intake_waiting():
                     continue
                 intake.append(source.id)
             else:
                 stored = repository.latest_detections(session, source.image_id, ctx.detectors)
                 missing = [n for n in ctx.detectors if n not in stored] or [ctx.detectors[0]]
-                if any(queue_busy(queue_for(name)) for name in missing):
+                if any(waiting.detection_waiting(name) for name in missing):
                     continue
                 detect.update(((source.image_id, name), None) for name in missing)
-            source.resend_count += 1
-            source.recheck_at = now + timedelta(seconds=after_s * 2 ** min(source.resend_count, 8))
+            delay = after_s * 2 ** min(source.resend_count + 1, 8)
+            repository.mark_resent(session, source.id, recheck_at=now + timedelta(seconds=delay))
     if intake or detect:
         log.warning(
             "sending again the work of stalled uploads",
             extra={"intake": len(intake), "detect": len(detect)},
         )
     return Resend(intake=intake, detect=list(detect))
-
-
-# --- reading results --------------------------------------------------------------------
-
-
-def status_of(session: Session, bucket: str, key: str) -> list[ScanOutcome]:
-    """Every recorded upload of ``s3://bucket/key``, in the shape ``scan --json`` prints."""
-    outcomes = []
-    for source in repository.sources_by_object(session, bucket, key):
-        path = f"s3://{bucket}/{key}"
-        image = session.get(Image, source.image_id) if source.image_id else None
-        if source.status == SourceStatus.REJECTED:
-            outcomes.append(
-                ScanOutcome(
-                    path=path,
-                    sha256=image.sha256 if image else None,
-                    status=REJECTED,
-                    reason=source.reject_reason,
-                    message=source.reject_message,
-                    ai_score=None,
-                    flagged=False,
-                    verdict=REJECTED,
-                    verdict_reason=source.reject_message,
-                )
-            )
-            continue
-        verdict = repository.latest_verdict(session, image.id) if image else None
-        if image is None or verdict is None or source.status != SourceStatus.SCORED:
-            outcomes.append(
-                ScanOutcome(
-                    path=path,
-                    sha256=image.sha256 if image else None,
-                    status="pending",
-                    reason=None,
-                    message="the scan has not finished",
-                    ai_score=None,
-                    flagged=False,
-                    verdict="pending",
-                    verdict_reason=None,
-                )
-            )
-            continue
-        names = [d["name"] for d in verdict.detector_set.get("detectors", [])]
-        rows = repository.latest_detections(session, image.id, names)
-        outcomes.append(
-            ScanOutcome(
-                path=path,
-                sha256=image.sha256,
-                status=SCORED,
-                reason=None,
-                message=None,
-                ai_score=verdict.ai_score,
-                flagged=verdict.flagged,
-                verdict=verdict.label.value,
-                verdict_reason=verdict.reason,
-                detectors=[DetectorReport.from_row(row, reused=False) for row in rows.values()],
-                image={"format": image.format, "width": image.width, "height": image.height},
-            )
-        )
-    return outcomes

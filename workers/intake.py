@@ -26,8 +26,6 @@ from PIL import Image, ImageFile, ImageOps
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
-    from synthsentry.settings import Settings
-
 # sniff() needs the ftyp box of HEIF/AVIF and an SVG's XML prolog; 4 KiB covers both.
 SNIFF_BYTES = 4096
 
@@ -75,14 +73,6 @@ class IntakeLimits:
     def __post_init__(self) -> None:
         if self.max_bytes <= 0 or self.max_pixels <= 0 or not self.decode_timeout_s > 0:
             raise ValueError(f"intake limits must be positive, got {self!r}")
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> IntakeLimits:
-        return cls(
-            max_bytes=settings.max_image_bytes,
-            max_pixels=settings.max_image_pixels,
-            decode_timeout_s=settings.decode_timeout_seconds,
-        )
 
 
 @dataclass(frozen=True)

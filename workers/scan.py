@@ -1,106 +1,41 @@
-"""The embedded scan: local files in, one stored verdict per file out.
+"""The local-file scan: files in, one stored verdict per file out (``synthsentry scan``).
 
-Used by ``synthsentry scan``; the fleet's tasks call the same steps one image at a time.
-Per chunk of files: read and decode in threads (no database), register images and sources
-and find results that can be reused (one transaction), run the detectors that are still
-missing (no transaction held), then store detections, verdicts and review cases (one
-transaction). Bad files become ``rejected`` results; they never stop the run.
+One of the two pipelines over the scoring core (``workers/scoring.py``); the fleet is the
+other. Per chunk of files: read, hash, decode and preprocess in threads (no database),
+register images and sources and find results that can be reused (one transaction), run
+the detectors that are still missing (no transaction held), then store detections,
+verdicts and review cases (one transaction). Bad files become ``rejected`` results; they
+never stop the run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository
-from db.models import Detection, Source, SourceKind, Verdict, VerdictLabel
+from db.models import Detection, SourceKind
 from db.session import transaction
+from workers import scoring
 from workers.detectors.base import Detector
 from workers.engine import DetectorResult, Prepared, prepare, run_detector
-from workers.ensemble import DetectorScore, EnsembleConfig, VerdictDecision, combine
-from workers.intake import DecodedImage, IntakeLimits, Rejected, RejectReason, decode, read_local
+from workers.ensemble import EnsembleConfig
+from workers.intake import IntakeLimits, read_local
+from workers.results import (
+    DetectorReport,
+    ScanOutcome,
+    image_summary,
+    rejected_outcome,
+    scored_outcome,
+)
 
 log = logging.getLogger(__name__)
-
-REJECTED = "rejected"
-SCORED = "scored"
-
-
-@dataclass(frozen=True)
-class DetectorReport:
-    name: str
-    version: str
-    weights_sha256: str | None
-    score: float | None
-    evidence: dict[str, Any]
-    latency_ms: float | None
-    error: str | None
-    reused: bool
-
-    @classmethod
-    def from_row(cls, row: Detection, *, reused: bool) -> DetectorReport:
-        return cls(
-            name=row.detector_name,
-            version=row.detector_version,
-            weights_sha256=row.weights_sha256,
-            score=row.score,
-            evidence=row.evidence,
-            latency_ms=row.latency_ms,
-            error=row.error,
-            reused=reused,
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "weights_sha256": self.weights_sha256,
-            "score": self.score,
-            "evidence": self.evidence,
-            "latency_ms": self.latency_ms,
-            "error": self.error,
-            "reused": self.reused,
-        }
-
-
-@dataclass(frozen=True)
-class ScanOutcome:
-    """One input file's result, as printed by ``scan --json`` and ``status --json``."""
-
-    path: str
-    sha256: str | None
-    status: str
-    reason: str | None
-    message: str | None
-    ai_score: float | None
-    flagged: bool
-    verdict: str
-    verdict_reason: str | None
-    detectors: list[DetectorReport] = field(default_factory=list)
-    image: dict[str, Any] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "sha256": self.sha256,
-            "status": self.status,
-            "reason": self.reason,
-            "message": self.message,
-            "ai_score": self.ai_score,
-            "flagged": self.flagged,
-            "verdict": self.verdict,
-            "verdict_reason": self.verdict_reason,
-            "image": self.image,
-            "detectors": [d.to_json() for d in self.detectors],
-        }
 
 
 def iter_image_paths(paths: Iterable[Path]) -> Iterator[Path]:
@@ -121,30 +56,19 @@ def iter_image_paths(paths: Iterable[Path]) -> Iterator[Path]:
 @dataclass
 class _Item:
     path: Path
-    data: bytes | None = None
-    sha256: str | None = None
-    decoded: DecodedImage | None = None
+    intake: scoring.Intake
     prepared: Prepared | None = None
-    rejection: Rejected | None = None
-    image_id: int | None = None
     source_id: int | None = None
+    image_id: int | None = None
     reused: dict[str, Detection] = field(default_factory=dict)
     fresh: dict[str, DetectorResult] = field(default_factory=dict)
 
 
 def _take_in(path: Path, limits: IntakeLimits, detectors: Sequence[Detector]) -> _Item:
     """Read, hash, decode and preprocess one file (runs in an intake thread)."""
-    item = _Item(path=path)
-    try:
-        item.data = read_local(path, limits)
-        item.sha256 = hashlib.sha256(item.data).hexdigest()
-        item.decoded = decode(item.data, limits)
-        item.prepared = prepare(item.decoded.image, item.data, detectors)
-    except Rejected as exc:
-        item.rejection = exc
-    except Exception as exc:  # a bug in intake must not lose the rest of the run
-        log.exception("intake failed unexpectedly", extra={"path": str(path)})
-        item.rejection = Rejected(RejectReason.DECODE_ERROR, f"unexpected intake error: {exc}")
+    item = _Item(path=path, intake=scoring.take_in(lambda: read_local(path, limits), limits))
+    if item.intake.decoded is not None:
+        item.prepared = prepare(item.intake.decoded.image, item.intake.data, detectors)
     return item
 
 
@@ -191,41 +115,26 @@ class Scanner:
         self._detect(items)
         with transaction(self.session_factory) as session:
             outcomes = [self._conclude(session, item) for item in items]
-        for item in items:  # free pixels and tensors before the next chunk
-            item.decoded = item.prepared = None
+        for item in items:  # free bytes, pixels and tensors before the next chunk
+            item.intake = item.intake.released()
+            item.prepared = None
         return outcomes
 
     def _register(self, session: Session, item: _Item) -> None:
-        if item.data is not None and item.sha256 is not None:
-            decoded = item.decoded
-            image = repository.get_or_create_image(
-                session,
-                repository.ImageFacts(
-                    sha256=item.sha256,
-                    size_bytes=len(item.data),
-                    format=decoded.format if decoded else None,
-                    mime=decoded.mime if decoded else None,
-                    width=decoded.width if decoded else None,
-                    height=decoded.height if decoded else None,
-                    frames=decoded.frames if decoded else None,
-                    mode=decoded.mode if decoded else None,
-                ),
-            )
-            item.image_id = image.id
         absolute = str(item.path.absolute())
-        ref = repository.SourceRef(
-            kind=SourceKind.CLI,
-            ref_key=f"{absolute}@{item.sha256 or 'unread'}",
-            local_path=absolute,
-            submitted_by=self.actor,
+        source, _ = repository.record_source(
+            session,
+            repository.SourceRef(
+                kind=SourceKind.CLI,
+                ref_key=f"{absolute}@{item.intake.sha256 or 'unread'}",
+                local_path=absolute,
+                submitted_by=self.actor,
+            ),
+            None,
         )
-        source, _ = repository.record_source(session, ref, item.image_id)
         item.source_id = source.id
-        if item.rejection is not None:
-            repository.mark_source_rejected(
-                session, source, item.rejection.reason.value, item.rejection.message
-            )
-        elif item.image_id is not None:
+        item.image_id = scoring.record_intake(session, source.id, item.intake)
+        if item.image_id is not None:
             item.reused = repository.reusable_detections(session, item.image_id, self.versions)
 
     def _detect(self, items: list[_Item]) -> None:
@@ -239,107 +148,36 @@ class Scanner:
                     item.fresh[name] = result
 
     def _conclude(self, session: Session, item: _Item) -> ScanOutcome:
-        source = item.source_id
-        if item.rejection is not None or item.image_id is None or source is None:
-            rejection = item.rejection or Rejected(RejectReason.DECODE_ERROR, "no image")
-            return ScanOutcome(
-                path=str(item.path),
-                sha256=item.sha256,
-                status=REJECTED,
-                reason=rejection.reason.value,
-                message=rejection.message,
-                ai_score=None,
-                flagged=False,
-                verdict=REJECTED,
-                verdict_reason=rejection.message,
+        rejection = item.intake.rejection
+        if item.image_id is None or item.source_id is None or rejection is not None:
+            assert rejection is not None  # record_intake scores every accepted upload
+            return rejected_outcome(
+                str(item.path), item.intake.sha256, rejection.reason.value, rejection.message
             )
+        rows: dict[str, Detection] = {}
         reports: list[DetectorReport] = []
         for detector in self.detectors:
             name = detector.spec.name
-            if name in item.reused:
-                row = item.reused[name]
-                reused = True
+            reused = name in item.reused
+            if reused:
+                rows[name] = item.reused[name]
             else:
-                output, latency_ms, error = item.fresh[name]
-                row = repository.save_detection(
-                    session,
-                    item.image_id,
-                    repository.DetectionRecord(
-                        detector_name=name,
-                        detector_version=detector.version,
-                        weights_sha256=detector.weights_sha256,
-                        score=output.score if output else None,
-                        evidence=output.evidence if output else {},
-                        latency_ms=latency_ms,
-                        error=error,
-                    ),
-                )
-                reused = False
-            reports.append(DetectorReport.from_row(row, reused=reused))
-        _, decision = record_verdict(
+                record = scoring.detection_record(detector, item.fresh[name])
+                rows[name] = repository.save_detection(session, item.image_id, record)
+            reports.append(DetectorReport.from_row(rows[name], reused=reused))
+        concluded = scoring.conclude(session, item.image_id, rows, self.ensemble, actor=self.actor)
+        repository.mark_source_scored(session, item.source_id)
+        decoded = item.intake.decoded
+        assert decoded is not None and item.intake.sha256 is not None
+        return scored_outcome(
             session,
-            item.image_id,
-            [
-                DetectorScore(
-                    r.name,
-                    r.version,
-                    r.score,
-                    r.error,
-                    decisive=bool(detector.spec.options.get("decisive", False)),
-                    summary=r.evidence.get("summary"),
-                )
-                for r, detector in zip(reports, self.detectors, strict=True)
-            ],
-            self.ensemble,
-            actor=self.actor,
+            str(item.path),
+            item.intake.sha256,
+            concluded.verdict,
+            reports,
+            image=image_summary(decoded.format, decoded.width, decoded.height),
+            active_ensemble=self.ensemble.version,
         )
-        source_row = session.get(Source, source)
-        if source_row is not None:
-            repository.mark_source_scored(session, source_row)
-        decoded = item.decoded
-        return ScanOutcome(
-            path=str(item.path),
-            sha256=item.sha256,
-            status=SCORED,
-            reason=None,
-            message=None,
-            ai_score=decision.ai_score,
-            flagged=decision.flagged,
-            verdict=decision.label,
-            verdict_reason=decision.reason,
-            detectors=reports,
-            image=None
-            if decoded is None
-            else {"format": decoded.format, "width": decoded.width, "height": decoded.height},
-        )
-
-
-def record_verdict(
-    session: Session,
-    image_id: int,
-    scores: Sequence[DetectorScore],
-    ensemble: EnsembleConfig,
-    *,
-    actor: str,
-) -> tuple[Verdict, VerdictDecision]:
-    """Combine the scores and store the verdict (once per detector set) and, when flagged,
-    the image's review case. Shared by the embedded scan and the fleet's fan-in."""
-    decision = combine(scores, ensemble)
-    verdict, _ = repository.save_verdict(
-        session,
-        image_id,
-        repository.VerdictRecord(
-            ensemble_version=ensemble.version,
-            detector_set_digest=decision.detector_set_digest,
-            detector_set=decision.detector_set,
-            ai_score=decision.ai_score,
-            label=VerdictLabel(decision.label),
-            flagged=decision.flagged,
-            reason=decision.reason,
-        ),
-        actor=actor,
-    )
-    return verdict, decision
 
 
 def _chunks(paths: Iterable[Path], size: int) -> Iterator[list[Path]]:

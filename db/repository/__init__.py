@@ -1,0 +1,114 @@
+"""Data access: the only package that builds queries, one module per aggregate.
+
+    images        content addressed by sha256, and the row lock that serialises a verdict
+    sources       where each image came from; rejections; pending work
+    detections    each detector's answer per image and detector version
+    verdicts      ensemble configurations and the verdicts stored under them
+    review        review cases following the verdicts; the case beside its verdicts
+    audit         the append-only trail
+    bookkeeping   the fleet's delivery attempts and dead letters
+
+Every write that an event, a retry or a re-run can repeat is an idempotent insert keyed by
+a unique constraint (``INSERT ... ON CONFLICT DO NOTHING`` on Postgres and SQLite), so
+doing it twice leaves one row. Callers import the functions from here.
+"""
+
+from db.repository._sql import count_rows
+from db.repository.audit import append_audit, audit_trail
+from db.repository.bookkeeping import attempts_so_far, count_attempt, record_dead_letter
+from db.repository.detections import (
+    DetectionRecord,
+    current_versions,
+    detections_by_version,
+    detections_for_image,
+    latest_detections,
+    reusable_detections,
+    save_detection,
+)
+from db.repository.images import (
+    ImageFacts,
+    get_image,
+    get_or_create_image,
+    image_by_sha256,
+    lock_image,
+)
+from db.repository.review import case_for_image, follow_verdict
+from db.repository.sources import (
+    SourceRef,
+    StoredObject,
+    attach_image,
+    get_source,
+    mark_pending_sources_scored,
+    mark_resent,
+    mark_source_rejected,
+    mark_source_scored,
+    objects_of_image,
+    record_source,
+    source_by_ref,
+    sources_by_object,
+    sources_for_image,
+    stalled_sources,
+    stored_object,
+)
+from db.repository.verdicts import (
+    CaseVerdicts,
+    EnsembleRecord,
+    EnsembleVersionClash,
+    VerdictRecord,
+    current_verdict,
+    ensemble_by_version,
+    get_verdict,
+    latest_verdict,
+    register_ensemble,
+    save_verdict,
+    with_verdicts,
+)
+
+__all__ = [
+    "CaseVerdicts",
+    "DetectionRecord",
+    "EnsembleRecord",
+    "EnsembleVersionClash",
+    "ImageFacts",
+    "SourceRef",
+    "StoredObject",
+    "VerdictRecord",
+    "append_audit",
+    "attach_image",
+    "attempts_so_far",
+    "audit_trail",
+    "case_for_image",
+    "count_attempt",
+    "count_rows",
+    "current_verdict",
+    "current_versions",
+    "detections_by_version",
+    "detections_for_image",
+    "ensemble_by_version",
+    "follow_verdict",
+    "get_image",
+    "get_or_create_image",
+    "get_source",
+    "get_verdict",
+    "image_by_sha256",
+    "latest_detections",
+    "latest_verdict",
+    "lock_image",
+    "mark_pending_sources_scored",
+    "mark_resent",
+    "mark_source_rejected",
+    "mark_source_scored",
+    "objects_of_image",
+    "record_dead_letter",
+    "record_source",
+    "register_ensemble",
+    "reusable_detections",
+    "save_detection",
+    "save_verdict",
+    "source_by_ref",
+    "sources_by_object",
+    "sources_for_image",
+    "stalled_sources",
+    "stored_object",
+    "with_verdicts",
+]

@@ -1,0 +1,98 @@
+"""Review cases: one per flagged image, following the verdicts stored for it.
+
+A case is opened by the first verdict that flags the image. A later verdict (a new
+ensemble configuration, a new detector version) that no longer flags it withdraws the case
+while nobody holds it; one that flags it again reopens it. A claimed or decided case keeps
+its state: the moderator's work is never taken away or undone by a re-score.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from db.models import ReviewCase, ReviewState, Verdict, utcnow
+from db.repository._sql import insert_ignore
+from db.repository.audit import append_audit
+
+
+def case_for_image(session: Session, image_id: int) -> ReviewCase | None:
+    return session.execute(
+        select(ReviewCase).where(ReviewCase.image_id == image_id)
+    ).scalar_one_or_none()
+
+
+def follow_verdict(session: Session, verdict: Verdict, *, actor: str) -> ReviewCase | None:
+    """Bring the image's review case in line with ``verdict``, just stored or computed
+    again. Idempotent: a verdict the case already agrees with changes nothing."""
+    if verdict.flagged:
+        opened = insert_ignore(
+            session,
+            ReviewCase,
+            {
+                "verdict_id": verdict.id,
+                "image_id": verdict.image_id,
+                "state": ReviewState.OPEN,
+                "opened_at": utcnow(),
+            },
+        )
+        case = _case(session, verdict.image_id)
+        if opened:
+            _audit(session, case, "review_case.opened", verdict, actor)
+        elif _transition(
+            session,
+            case,
+            ReviewState.WITHDRAWN,
+            state=ReviewState.OPEN,
+            verdict_id=verdict.id,
+            opened_at=utcnow(),
+            assignee=None,
+            claimed_at=None,
+        ):
+            _audit(session, case, "review_case.reopened", verdict, actor)
+        return case
+    existing = case_for_image(session, verdict.image_id)
+    if existing is not None and _transition(
+        session, existing, ReviewState.OPEN, state=ReviewState.WITHDRAWN
+    ):
+        _audit(session, existing, "review_case.withdrawn", verdict, actor)
+    return existing
+
+
+def _case(session: Session, image_id: int) -> ReviewCase:
+    case = case_for_image(session, image_id)
+    assert case is not None
+    return case
+
+
+def _transition(
+    session: Session, case: ReviewCase, expected: ReviewState, **values: object
+) -> bool:
+    """Change the case only if it is still in the ``expected`` state (a concurrent claim or
+    decision wins); True if changed."""
+    result = session.execute(
+        update(ReviewCase)
+        .where(ReviewCase.id == case.id, ReviewCase.state == expected)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    changed = bool(getattr(result, "rowcount", 0))
+    if changed:
+        session.refresh(case)
+    return changed
+
+
+def _audit(session: Session, case: ReviewCase, action: str, verdict: Verdict, actor: str) -> None:
+    append_audit(
+        session,
+        actor=actor,
+        action=action,
+        subject_type="review_case",
+        subject_id=case.id,
+        details={
+            "verdict_id": verdict.id,
+            "ensemble_version": verdict.ensemble_version,
+            "flagged": verdict.flagged,
+            "reason": verdict.reason,
+        },
+    )

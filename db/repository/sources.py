@@ -1,0 +1,190 @@
+"""Sources: every place an image came from, and what happened when it was taken in."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from db.models import Source, SourceKind, SourceStatus, utcnow
+from db.repository._sql import insert_ignore
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """Where an image came from. ``ref_key`` identifies it for de-duplication."""
+
+    kind: SourceKind
+    ref_key: str
+    local_path: str | None = None
+    bucket: str | None = None
+    object_key: str | None = None
+    version_id: str | None = None
+    etag: str | None = None
+    submitted_by: str | None = None
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """An object in a bucket that a source names: what a fetch needs, as plain values."""
+
+    source_id: int
+    bucket: str
+    key: str
+    version_id: str | None
+    status: SourceStatus
+
+
+def record_source(session: Session, ref: SourceRef, image_id: int | None) -> tuple[Source, bool]:
+    """The source row for ``ref``, created if new (then True) or marked seen again."""
+    now = utcnow()
+    created = insert_ignore(
+        session,
+        Source,
+        {
+            "kind": ref.kind,
+            "ref_key": ref.ref_key,
+            "local_path": ref.local_path,
+            "bucket": ref.bucket,
+            "object_key": ref.object_key,
+            "version_id": ref.version_id,
+            "etag": ref.etag,
+            "submitted_by": ref.submitted_by,
+            "image_id": image_id,
+            "status": SourceStatus.PENDING,
+            "created_at": now,
+            "last_seen_at": now,
+            "seen_count": 1,
+        },
+    )
+    source = session.execute(
+        select(Source).where(Source.kind == ref.kind, Source.ref_key == ref.ref_key)
+    ).scalar_one()
+    if not created:
+        session.execute(
+            update(Source)
+            .where(Source.id == source.id)
+            .values(last_seen_at=now, seen_count=Source.seen_count + 1)
+        )
+        session.refresh(source)
+    return source, created
+
+
+def attach_image(session: Session, source_id: int, image_id: int) -> None:
+    """The bytes this source delivered are ``image_id``."""
+    session.execute(update(Source).where(Source.id == source_id).values(image_id=image_id))
+
+
+def mark_source_rejected(session: Session, source_id: int, reason: str, message: str) -> None:
+    session.execute(
+        update(Source)
+        .where(Source.id == source_id)
+        .values(status=SourceStatus.REJECTED, reject_reason=reason, reject_message=message)
+    )
+
+
+def mark_source_scored(session: Session, source_id: int) -> None:
+    session.execute(
+        update(Source)
+        .where(Source.id == source_id)
+        .values(status=SourceStatus.SCORED, reject_reason=None, reject_message=None)
+    )
+
+
+def mark_pending_sources_scored(session: Session, image_id: int) -> int:
+    """Every source of this image still waiting for its verdict is scored; returns how many."""
+    result = session.execute(
+        update(Source)
+        .where(Source.image_id == image_id, Source.status == SourceStatus.PENDING)
+        .values(status=SourceStatus.SCORED, reject_reason=None, reject_message=None)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def mark_resent(session: Session, source_id: int, *, recheck_at: datetime) -> None:
+    """The work of this pending source was sent again; check it next at ``recheck_at``."""
+    session.execute(
+        update(Source)
+        .where(Source.id == source_id)
+        .values(resend_count=Source.resend_count + 1, recheck_at=recheck_at)
+    )
+
+
+def get_source(session: Session, source_id: int) -> Source | None:
+    return session.get(Source, source_id)
+
+
+def stored_object(session: Session, source_id: int) -> StoredObject | None:
+    """The bucket object a source names, or None for a source without one (a local file)
+    or no source at all."""
+    source = session.get(Source, source_id)
+    if source is None or source.bucket is None or source.object_key is None:
+        return None
+    return _as_object(source)
+
+
+def objects_of_image(session: Session, image_id: int) -> list[StoredObject]:
+    """Every bucket object that delivered these bytes, oldest first."""
+    return [_as_object(s) for s in sources_for_image(session, image_id) if s.bucket]
+
+
+def _as_object(source: Source) -> StoredObject:
+    assert source.bucket is not None and source.object_key is not None
+    return StoredObject(
+        source_id=source.id,
+        bucket=source.bucket,
+        key=source.object_key,
+        version_id=source.version_id,
+        status=source.status,
+    )
+
+
+def sources_for_image(session: Session, image_id: int) -> Sequence[Source]:
+    return (
+        session.execute(select(Source).where(Source.image_id == image_id).order_by(Source.id))
+        .scalars()
+        .all()
+    )
+
+
+def stalled_sources(
+    session: Session, *, created_before: datetime, now: datetime, limit: int
+) -> Sequence[Source]:
+    """Pending sources due for a check for lost messages, oldest first, locked so that two
+    checkers never take the same row (SKIP LOCKED on Postgres)."""
+    due = or_(
+        and_(Source.recheck_at.is_(None), Source.created_at < created_before),
+        Source.recheck_at < now,
+    )
+    return (
+        session.execute(
+            select(Source)
+            .where(Source.status == SourceStatus.PENDING, due)
+            .order_by(Source.created_at, Source.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        .scalars()
+        .all()
+    )
+
+
+def source_by_ref(session: Session, kind: SourceKind, ref_key: str) -> Source | None:
+    return session.execute(
+        select(Source).where(Source.kind == kind, Source.ref_key == ref_key)
+    ).scalar_one_or_none()
+
+
+def sources_by_object(session: Session, bucket: str, object_key: str) -> Sequence[Source]:
+    return (
+        session.execute(
+            select(Source)
+            .where(Source.bucket == bucket, Source.object_key == object_key)
+            .order_by(Source.id)
+        )
+        .scalars()
+        .all()
+    )

@@ -1,0 +1,55 @@
+"""``synthsentry``: the command line. It sits on top of everything else and holds no logic of
+its own beyond parsing, wiring and printing; each command group is a module here.
+
+    scan        local files through the scan pipeline
+    detectors   the detector catalog: list, verify
+    fleet       worker, ingest, webhook, submit, reconcile, status
+    database    db upgrade | current
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from synthsentry.cli import database, detectors, fleet, scan
+from synthsentry.cli.common import EXIT_USAGE, CliError
+from synthsentry.cli.output import POLICY
+from synthsentry.settings import get_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="synthsentry",
+        description="Score images for signs of AI generation and queue likely ones for "
+        "human review. " + POLICY,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in (scan, detectors, fleet, database):
+        group.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = get_settings()
+    except ValueError as exc:  # pydantic's ValidationError: a bad SYNTHSENTRY_* variable
+        print(f"synthsentry: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from synthsentry import logs
+
+    logs.configure(settings.log_level, json_lines=settings.log_json)
+    try:
+        status: int = args.handler(args, settings)
+    except CliError as exc:
+        print(f"synthsentry: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        print("synthsentry: interrupted; results stored so far are kept", file=sys.stderr)
+        return 130
+    return status
+
+
+__all__ = ["build_parser", "main"]

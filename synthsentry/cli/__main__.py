@@ -1,0 +1,3 @@
+from synthsentry.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,45 @@
+"""What every command shares: exit statuses, the error a command raises, the runtime."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from synthsentry.settings import Settings
+
+if TYPE_CHECKING:
+    import argparse
+
+    from synthsentry.runtime import Runtime
+
+    # What a command group's register() adds its parsers to.
+    Commands = argparse._SubParsersAction[argparse.ArgumentParser]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A usage or system error: printed as one line, exit status 2 (usage) or 1."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def load_runtime(settings: Settings) -> Runtime:
+    """The runtime for this command; a malformed detector file is a usage error."""
+    from synthsentry.runtime import Runtime
+    from workers.detectors.registry import SpecError
+
+    try:
+        return Runtime.from_settings(settings)
+    except SpecError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not uri.startswith("s3://") or not bucket or not key:
+        raise CliError(f"expected s3://BUCKET/KEY, got {uri!r}", EXIT_USAGE)
+    return bucket, key

@@ -1,0 +1,250 @@
+"""Results as their readers see them: one outcome per input, in the shape ``scan --json``
+and ``status --json`` print (and the API will answer).
+
+Statuses and labels are the enums the models define: an outcome's ``status`` is the
+source's (``scored``, ``rejected``, ``pending``) and its ``verdict`` the ensemble's label;
+a rejected or pending outcome has no verdict, and prints its status in that field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from db import repository
+from db.models import (
+    Detection,
+    ReviewDecision,
+    ReviewState,
+    SourceStatus,
+    Verdict,
+    VerdictLabel,
+)
+
+
+@dataclass(frozen=True)
+class DetectorReport:
+    name: str
+    version: str
+    weights_sha256: str | None
+    score: float | None
+    evidence: dict[str, Any]
+    latency_ms: float | None
+    error: str | None
+    reused: bool
+
+    @classmethod
+    def from_row(cls, row: Detection, *, reused: bool) -> DetectorReport:
+        return cls(
+            name=row.detector_name,
+            version=row.detector_version,
+            weights_sha256=row.weights_sha256,
+            score=row.score,
+            evidence=row.evidence,
+            latency_ms=row.latency_ms,
+            error=row.error,
+            reused=reused,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "weights_sha256": self.weights_sha256,
+            "score": self.score,
+            "evidence": self.evidence,
+            "latency_ms": self.latency_ms,
+            "error": self.error,
+            "reused": self.reused,
+        }
+
+
+@dataclass(frozen=True)
+class VerdictSummary:
+    id: int
+    label: VerdictLabel
+    ai_score: float | None
+    flagged: bool
+    ensemble_version: str
+
+    @classmethod
+    def of(cls, verdict: Verdict) -> VerdictSummary:
+        return cls(
+            id=verdict.id,
+            label=verdict.label,
+            ai_score=verdict.ai_score,
+            flagged=verdict.flagged,
+            ensemble_version=verdict.ensemble_version,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "label": self.label.value,
+            "ai_score": self.ai_score,
+            "flagged": self.flagged,
+            "ensemble_version": self.ensemble_version,
+        }
+
+
+@dataclass(frozen=True)
+class ReviewSummary:
+    """The image's review case: its state, the moderator's decision once there is one, the
+    verdict that opened it and the image's current verdict (they differ after a re-score
+    under another ensemble configuration)."""
+
+    state: ReviewState
+    decision: ReviewDecision | None
+    opened_by: VerdictSummary
+    current: VerdictSummary | None
+
+    @classmethod
+    def of(cls, found: repository.CaseVerdicts) -> ReviewSummary:
+        return cls(
+            state=found.case.state,
+            decision=found.case.decision,
+            opened_by=VerdictSummary.of(found.opened_by),
+            current=VerdictSummary.of(found.current) if found.current is not None else None,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "decision": self.decision.value if self.decision is not None else None,
+            "opened_by": self.opened_by.to_json(),
+            "current": self.current.to_json() if self.current is not None else None,
+        }
+
+
+@dataclass(frozen=True)
+class ScanOutcome:
+    """One input's result."""
+
+    path: str
+    sha256: str | None
+    status: SourceStatus
+    reason: str | None = None
+    message: str | None = None
+    ai_score: float | None = None
+    flagged: bool = False
+    verdict: VerdictLabel | None = None
+    verdict_reason: str | None = None
+    ensemble_version: str | None = None
+    detectors: list[DetectorReport] = field(default_factory=list)
+    image: dict[str, Any] | None = None
+    review: ReviewSummary | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "status": self.status.value,
+            "reason": self.reason,
+            "message": self.message,
+            "ai_score": self.ai_score,
+            "flagged": self.flagged,
+            "verdict": (self.verdict or self.status).value,
+            "verdict_reason": self.verdict_reason,
+            "ensemble_version": self.ensemble_version,
+            "image": self.image,
+            "detectors": [d.to_json() for d in self.detectors],
+            "review": self.review.to_json() if self.review is not None else None,
+        }
+
+
+def rejected_outcome(path: str, sha256: str | None, reason: str, message: str) -> ScanOutcome:
+    return ScanOutcome(
+        path=path,
+        sha256=sha256,
+        status=SourceStatus.REJECTED,
+        reason=reason,
+        message=message,
+        verdict_reason=message,
+    )
+
+
+def pending_outcome(path: str, sha256: str | None) -> ScanOutcome:
+    return ScanOutcome(
+        path=path,
+        sha256=sha256,
+        status=SourceStatus.PENDING,
+        message="the scan has not finished",
+    )
+
+
+def image_summary(format: str | None, width: int | None, height: int | None) -> dict[str, Any]:
+    return {"format": format, "width": width, "height": height}
+
+
+def scored_outcome(
+    session: Session,
+    path: str,
+    sha256: str,
+    verdict: Verdict,
+    reports: list[DetectorReport],
+    *,
+    image: dict[str, Any],
+    active_ensemble: str,
+) -> ScanOutcome:
+    """The outcome of a scored input: ``verdict`` with the detector reports behind it, and
+    the image's review case as it stands now, beside its current verdict under the active
+    ensemble configuration (``active_ensemble``, a version)."""
+    found = repository.with_verdicts(session, verdict.image_id, ensemble_version=active_ensemble)
+    return ScanOutcome(
+        path=path,
+        sha256=sha256,
+        status=SourceStatus.SCORED,
+        ai_score=verdict.ai_score,
+        flagged=verdict.flagged,
+        verdict=verdict.label,
+        verdict_reason=verdict.reason,
+        ensemble_version=verdict.ensemble_version,
+        detectors=reports,
+        image=image,
+        review=ReviewSummary.of(found) if found is not None else None,
+    )
+
+
+def status_of(
+    session: Session, bucket: str, key: str, *, active_ensemble: str
+) -> list[ScanOutcome]:
+    """Every recorded upload of ``s3://bucket/key``. A scored one shows the image's current
+    verdict (the newest under ``active_ensemble``, a version), or, when the image was never
+    scored under that configuration, the newest verdict it has, whose version says so."""
+    outcomes = []
+    path = f"s3://{bucket}/{key}"
+    for source in repository.sources_by_object(session, bucket, key):
+        image = repository.get_image(session, source.image_id) if source.image_id else None
+        sha256 = image.sha256 if image is not None else None
+        if source.status == SourceStatus.REJECTED:
+            outcomes.append(
+                rejected_outcome(
+                    path, sha256, source.reject_reason or "", source.reject_message or ""
+                )
+            )
+            continue
+        verdict = None
+        if image is not None and source.status == SourceStatus.SCORED:
+            verdict = repository.current_verdict(
+                session, image.id, ensemble_version=active_ensemble
+            ) or repository.latest_verdict(session, image.id)
+        if image is None or verdict is None:
+            outcomes.append(pending_outcome(path, sha256))
+            continue
+        versions = {d["name"]: d["version"] for d in verdict.detector_set.get("detectors", [])}
+        rows = repository.detections_by_version(session, image.id, versions)
+        reports = [DetectorReport.from_row(rows[name], reused=False) for name in sorted(rows)]
+        outcomes.append(
+            scored_outcome(
+                session,
+                path,
+                image.sha256,
+                verdict,
+                reports,
+                image=image_summary(image.format, image.width, image.height),
+                active_ensemble=active_ensemble,
+            )
+        )
+    return outcomes

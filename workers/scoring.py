@@ -1,0 +1,183 @@
+"""The scoring core: the steps every pipeline takes between an upload's bytes and a stored
+verdict. The local-file scan (``workers/scan.py``) and the fleet (``workers/fleet.py``) are
+two pipelines over these steps, side by side; neither imports the other.
+
+    take_in            bytes -> sha256 and decoded pixels, or why they were refused
+    record_intake      the content-addressed image row and the source's outcome
+    detection_record   one detector's result as it is stored
+    conclude           stored detections -> the ensemble's verdict -> the review case
+
+The functions that write take an open session: the caller owns the transaction (and, in
+the fleet, the lock on the image row). Nothing here reads settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+
+from sqlalchemy.orm import Session
+
+from db import repository
+from db.models import Detection, Verdict
+from workers.detectors.base import Detector
+from workers.engine import DetectorResult
+from workers.ensemble import DetectorScore, EnsembleConfig, VerdictDecision, combine
+from workers.intake import DecodedImage, IntakeLimits, Rejected, RejectReason, decode
+
+log = logging.getLogger(__name__)
+
+
+class TransientError(Exception):
+    """Worth retrying later: storage or network trouble, not a property of the upload."""
+
+
+@dataclass(frozen=True)
+class Intake:
+    """One upload's bytes as taken in: their identity and decoded pixels, or the reason
+    they were refused. ``sha256`` is set whenever bytes were read, refused or not."""
+
+    data: bytes
+    sha256: str | None
+    decoded: DecodedImage | None
+    rejection: Rejected | None
+
+    @classmethod
+    def refused(cls, rejection: Rejected, data: bytes = b"") -> Intake:
+        sha256 = sha256_of(data) if data else None
+        return cls(data=data, sha256=sha256, decoded=None, rejection=rejection)
+
+    def released(self) -> Intake:
+        """The same outcome without the bytes and pixels (to free memory once scored)."""
+        return replace(self, data=b"", decoded=None)
+
+    def facts(self) -> repository.ImageFacts | None:
+        """What the images table records of these bytes (None when nothing was read)."""
+        if self.sha256 is None:
+            return None
+        decoded = self.decoded
+        if decoded is None:
+            return repository.ImageFacts(sha256=self.sha256, size_bytes=len(self.data))
+        return repository.ImageFacts(
+            sha256=self.sha256,
+            size_bytes=len(self.data),
+            format=decoded.format,
+            mime=decoded.mime,
+            width=decoded.width,
+            height=decoded.height,
+            frames=decoded.frames,
+            mode=decoded.mode,
+        )
+
+
+def sha256_of(data: bytes) -> str:
+    """The identity of content: images are addressed by it."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def take_in(read: Callable[[], bytes], limits: IntakeLimits) -> Intake:
+    """Read, hash and decode one upload. A refusal (:class:`Rejected`) is an outcome, not an
+    error; anything else the reader raises (:class:`TransientError`) propagates, so that
+    the caller can try again later."""
+    try:
+        data = read()
+    except Rejected as rejection:
+        return Intake.refused(rejection)
+    sha256 = sha256_of(data)
+    try:
+        decoded = decode(data, limits)
+    except Rejected as rejection:
+        return Intake.refused(rejection, data)
+    except Exception as exc:  # a bug in a decoder must not take other uploads down
+        log.exception("decoding failed unexpectedly", extra={"sha256": sha256})
+        return Intake.refused(
+            Rejected(RejectReason.DECODE_ERROR, f"unexpected decoding error: {exc}"), data
+        )
+    return Intake(data=data, sha256=sha256, decoded=decoded, rejection=None)
+
+
+def record_intake(session: Session, source_id: int, intake: Intake) -> int | None:
+    """Store what intake found for this source: the image row of any bytes read (a refused
+    file keeps its identity), and the rejection. Returns the image id to score, or None
+    when the upload was refused."""
+    facts = intake.facts()
+    image_id = None
+    if facts is not None:
+        image_id = repository.get_or_create_image(session, facts).id
+        repository.attach_image(session, source_id, image_id)
+    if intake.rejection is not None:
+        repository.mark_source_rejected(
+            session, source_id, intake.rejection.reason.value, intake.rejection.message
+        )
+        return None
+    return image_id
+
+
+def detection_record(detector: Detector, result: DetectorResult) -> repository.DetectionRecord:
+    """One detector's result for one image, as stored."""
+    output = result.output
+    return repository.DetectionRecord(
+        detector_name=detector.spec.name,
+        detector_version=detector.version,
+        weights_sha256=detector.weights_sha256,
+        score=output.score if output is not None else None,
+        evidence=output.evidence if output is not None else {},
+        latency_ms=result.latency_ms,
+        error=result.error,
+    )
+
+
+def ensemble_scores(detections: Iterable[Detection]) -> list[DetectorScore]:
+    """What the ensemble reads of stored detections."""
+    return [
+        DetectorScore(
+            name=row.detector_name,
+            version=row.detector_version,
+            score=row.score,
+            error=row.error,
+            summary=row.evidence.get("summary") if isinstance(row.evidence, dict) else None,
+        )
+        for row in detections
+    ]
+
+
+@dataclass(frozen=True)
+class Concluded:
+    verdict: Verdict
+    decision: VerdictDecision
+    created: bool
+
+
+def conclude(
+    session: Session,
+    image_id: int,
+    detections: Mapping[str, Detection],
+    ensemble: EnsembleConfig,
+    *,
+    actor: str,
+) -> Concluded:
+    """Combine these stored detections (one per detector of the ensemble) and store the
+    verdict under ``ensemble``, once per configuration and detector set; the image's review
+    case follows it (opened, withdrawn or reopened)."""
+    decision = combine(ensemble_scores(detections.values()), ensemble)
+    verdict, created = repository.save_verdict(
+        session,
+        image_id,
+        repository.VerdictRecord(
+            ensemble=repository.EnsembleRecord(
+                version=ensemble.version,
+                digest=ensemble.digest,
+                definition=ensemble.definition(),
+            ),
+            detector_set_digest=decision.detector_set_digest,
+            detector_set=decision.detector_set,
+            ai_score=decision.ai_score,
+            label=decision.label,
+            flagged=decision.flagged,
+            reason=decision.reason,
+        ),
+        actor=actor,
+    )
+    return Concluded(verdict=verdict, decision=decision, created=created)
