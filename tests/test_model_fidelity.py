@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
-from workers.detectors.base import Detector, DetectorSpec, derive_version
+from workers.detectors.base import Detector, DetectorSpec, DetectorUnavailable, derive_version
+from workers.detectors.options import SumsubOptions
 from workers.detectors.torch_models import (
     DetectorOptionsError,
     TorchDetector,
@@ -345,7 +346,7 @@ def test_real_mobilenet_pooled_width_is_1280() -> None:
 
 
 def test_backbone_tags_resolve_to_the_published_preprocessing() -> None:
-    convnext = timm_data_config(SUMSUB_CONVNEXT, {})
+    convnext = timm_data_config(SUMSUB_CONVNEXT, SumsubOptions(backbone=SUMSUB_CONVNEXT))
     assert convnext["input_size"] == (3, 384, 384)
     assert convnext["interpolation"] == "bicubic"
     assert convnext["crop_pct"] == 1.0
@@ -353,14 +354,19 @@ def test_backbone_tags_resolve_to_the_published_preprocessing() -> None:
     assert tuple(convnext["mean"]) == CLIP_MEAN
     assert tuple(convnext["std"]) == CLIP_STD
 
-    mobilenet = timm_data_config(SUMSUB_MOBILENET, {})
+    mobilenet = timm_data_config(SUMSUB_MOBILENET, SumsubOptions(backbone=SUMSUB_MOBILENET))
     assert mobilenet["input_size"] == (3, 224, 224)
     assert mobilenet["interpolation"] == "bilinear"
     assert mobilenet["crop_pct"] == 0.875
     assert mobilenet["crop_mode"] == "center"
     assert tuple(mobilenet["mean"]) == (0.5, 0.5, 0.5)
 
-    overridden = timm_data_config(SUMSUB_MOBILENET, {"input_size": 256, "crop_pct": 1.0})
+    overridden = timm_data_config(
+        SUMSUB_MOBILENET,
+        SumsubOptions.model_validate(
+            {"backbone": SUMSUB_MOBILENET, "input_size": 256, "crop_pct": 1.0}
+        ),
+    )
     assert overridden["input_size"] == (3, 256, 256)
     assert overridden["crop_pct"] == 1.0
     assert overridden["interpolation"] == "bilinear"
@@ -579,12 +585,33 @@ def test_checkpoint_for_another_backbone_names_the_mismatched_keys(tmp_path: Pat
             {"architecture": CONVNEXT_STAND_IN, "preprocessing": "explicit", "crop": 9},
             "mean and std",
         ),
+        (
+            "timm",
+            {
+                "architecture": "no_such_net",
+                "preprocessing": "explicit",
+                "resize": 10,
+                "crop": 9,
+                "mean": list(IMAGENET_MEAN),
+                "std": list(IMAGENET_STD),
+            },
+            "cannot build",
+        ),
+        ("commfor", {"backbone": "no_such_net"}, "option crop is required"),
+        (
+            "sumsub",
+            {"backbone": CONVNEXT_STAND_IN, "ai_indx": 0},
+            r"unknown sumsub options \['ai_indx'\]",
+        ),
     ],
 )
 def test_invalid_options_are_clear_and_skippable(
     tmp_path: Path, family: str, options: dict[str, object], fragment: str
 ) -> None:
     write_sumsub_raw(tmp_path / "synthetic.pt", CONVNEXT_STAND_IN)
-    loader = {"sumsub": load_sumsub, "timm": load_timm}[family]
-    with pytest.raises(DetectorOptionsError, match=fragment):
+    loader = {"sumsub": load_sumsub, "commfor": load_commfor, "timm": load_timm}[family]
+    with pytest.raises(DetectorOptionsError, match=fragment) as caught:
         loader(spec(family, **options), device="cpu", weights_path=tmp_path / "synthetic.pt")
+    # Skippable: a fleet leaves this one detector out, with a message naming it.
+    assert isinstance(caught.value, DetectorUnavailable)
+    assert str(caught.value).startswith(f"detector test-{family} (family {family}): ")

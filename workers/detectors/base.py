@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
@@ -79,6 +80,13 @@ class Detector(Protocol):
         """Score decoded RGB images (``raw`` holds the original file bytes, for detectors that
         read metadata). Returns one output per image, in order."""
         ...
+
+
+class Loader(Protocol):
+    """A detector family's loader: builds a detector from its spec and a local weights file
+    (``Path()`` for a family that needs none)."""
+
+    def __call__(self, spec: DetectorSpec, *, device: str, weights_path: Path) -> Detector: ...
 
 
 def derive_version(spec: DetectorSpec, weights_sha256: str | None) -> str:

@@ -14,17 +14,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from workers.detectors.base import DetectorOutput, DetectorSpec, DetectorUnavailable, derive_version
+from workers.detectors.base import DetectorOutput, DetectorSpec, derive_version
+from workers.detectors.options import DetectorOptionsError, ProvenanceOptions, parse_options
 from workers.provenance import ProvenanceConfig, ProvenanceInspector, to_evidence
 
-KNOWN_OPTIONS = frozenset(
-    {"decisive", "watermark_max_p_value", "watermark_max_pixels", "stealth_max_pixels"}
-)
-
-
-class ProvenanceOptionsError(DetectorUnavailable, ValueError):
-    """The spec's options are invalid: a configuration mistake (ValueError) that also makes
-    this detector unavailable, so a fleet skips it with this message."""
+# Invalid options (a DetectorUnavailable and a ValueError): the error every family raises.
+ProvenanceOptionsError = DetectorOptionsError
 
 
 class ProvenanceDetector:
@@ -67,14 +62,7 @@ def load_provenance(spec: DetectorSpec, *, device: str, weights_path: Path) -> P
     optional library (c2pa-python, OpenCV) disables its signal, with a note in every result,
     rather than the detector."""
     del device, weights_path
-    unknown = set(spec.options) - KNOWN_OPTIONS
-    if unknown:
-        raise ProvenanceOptionsError(
-            f"{spec.name}: unknown provenance options {sorted(unknown)}; "
-            f"known: {sorted(KNOWN_OPTIONS)}"
-        )
-    try:
-        config = ProvenanceConfig.from_options(spec.options)
-    except ValueError as exc:
-        raise ProvenanceOptionsError(f"{spec.name}: {exc}") from exc
-    return ProvenanceDetector(spec, ProvenanceInspector(config))
+    options = parse_options(spec, ProvenanceOptions)
+    # Unset limits keep ProvenanceConfig's defaults.
+    limits = options.model_dump(exclude={"decisive"}, exclude_none=True)
+    return ProvenanceDetector(spec, ProvenanceInspector(ProvenanceConfig(**limits)))

@@ -11,9 +11,9 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from workers.detectors.base import Detector, DetectorSpec, DetectorUnavailable
+from workers.detectors.base import Detector, DetectorSpec, DetectorUnavailable, Loader
 
 SUMSUB_CONVNEXT = "convnext_large_mlp.clip_laion2b_soup_ft_in12k_in1k_384"
 SUMSUB_MOBILENET = "tf_mobilenetv3_large_100.in1k"
@@ -94,32 +94,30 @@ BUILTIN_SPECS: dict[str, DetectorSpec] = {
 }
 
 
-class Loader(Protocol):
-    def __call__(self, spec: DetectorSpec, *, device: str, weights_path: Path) -> Detector: ...
+def _torch_family(family: str) -> Loader:
+    """A loader that imports the torch package only when a detector of ``family`` is built."""
 
-
-def _torch_loader(attribute: str) -> Loader:
     def load(spec: DetectorSpec, *, device: str, weights_path: Path) -> Detector:
-        from workers.detectors import torch_models
+        from workers.detectors.torch_models import LOADERS
 
-        loader: Loader = getattr(torch_models, attribute)
-        return loader(spec, device=device, weights_path=weights_path)
+        return LOADERS[family](spec, device=device, weights_path=weights_path)
 
     return load
 
 
-# family name -> loader. A family that needs no weights file gets weights_path=Path().
 def _load_provenance(spec: DetectorSpec, *, device: str, weights_path: Path) -> Detector:
     from workers.detectors.provenance import load_provenance
 
     return load_provenance(spec, device=device, weights_path=weights_path)
 
 
+# family name -> loader. A family that needs no weights file gets weights_path=Path().
+# What each family's options mean: workers.detectors.options.FAMILY_OPTIONS.
 FAMILIES: dict[str, Loader] = {
     "provenance": _load_provenance,
-    "sumsub": _torch_loader("load_sumsub"),
-    "commfor": _torch_loader("load_commfor"),
-    "timm": _torch_loader("load_timm"),
+    "sumsub": _torch_family("sumsub"),
+    "commfor": _torch_family("commfor"),
+    "timm": _torch_family("timm"),
 }
 
 
@@ -247,12 +245,13 @@ def weights_resolver(
 
     ``local_only``: hf:// weights only from the local Hugging Face cache (no download).
     """
-    from workers.detectors.weights import resolve_weights
+    from workers.detectors.weights import S3Client, resolve_weights
 
-    def s3_client() -> Any:
+    def s3_client() -> S3Client:
         import boto3
 
-        return boto3.client("s3", endpoint_url=s3_endpoint_url, region_name=s3_region)
+        client: S3Client = boto3.client("s3", endpoint_url=s3_endpoint_url, region_name=s3_region)
+        return client
 
     def resolve(uri: str, name: str) -> Path:
         return resolve_weights(

@@ -8,7 +8,7 @@ that says nothing about how it was made: the detector then abstains.
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -59,21 +59,6 @@ class ProvenanceConfig:
     watermark_max_pixels: int = 4096 * 4096
     # Larger RGBA PNGs are not decoded again to read alpha LSBs.
     stealth_max_pixels: int = 4096 * 4096
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> ProvenanceConfig:
-        """Read the options that concern the signals; raises ValueError for a bad value."""
-        config = cls()
-        p_value = options.get("watermark_max_p_value", config.watermark_max_p_value)
-        if isinstance(p_value, bool) or not isinstance(p_value, int | float) or not 0 < p_value < 1:
-            raise ValueError(f"watermark_max_p_value must be a number in (0, 1), got {p_value!r}")
-        limits: dict[str, int] = {}
-        for name in ("watermark_max_pixels", "stealth_max_pixels"):
-            value = options.get(name, getattr(config, name))
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-            limits[name] = value
-        return cls(watermark_max_p_value=float(p_value), **limits)
 
 
 class ProvenanceInspector:
