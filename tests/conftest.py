@@ -2,8 +2,9 @@
 
 Servers: ``SYNTHSENTRY_TEST_DATABASE_URL`` / ``SYNTHSENTRY_TEST_REDIS_URL`` when set (a server
 someone else runs); otherwise each pytest process (each xdist worker) starts its own throwaway
-servers from the installed binaries (tests/servers.py) and stops them at the end of the session.
-Neither available: the tests that need them fail with what to install; they are never skipped.
+servers from the installed binaries, PostgreSQL through tests/servers.py and Redis through
+pytest-redis's ``redis_proc``, and stops them at the end of the session. Neither available: the
+tests that need them fail with what to install; they are never skipped.
 
 Databases: each worker gets ``<dbname>_<worker id>`` (``synthsentry_test_gw0``, ...) created
 empty at the start of the session and dropped at its end, and Redis DB ``<db> + <worker number>``
@@ -18,9 +19,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import redis
 import sqlalchemy
+from pytest_redis.executor import RedisExecutor
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -69,18 +72,28 @@ def postgres_server_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_server_url() -> Iterator[str]:
+def redis_server_url(request: pytest.FixtureRequest) -> str:
     """URL of a Redis server for this session: external as given, or a throwaway one."""
     external = os.environ.get(servers.REDIS_URL_ENV)
     if external:
-        yield external
-        return
+        return external
     try:
-        server = servers.start_redis()
+        servers.find_redis_server()
     except servers.ServerUnavailableError as exc:
         pytest.fail(str(exc), pytrace=False)
-    with server:
-        yield server.url
+    # pytest-redis's own fixture: a free port per xdist worker, stopped at the end of the session.
+    executor: RedisExecutor = request.getfixturevalue("redis_proc")
+    url = f"redis://{executor.host}:{executor.port}/0"
+    client = redis.Redis.from_url(url)
+    try:
+        # Settings its command line cannot give: memory only (without a schedule it passes no
+        # --save, so redis-server snapshots on its default one) and no idle timeout (it
+        # passes 15 s; 0 is taken as "not set").
+        client.config_set("save", "")
+        client.config_set("timeout", 0)
+    finally:
+        client.close()
+    return url
 
 
 @pytest.fixture(scope="session")
@@ -95,11 +108,11 @@ def postgres_url(postgres_server_url: str) -> Iterator[str]:
     name = f"{base or THROWAWAY_DATABASE_PREFIX}_{worker_id()}"
     try:
         url = servers.recreate_database(postgres_server_url, name)
-    except sqlalchemy.exc.DBAPIError as exc:
+    except (psycopg.Error, TimeoutError) as exc:
         pytest.fail(
             f"Could not create database {name!r} on {servers.DATABASE_URL_ENV} server "
             f"({make_url(postgres_server_url)!r}); it must be reachable and the user needs "
-            f"CREATEDB: {exc}",
+            f"CREATEDB: {exc.__cause__ or exc}",
             pytrace=False,
         )
     yield url

@@ -1,13 +1,18 @@
-"""Throwaway PostgreSQL and Redis servers for the test suite.
+"""Where the test suite's servers come from, and a throwaway PostgreSQL.
 
-The suite runs against real servers. When ``SYNTHSENTRY_TEST_DATABASE_URL`` /
-``SYNTHSENTRY_TEST_REDIS_URL`` name servers someone else runs, conftest uses those; otherwise
-it calls ``start_postgres()`` / ``start_redis()`` here, which run the installed binaries in a
-temporary directory on a free port of 127.0.0.1 and remove everything again on ``stop()``.
+When ``SYNTHSENTRY_TEST_DATABASE_URL`` / ``SYNTHSENTRY_TEST_REDIS_URL`` name servers someone else
+runs, conftest uses those. Otherwise Redis comes from pytest-redis (its ``redis_proc`` fixture)
+and PostgreSQL from ``start_postgres()`` here; databases are made and dropped by
+pytest-postgresql's ``DatabaseJanitor`` either way.
 
-PostgreSQL is run as ``postgres`` itself rather than through ``pg_ctl``: the test process then
-holds the postmaster's pid, so stopping it is one signal and one ``wait()``, with no pid file or
-daemonized process to chase.
+Why PostgreSQL does not come from pytest-postgresql as well: its executor runs ``pg_ctl``
+(initdb, start, status, stop) as the current user and has no setting for another one, and
+``pg_ctl`` refuses root ("pg_ctl: cannot be run as root"), which is how CI runs the tests. Tried:
+it runs only behind a shell script written at run time that re-executes ``pg_ctl`` under
+``setpriv``, in a data directory made and chowned here (its fixture's are in pytest's basetemp,
+which only root may enter), so the account, directory and port handling below stays and the
+shim comes on top. Instead ``postgres`` runs here in the foreground under mirakuru (the
+executor both plugins build on), as an unprivileged account when we are root.
 """
 
 from __future__ import annotations
@@ -17,23 +22,21 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import port_for
+import psycopg
 import redis
-import sqlalchemy
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from mirakuru import AlreadyRunning, ProcessExitedWithError, TCPExecutor, TimeoutExpired
+from pytest_postgresql.janitor import DatabaseJanitor
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 
 DATABASE_URL_ENV = "SYNTHSENTRY_TEST_DATABASE_URL"
 REDIS_URL_ENV = "SYNTHSENTRY_TEST_REDIS_URL"
@@ -43,11 +46,12 @@ POSTGRES_SUPERUSER = "postgres"
 # Accounts a root test process hands the PostgreSQL server to, in order of preference.
 UNPRIVILEGED_ACCOUNTS = ("postgres", "nobody")
 
-READY_TIMEOUT_SECONDS = 30.0
-READY_POLL_SECONDS = 0.05
-STOP_TIMEOUT_SECONDS = 15.0
-# A port picked as free can be taken by another process (another xdist worker) before the
-# server binds it; only that specific failure is retried, with a newly picked port.
+READY_TIMEOUT_SECONDS = 30
+# How long creating a database keeps retrying a server that refuses connections (one that is
+# still starting); an unreachable server fails after this.
+CONNECT_TIMEOUT_SECONDS = 5
+# A port picked as free can be taken by another process before the server binds it; only that
+# failure is retried, with a newly picked port.
 PORT_ATTEMPTS = 3
 LOG_TAIL_LINES = 40
 
@@ -83,40 +87,48 @@ class PostgresBinaries:
     postgres: Path
 
 
+class PostgresExecutor(TCPExecutor):
+    """``postgres`` in the foreground, started once it answers: it opens its port before it
+    accepts sessions ("the database system is starting up")."""
+
+    def after_start_check(self) -> bool:
+        try:
+            psycopg.connect(
+                host=self.host,
+                port=self.port,
+                user=POSTGRES_SUPERUSER,
+                dbname="postgres",
+                connect_timeout=2,
+            ).close()
+        except psycopg.OperationalError:
+            return False
+        return True
+
+
 @dataclass(eq=False)
-class RunningServer:
-    """A server process this test process started, and the directory that holds its state."""
+class ThrowawayPostgres:
+    """A running server and the temporary directory that holds all of its state."""
 
-    kind: str
-    url: str
-    port: int
+    executor: PostgresExecutor
     base_dir: Path
-    log_path: Path
-    process: subprocess.Popen[bytes]
-    stop_signal: signal.Signals
 
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        return _tail(self.log_path, lines)
+    @property
+    def port(self) -> int:
+        return self.executor.port
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg2://{POSTGRES_SUPERUSER}@127.0.0.1:{self.port}/postgres"
 
     def stop(self) -> None:
         """Stop the server and delete its directory; safe to call more than once."""
-        self.stop_process()
-        if self.base_dir.exists():
-            shutil.rmtree(self.base_dir)
+        atexit.unregister(self.stop)
+        try:
+            self.executor.stop()
+        finally:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
 
-    def stop_process(self) -> None:
-        """Stop the process only; the directory stays (a retry on another port reuses it)."""
-        _RUNNING.discard(self)
-        if self.process.poll() is None:
-            # The server's own shutdown signal first: it then releases its shared memory.
-            self.process.send_signal(self.stop_signal)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def __enter__(self) -> RunningServer:
+    def __enter__(self) -> ThrowawayPostgres:
         return self
 
     def __exit__(
@@ -126,17 +138,6 @@ class RunningServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-# Backstop for the pytest finalizers: a server is never left running after the interpreter
-# exits normally, even if a fixture's teardown never ran.
-_RUNNING: set[RunningServer] = set()
-
-
-@atexit.register
-def _stop_all() -> None:
-    for server in list(_RUNNING):
-        server.stop()
 
 
 def find_postgres_binaries(
@@ -164,16 +165,9 @@ def find_redis_server(path: str | None = None) -> Path:
     return Path(found)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def start_postgres(
     binaries: PostgresBinaries | None = None, port: int | None = None
-) -> RunningServer:
+) -> ThrowawayPostgres:
     """initdb a cluster in a new temporary directory and run it; ``url`` names the ``postgres`` DB.
 
     Layout of the directory: ``data/`` (the cluster), ``sock/`` (the unix socket, so nothing
@@ -181,13 +175,12 @@ def start_postgres(
     """
     binaries = binaries or find_postgres_binaries()
     account = _unprivileged_account()
+    run_as: dict[str, Any] = (
+        {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []} if account else {}
+    )
     base_dir = Path(tempfile.mkdtemp(prefix="synthsentry-pg-"))
+    data_dir, socket_dir, log_path = base_dir / "data", base_dir / "sock", base_dir / "server.log"
     try:
-        data_dir, socket_dir, log_path = (
-            base_dir / "data",
-            base_dir / "sock",
-            base_dir / "server.log",
-        )
         socket_dir.mkdir()
         if account is not None:
             for owned in (base_dir, socket_dir):
@@ -206,7 +199,7 @@ def start_postgres(
             capture_output=True,
             timeout=120,
             check=False,
-            **_run_as_kwargs(account),
+            **run_as,
         )
         if initdb.returncode != 0:
             output = (initdb.stdout + initdb.stderr).decode(errors="replace")
@@ -214,103 +207,55 @@ def start_postgres(
                 f"initdb ({binaries.initdb}) failed with exit code {initdb.returncode}:\n"
                 + "\n".join(output.splitlines()[-LOG_TAIL_LINES:])
             )
-
-        def argv(chosen_port: int) -> list[str]:
-            return [
-                str(binaries.postgres),
-                "-D",
-                str(data_dir),
-                "-p",
-                str(chosen_port),
-                "-k",
-                str(socket_dir),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                # Durability is worthless for a database that is deleted after the run.
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
-            ]
-
-        def url(chosen_port: int) -> str:
-            return f"postgresql+psycopg2://{POSTGRES_SUPERUSER}@127.0.0.1:{chosen_port}/postgres"
-
-        def probe(chosen_port: int) -> None:
-            engine = sqlalchemy.create_engine(
-                url(chosen_port), poolclass=NullPool, connect_args={"connect_timeout": 2}
-            )
-            try:
-                engine.connect().close()
-            finally:
-                engine.dispose()
-
-        return _launch(
-            kind="postgresql",
-            argv=argv,
-            url=url,
-            probe=probe,
-            transient_errors=(sqlalchemy.exc.OperationalError,),
-            port=port,
-            base_dir=base_dir,
-            log_path=log_path,
-            # SIGINT is PostgreSQL's "fast" shutdown: roll back sessions, exit promptly.
-            stop_signal=signal.SIGINT,
-            account=account,
-        )
-    except BaseException:
-        shutil.rmtree(base_dir, ignore_errors=True)
-        raise
-
-
-def start_redis(redis_server: Path | None = None, port: int | None = None) -> RunningServer:
-    """Run a memory-only redis-server in a new temporary directory; ``url`` names DB 0."""
-    redis_server = redis_server or find_redis_server()
-    base_dir = Path(tempfile.mkdtemp(prefix="synthsentry-redis-"))
-    try:
-
-        def argv(chosen_port: int) -> list[str]:
-            return [
-                str(redis_server),
-                "--port",
-                str(chosen_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(base_dir),
-            ]
-
-        def probe(chosen_port: int) -> None:
-            client = redis.Redis(
-                host="127.0.0.1",
-                port=chosen_port,
-                socket_connect_timeout=2,
-                socket_timeout=2,
-                retry=Retry(NoBackoff(), 0),  # the readiness loop is the retry
-            )
-            try:
-                client.ping()
-            finally:
-                client.close()
-
-        return _launch(
-            kind="redis",
-            argv=argv,
-            url=lambda chosen_port: f"redis://127.0.0.1:{chosen_port}/0",
-            probe=probe,
-            transient_errors=(redis.ConnectionError, redis.TimeoutError),
-            port=port,
-            base_dir=base_dir,
-            log_path=base_dir / "server.log",
-            stop_signal=signal.SIGTERM,
-            account=None,
-        )
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            chosen_port = port if port is not None else port_for.select_random()
+            with log_path.open("wb") as log:
+                executor = PostgresExecutor(
+                    [
+                        str(binaries.postgres),
+                        "-D",
+                        str(data_dir),
+                        "-p",
+                        str(chosen_port),
+                        "-k",
+                        str(socket_dir),
+                        "-c",
+                        "listen_addresses=127.0.0.1",
+                        # Durability is worthless for a database that is deleted after the run.
+                        "-c",
+                        "fsync=off",
+                        "-c",
+                        "synchronous_commit=off",
+                        "-c",
+                        "full_page_writes=off",
+                    ],
+                    host="127.0.0.1",
+                    port=chosen_port,
+                    cwd=str(base_dir),
+                    timeout=READY_TIMEOUT_SECONDS,
+                    sleep=0.05,
+                    # SIGINT is PostgreSQL's "fast" shutdown: roll back sessions, exit promptly.
+                    stop_signal=signal.SIGINT,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    popen_kwargs=run_as,
+                )
+                try:
+                    executor.start()
+                except (AlreadyRunning, ProcessExitedWithError, TimeoutExpired) as exc:
+                    error = _start_error(exc, chosen_port, log_path)
+                    if error.port_in_use and port is None and attempt < PORT_ATTEMPTS:
+                        continue
+                    raise error from exc
+                except BaseException:  # e.g. Ctrl-C while waiting: leave no process behind
+                    executor.kill()
+                    raise
+            server = ThrowawayPostgres(executor=executor, base_dir=base_dir)
+            # Backstop for the pytest finalizers (a teardown that never ran): stop it at exit.
+            atexit.register(server.stop)
+            return server
+        raise AssertionError("unreachable: the last attempt returns or raises")
     except BaseException:
         shutil.rmtree(base_dir, ignore_errors=True)
         raise
@@ -321,23 +266,15 @@ def recreate_database(server_url: str, name: str) -> str:
 
     A database of that name left behind by an interrupted run is dropped first.
     """
-    drop_database(server_url, name)
-    with _admin_connection(server_url) as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {_quote(conn, name)}")
+    janitor = _janitor(server_url, name)
+    janitor.drop()
+    janitor.init()
     return make_url(server_url).set(database=name).render_as_string(hide_password=False)
 
 
 def drop_database(server_url: str, name: str) -> None:
     """Drop ``name`` if it exists, first ending sessions that code under test left open."""
-    with _admin_connection(server_url) as conn:
-        conn.execute(
-            sqlalchemy.text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = :name AND pid <> pg_backend_pid()"
-            ),
-            {"name": name},
-        )
-        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {_quote(conn, name)}")
+    _janitor(server_url, name).drop()
 
 
 def redis_url_for_db(base_url: str, offset: int) -> str:
@@ -366,87 +303,35 @@ def redis_url_for_db(base_url: str, offset: int) -> str:
     return urlunsplit(parts._replace(path=f"/{db}"))
 
 
-def _launch(
-    *,
-    kind: str,
-    argv: Callable[[int], list[str]],
-    url: Callable[[int], str],
-    probe: Callable[[int], None],
-    transient_errors: tuple[type[Exception], ...],
-    port: int | None,
-    base_dir: Path,
-    log_path: Path,
-    stop_signal: signal.Signals,
-    account: pwd.struct_passwd | None,
-) -> RunningServer:
-    for attempt in range(1, PORT_ATTEMPTS + 1):
-        chosen_port = port if port is not None else free_port()
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                argv(chosen_port),
-                cwd=base_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Its own session: a Ctrl-C in the terminal reaches pytest, whose teardown
-                # stops the server, instead of killing the server under running tests.
-                start_new_session=True,
-                **_run_as_kwargs(account),
-            )
-        server = RunningServer(
-            kind=kind,
-            url=url(chosen_port),
-            port=chosen_port,
-            base_dir=base_dir,
-            log_path=log_path,
-            process=process,
-            stop_signal=stop_signal,
-        )
-        _RUNNING.add(server)
-        try:
-            _wait_until_ready(server, probe, transient_errors)
-        except ServerStartError as exc:
-            server.stop_process()
-            if exc.port_in_use and port is None and attempt < PORT_ATTEMPTS:
-                continue
-            raise
-        except BaseException:  # e.g. Ctrl-C while waiting: do not leave the process behind
-            server.stop_process()
-            raise
-        return server
-    raise AssertionError("unreachable: the last attempt returns or raises")
+def _janitor(server_url: str, name: str) -> DatabaseJanitor:
+    """pytest-postgresql's janitor for database ``name``; it works from the URL's database.
+
+    Empty user or host leave the choice to libpq (current user, unix socket), as the URL does.
+    """
+    url = make_url(server_url)
+    return DatabaseJanitor(
+        user=url.username or "",
+        host=url.host or "",
+        port=url.port or 5432,
+        password=url.password,
+        dbname=name,
+        maintenance_dbname=url.database or "postgres",
+        connection_timeout=CONNECT_TIMEOUT_SECONDS,
+    )
 
 
-def _wait_until_ready(
-    server: RunningServer,
-    probe: Callable[[int], None],
-    transient_errors: tuple[type[Exception], ...],
-) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-    last_error: Exception | None = None
-    while True:
-        exit_code = server.process.poll()
-        if exit_code is not None:
-            tail = server.log_tail()
-            raise ServerStartError(
-                f"{server.kind} on port {server.port} exited with code {exit_code} before "
-                f"accepting connections. Log ({server.log_path}), last lines:\n{tail}",
-                port_in_use="Address already in use" in tail,
-            )
-        try:
-            probe(server.port)
-        except transient_errors as exc:
-            last_error = exc
-        else:
-            return
-        # A probe can block up to its own timeout; re-check the process before giving up.
-        if time.monotonic() >= deadline and server.process.poll() is None:
-            raise ServerStartError(
-                f"{server.kind} on port {server.port} did not accept connections within "
-                f"{READY_TIMEOUT_SECONDS:.0f} s (last error: {last_error}). "
-                f"Log ({server.log_path}), last lines:\n{server.log_tail()}"
-            )
-        time.sleep(READY_POLL_SECONDS)
+def _start_error(exc: Exception, port: int, log_path: Path) -> ServerStartError:
+    tail = _tail(log_path, LOG_TAIL_LINES)
+    if isinstance(exc, AlreadyRunning):
+        what = "was not started: another process listens on it (Address already in use)"
+    elif isinstance(exc, TimeoutExpired):
+        what = f"did not accept connections within {READY_TIMEOUT_SECONDS} s"
+    else:
+        what = f"exited before accepting connections ({exc})"
+    return ServerStartError(
+        f"postgresql on port {port} {what}. Log ({log_path}), last lines:\n{tail}",
+        port_in_use=isinstance(exc, AlreadyRunning) or "Address already in use" in tail,
+    )
 
 
 def _unprivileged_account() -> pwd.struct_passwd | None:
@@ -469,22 +354,6 @@ def _unprivileged_account() -> pwd.struct_passwd | None:
         f"{', '.join(UNPRIVILEGED_ACCOUNTS)} exists to run it as. Run the tests as a normal "
         f"user, create one of those accounts, or set {DATABASE_URL_ENV}."
     )
-
-
-def _run_as_kwargs(account: pwd.struct_passwd | None) -> dict[str, Any]:
-    if account is None:
-        return {}
-    return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
-
-
-def _admin_connection(server_url: str) -> sqlalchemy.Connection:
-    # CREATE/DROP DATABASE cannot run inside a transaction block.
-    engine = sqlalchemy.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    return engine.connect()
-
-
-def _quote(conn: sqlalchemy.Connection, identifier: str) -> str:
-    return conn.dialect.identifier_preparer.quote_identifier(identifier)
 
 
 def _versioned_postgres_dirs() -> list[Path]:

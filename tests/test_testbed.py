@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import socket
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import port_for
 import pytest
 import redis
 import sqlalchemy
 from sqlalchemy import Column, Integer, MetaData, Table, Text, func, insert, select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
@@ -112,6 +116,11 @@ def test_isolated_settings_ignore_the_outer_environment(
     )
 
 
+def accepts_connections(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
 @pytest.mark.integration
 def test_throwaway_postgres_starts_serves_and_leaves_nothing_behind() -> None:
     server = servers.start_postgres()
@@ -131,46 +140,44 @@ def test_throwaway_postgres_starts_serves_and_leaves_nothing_behind() -> None:
             assert data_owner == os.geteuid()
     finally:
         server.stop()
-    assert server.process.returncode is not None
+    assert not server.executor.running()
+    assert not accepts_connections(server.port)
     assert not server.base_dir.exists()
 
 
 @pytest.mark.integration
-def test_throwaway_redis_starts_serves_and_leaves_nothing_behind() -> None:
-    server = servers.start_redis()
-    try:
-        client = redis.Redis.from_url(server.url, decode_responses=True)
-        try:
-            assert client.set("testbed:probe", "stored")
-            assert client.get("testbed:probe") == "stored"
-            assert client.config_get("save") == {"save": ""}
-            assert client.config_get("appendonly") == {"appendonly": "no"}
-            assert client.config_get("dir") == {"dir": str(server.base_dir.resolve())}
-        finally:
-            client.close()
-    finally:
-        server.stop()
-    assert server.process.returncode is not None
-    assert not server.base_dir.exists()
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize(
-    "start", [servers.start_postgres, servers.start_redis], ids=["postgres", "redis"]
-)
-def test_a_server_that_cannot_start_raises_with_its_log_tail(
-    start: Callable[..., servers.RunningServer],
-) -> None:
+def test_postgres_on_a_port_another_server_holds_raises_and_leaves_nothing() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
         taken_port = blocker.getsockname()[1]
         with pytest.raises(servers.ServerStartError, match="Address already in use") as excinfo:
-            start(port=taken_port)
+            servers.start_postgres(port=taken_port)
     assert excinfo.value.port_in_use
     log_path = re.search(r"Log \((.+?)\)", str(excinfo.value))
     assert log_path is not None
     assert not Path(log_path.group(1)).parent.exists(), "the failed server's directory remains"
+
+
+@pytest.mark.integration
+def test_a_picked_port_taken_before_postgres_binds_it_is_retried_with_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bound, not listening: nothing answers on the port, so postgres itself fails to bind."""
+    pick = port_for.select_random
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        taken_port = blocker.getsockname()[1]
+        picks = [taken_port]
+        monkeypatch.setattr(
+            port_for, "select_random", lambda *args, **kwargs: picks.pop() if picks else pick()
+        )
+        with servers.start_postgres() as server:
+            assert not picks, "start_postgres did not try the taken port first"
+            assert server.port != taken_port
+            engine = sqlalchemy.create_engine(server.url, poolclass=NullPool)
+            with engine.connect() as conn:
+                assert conn.scalar(text("SHOW port")) == str(server.port)
 
 
 def test_missing_postgres_binaries_name_what_to_install() -> None:
@@ -200,16 +207,17 @@ def test_postgres_binaries_are_found_in_versioned_dirs_off_path(tmp_path: Path) 
     assert found == servers.PostgresBinaries(bin_dir / "initdb", bin_dir / "postgres")
 
 
+def copy_test_bed(pytester: pytest.Pytester, conftest_suffix: str = "") -> None:
+    shutil.copy(TESTS_DIR / "servers.py", pytester.path)
+    pytester.makeconftest((TESTS_DIR / "conftest.py").read_text() + conftest_suffix)
+
+
 def test_tests_needing_absent_servers_fail_rather_than_skip(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A machine with neither binaries nor URLs gets errors naming what to install."""
-    shutil.copy(TESTS_DIR / "servers.py", pytester.path)
-    conftest = (TESTS_DIR / "conftest.py").read_text()
     # Hide the versioned install directories as well as PATH.
-    pytester.makeconftest(
-        conftest + '\nservers.POSTGRES_INSTALL_ROOT = Path("/nonexistent/postgresql")\n'
-    )
+    copy_test_bed(pytester, '\nservers.POSTGRES_INSTALL_ROOT = Path("/nonexistent/postgresql")\n')
     pytester.makepyfile(
         test_needs_servers="""
         def test_needs_postgres(postgres_url):
@@ -230,3 +238,61 @@ def test_tests_needing_absent_servers_fail_rather_than_skip(
     result.stdout.fnmatch_lines(
         ["*apt-get install postgresql*", "*apt-get install redis-server*"], consecutive=False
     )
+
+
+@pytest.mark.integration
+def test_throwaway_servers_of_a_session_are_gone_after_it(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No URLs: the session gets a PostgreSQL and a memory-only Redis, stopped at its end."""
+    copy_test_bed(pytester)
+    pytester.makepyfile(
+        test_records_servers="""
+        import json
+        import os
+        from pathlib import Path
+
+        import redis
+        import sqlalchemy
+
+        def test_record(postgres_url, redis_url):
+            client = redis.Redis.from_url(redis_url, decode_responses=True)
+            redis_config = {**client.config_get("save"), **client.config_get("timeout")}
+            client.close()
+            engine = sqlalchemy.create_engine(postgres_url)
+            with engine.connect() as conn:
+                data_dir = conn.exec_driver_sql("SHOW data_directory").scalar()
+            engine.dispose()
+            record = {
+                "postgres_url": postgres_url,
+                "data_dir": data_dir,
+                "redis_url": redis_url,
+                "redis_config": redis_config,
+            }
+            Path(os.environ["RECORD"]).write_text(json.dumps(record))
+        """
+    )
+    record_path = pytester.path / "record.json"
+    monkeypatch.setenv("RECORD", str(record_path))
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # when this test runs under xdist
+    monkeypatch.delenv(servers.DATABASE_URL_ENV, raising=False)
+    monkeypatch.delenv(servers.REDIS_URL_ENV, raising=False)
+    # pytest-redis puts redis-server's unix socket in the basetemp, and a socket path has at
+    # most 107 bytes: pytester's own basetemp, nested in ours, is too deep.
+    basetemp = Path(tempfile.mkdtemp(prefix="testbed-"))
+    try:
+        result = pytester.runpytest_subprocess(
+            "-p", "no:cacheprovider", "-p", "no:xdist", f"--basetemp={basetemp}"
+        )
+    finally:
+        shutil.rmtree(basetemp, ignore_errors=True)
+
+    result.assert_outcomes(passed=1)
+    record = json.loads(record_path.read_text())
+    postgres, redis_url = make_url(record["postgres_url"]), make_url(record["redis_url"])
+    assert postgres.database == "synthsentry_test_master"
+    assert record["redis_config"] == {"save": "", "timeout": "0"}
+    assert postgres.port is not None and redis_url.port is not None
+    assert not accepts_connections(postgres.port), "its PostgreSQL still runs"
+    assert not accepts_connections(redis_url.port), "its Redis still runs"
+    assert not Path(record["data_dir"]).parent.exists(), "its PostgreSQL directory remains"

@@ -10,11 +10,11 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import port_for
 import pytest
 import redis
 import sqlalchemy as sa
 
-import servers
 from conftest import DatabaseFactory
 from fleet_processes import FleetProcess, running, wait_for
 
@@ -27,7 +27,7 @@ def webhook(
 ) -> Iterator[tuple[str, str]]:
     database = committing_database("webhook")
     redis.Redis.from_url(redis_url).flushdb()
-    port = servers.free_port()
+    port = port_for.select_random()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHSENTRY_")}
     env.update(
         SYNTHSENTRY_DATA_DIR=str(tmp_path / "data"),
