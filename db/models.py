@@ -219,9 +219,9 @@ class Verdict(Base):
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
     ensemble_version: Mapped[str] = mapped_column(String(64))
-    # Null only for a verdict written during a rolling upgrade by a release older than the
-    # ensembles table (revision 0004 links the older rows to a legacy configuration).
-    ensemble_id: Mapped[int | None] = mapped_column(ForeignKey("ensembles.id"), index=True)
+    # Null for verdicts stored before configurations were recorded (revision 0004), and by
+    # such a release during a rolling upgrade: their ensemble_version names a legacy row.
+    ensemble_id: Mapped[int | None] = mapped_column(ForeignKey("ensembles.id"))
     detector_set_digest: Mapped[str] = mapped_column(String(64))
     detector_set: Mapped[dict[str, Any]] = mapped_column(default=dict)
     ai_score: Mapped[float | None] = mapped_column(Float)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import SecretStr
+
 from synthsentry.settings import Settings, check_device, get_settings
 from workers.detectors.base import Detector, DetectorSpec
 from workers.detectors.registry import (
@@ -71,6 +73,9 @@ class Runtime:
     s3_endpoint_url: str | None
     s3_region: str
     weights_dir: Path
+    log_level: str
+    allowed_buckets: str  # parsed by workers.events.BucketPolicy where events are taken in
+    webhook_secret: SecretStr = field(repr=False)
     # Where batch figures go (the logs today; the metrics exporter reads the same calls).
     batch_observer: BatchObserver = field(default_factory=LogBatches)
 
@@ -105,6 +110,9 @@ class Runtime:
             s3_endpoint_url=settings.s3_endpoint_url,
             s3_region=settings.s3_region,
             weights_dir=settings.weights_dir,
+            log_level=settings.log_level,
+            allowed_buckets=settings.allowed_buckets,
+            webhook_secret=settings.webhook_secret,
         )
 
     def replace(self, **changes: Any) -> Runtime:

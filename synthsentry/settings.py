@@ -7,6 +7,7 @@ environment variable named ``SYNTHSENTRY_<FIELD>`` (upper case).
 
 from __future__ import annotations
 
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -39,8 +40,8 @@ class PlattCalibration(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    a: float = 1.0
-    b: float = 0.0
+    a: float = Field(1.0, allow_inf_nan=False)
+    b: float = Field(0.0, allow_inf_nan=False)
 
 
 class Settings(BaseSettings):
@@ -169,9 +170,9 @@ class Settings(BaseSettings):
     @field_validator("ensemble_weights")
     @classmethod
     def _check_weights(cls, value: dict[str, float]) -> dict[str, float]:
-        negative = sorted(name for name, weight in value.items() if not weight >= 0)
-        if negative:
-            raise ValueError(f"ensemble weights must be >= 0: {', '.join(negative)}")
+        bad = sorted(name for name, weight in value.items() if not 0 <= weight < math.inf)
+        if bad:
+            raise ValueError(f"ensemble weights must be finite and >= 0: {', '.join(bad)}")
         return value
 
     @model_validator(mode="after")

@@ -19,15 +19,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _imports(path: Path) -> set[str]:
-    """Every module a file imports, at any depth (deferred imports in functions count)."""
+def _imports(path: Path, root: Path = REPO) -> set[str]:
+    """Every module a file imports, at any depth (deferred imports in functions count);
+    relative imports are resolved against the file's package."""
+    package = list(path.relative_to(root).with_suffix("").parts)[:-1]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
     return found
 
 
@@ -60,6 +64,14 @@ def test_tasks_do_not_import_the_cli() -> None:
         for file, names in _offending("tasks", ("synthsentry",)).items()
     }
     assert {file: names for file, names in offending.items() if names} == {}
+
+
+def test_relative_imports_are_resolved(tmp_path: Path) -> None:
+    module = tmp_path / "workers" / "scan.py"
+    module.parent.mkdir()
+    module.write_text("from . import fleet\nfrom .detectors import base\n", encoding="utf-8")
+    found = _imports(module, root=tmp_path)
+    assert {"workers.fleet", "workers.detectors.base"} <= found
 
 
 @pytest.mark.parametrize(("one", "other"), [("scan", "fleet"), ("fleet", "scan")])

@@ -264,6 +264,14 @@ def test_worker_usage_errors_exit_2_before_connecting(
     assert message in result.stderr
 
 
+@pytest.mark.parametrize("command", [["status", "s3://b/k"], ["reconcile", "--once"]])
+def test_an_unknown_fleet_detector_is_a_usage_error(run: Run, command: list[str]) -> None:
+    result = run(*command, SYNTHSENTRY_FLEET_DETECTORS='["provenance", "nope"]')
+    assert result.returncode == 2, result.stderr
+    assert "SYNTHSENTRY_FLEET_DETECTORS names unknown detectors: nope" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_short_visibility_timeout_is_refused(run: Run, tmp_path: Path) -> None:
     """A message must not be handed to a second worker while the first still holds it."""
     result = run(

@@ -172,5 +172,23 @@ def test_configs_that_decide_alike_share_their_digest() -> None:
 def test_an_ensemble_config_refuses_impossible_values() -> None:
     with pytest.raises(ValueError, match="threshold"):
         EnsembleConfig(threshold=1.5)
-    with pytest.raises(ValueError, match="weights must be >= 0: a"):
+    with pytest.raises(ValueError, match="weights must be finite and >= 0: a"):
         EnsembleConfig(weights={"a": -1.0})
+    with pytest.raises(ValueError, match="weights must be finite and >= 0: a"):
+        EnsembleConfig(weights={"a": math.inf})
+    with pytest.raises(ValueError, match="calibrations must be finite: a"):
+        EnsembleConfig(calibrations={"a": Calibration(a=math.nan)})
+
+
+def test_weights_of_detectors_outside_the_ensemble_make_no_new_version() -> None:
+    specs = [BUILTIN_SPECS["provenance"], BUILTIN_SPECS["sumsub-mj5"]]
+    plain = EnsembleConfig.for_detectors(specs, threshold=0.5)
+    unrelated = EnsembleConfig.for_detectors(
+        specs,
+        threshold=0.5,
+        weights={"sumsub-v2": 3.0},
+        calibrations={"sumsub-v2": Calibration(a=2.0)},
+    )
+    assert unrelated.version == plain.version
+    member = EnsembleConfig.for_detectors(specs, threshold=0.5, weights={"sumsub-mj5": 3.0})
+    assert member.version != plain.version

@@ -144,7 +144,9 @@ def test_a_rescan_under_a_changed_ensemble_stores_a_new_verdict_the_case_follows
     second = fleet.record_upload(strict, _upload(s3_endpoint, "again/2.png", data))
     assert second is not None
     assert fleet.take_in(strict, second) == []  # every detection reused: concluded at intake
-    assert fleet.take_in(strict, second) == []  # and once only
+    # The same bytes again under the same configuration: concluded again, stored once.
+    third = fleet.record_upload(strict, _upload(s3_endpoint, "again/3.png", data))
+    assert third is not None and fleet.take_in(strict, third) == []
     assert (_count(sessions, Detection), _count(sessions, Verdict)) == (2, 2)
     with sessions() as session:
         (outcome,) = status_of(

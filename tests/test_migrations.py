@@ -117,7 +117,7 @@ def test_enum_columns_refuse_unknown_values(pg_engine: sa.Engine) -> None:
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgres"])
-def test_verdicts_stored_before_ensembles_were_recorded_are_linked_to_a_legacy_config(
+def test_verdicts_stored_before_ensembles_were_recorded_name_a_legacy_config(
     database: str, sqlite_url: str, committing_database: DatabaseFactory
 ) -> None:
     url = sqlite_url if database == "sqlite" else committing_database("legacy", migrated=False)
@@ -148,16 +148,16 @@ def test_verdicts_stored_before_ensembles_were_recorded_are_linked_to_a_legacy_c
         )
     migrate.upgrade(url)
     with engine.begin() as connection:
-        version, definition = connection.execute(
+        version, definition, ensemble_id = connection.execute(
             sa.text(
-                "SELECT e.version, e.definition FROM verdicts v "
-                "JOIN ensembles e ON e.id = v.ensemble_id"
+                "SELECT e.version, e.definition, v.ensemble_id FROM verdicts v "
+                "JOIN ensembles e ON e.version = v.ensemble_version"
             )
         ).one()
         # A withdrawn case is a state the schema now accepts.
         connection.execute(sa.text("UPDATE review_cases SET state = 'withdrawn'"))
     engine.dispose()
-    assert version == "v0-weighted-mean"
+    assert version == "v0-weighted-mean" and ensemble_id is None
     definition = definition if isinstance(definition, dict) else json.loads(definition)
     assert definition["legacy_version"] == "v0-weighted-mean"
     migrate.downgrade(url, "0003")  # and back: the withdrawn case is open again

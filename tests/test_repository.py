@@ -99,25 +99,46 @@ ENSEMBLE = repository.EnsembleRecord(
 )
 
 
-def _verdict(
-    flagged: bool, digest: str = "d" * 64, ensemble: repository.EnsembleRecord = ENSEMBLE
-) -> repository.VerdictRecord:
-    return repository.VerdictRecord(
-        ensemble=ensemble,
-        detector_set_digest=digest,
-        detector_set={"detectors": []},
-        ai_score=0.9 if flagged else 0.1,
-        label=VerdictLabel.LIKELY_AI if flagged else VerdictLabel.NO_INDICATION,
+def _other_ensemble(name: str) -> repository.EnsembleRecord:
+    digest = (name * 64)[:64]
+    return repository.EnsembleRecord(f"weighted-mean@{digest[:16]}", digest, {"name": name})
+
+
+def _save(
+    session: Session,
+    image_id: int,
+    label: VerdictLabel,
+    *,
+    ensemble: repository.EnsembleRecord = ENSEMBLE,
+    failed: bool = False,
+    active: bool = True,
+) -> tuple[Verdict, bool]:
+    """Store a verdict with ``label`` under ``ensemble`` (registered first, as pipelines do);
+    ``failed``: one of its detectors failed."""
+    registered = repository.register_ensemble(session, ensemble)
+    flagged = label == VerdictLabel.LIKELY_AI
+    record = repository.VerdictRecord(
+        ensemble_id=registered.id,
+        ensemble_version=registered.version,
+        detector_set_digest=("f" if failed else "d") * 64,
+        detector_set={"detectors": [{"name": "det", "version": "1", "failed": failed}]},
+        ai_score=None if label == VerdictLabel.INCONCLUSIVE else (0.9 if flagged else 0.1),
+        label=label,
         flagged=flagged,
         reason="because",
     )
+    return repository.save_verdict(session, image_id, record, actor="t", active=active)
+
+
+AI, CLEAN, NOTHING = VerdictLabel.LIKELY_AI, VerdictLabel.NO_INDICATION, VerdictLabel.INCONCLUSIVE
 
 
 def test_flagged_verdict_opens_one_review_case_with_audit(db_session: Session) -> None:
     image = _image(db_session)
-    verdict, created = repository.save_verdict(db_session, image.id, _verdict(True), actor="t")
-    again, created_again = repository.save_verdict(db_session, image.id, _verdict(True), actor="t")
+    verdict, created = _save(db_session, image.id, AI)
+    again, created_again = _save(db_session, image.id, AI)
     assert created and not created_again and verdict.id == again.id
+    assert verdict.ensemble_id is not None
     assert repository.count_rows(db_session, Verdict) == 1
     assert repository.count_rows(db_session, ReviewCase) == 1
     case = db_session.query(ReviewCase).one()
@@ -128,15 +149,10 @@ def test_flagged_verdict_opens_one_review_case_with_audit(db_session: Session) -
 
 def test_unflagged_verdict_opens_no_case(db_session: Session) -> None:
     image = _image(db_session)
-    repository.save_verdict(db_session, image.id, _verdict(False), actor="t")
+    _save(db_session, image.id, CLEAN)
     assert repository.count_rows(db_session, ReviewCase) == 0
     latest = repository.latest_verdict(db_session, image.id)
     assert latest is not None and latest.label == VerdictLabel.NO_INDICATION
-
-
-def _other_ensemble(name: str) -> repository.EnsembleRecord:
-    digest = (name * 64)[:64]
-    return repository.EnsembleRecord(f"weighted-mean@{digest[:16]}", digest, {"name": name})
 
 
 def _case_state(session: Session) -> tuple[ReviewState, int]:
@@ -145,34 +161,31 @@ def _case_state(session: Session) -> tuple[ReviewState, int]:
     return case.state, case.verdict_id
 
 
+def _case_actions(session: Session) -> list[str]:
+    return [
+        e.action
+        for e in session.query(AuditEvent).order_by(AuditEvent.id)
+        if e.subject_type == "review_case"
+    ]
+
+
 def test_a_verdict_that_no_longer_flags_withdraws_the_open_case_and_a_new_flag_reopens_it(
     db_session: Session,
 ) -> None:
     image = _image(db_session)
-    first, _ = repository.save_verdict(db_session, image.id, _verdict(True), actor="t")
-    cleared, _ = repository.save_verdict(
-        db_session, image.id, _verdict(False, ensemble=_other_ensemble("b")), actor="t"
-    )
+    first, _ = _save(db_session, image.id, AI)
+    cleared, _ = _save(db_session, image.id, CLEAN, ensemble=_other_ensemble("b"))
     assert _case_state(db_session) == (ReviewState.WITHDRAWN, first.id)
-    again, created = repository.save_verdict(
-        db_session, image.id, _verdict(True, ensemble=_other_ensemble("c")), actor="t"
-    )
+    again, created = _save(db_session, image.id, AI, ensemble=_other_ensemble("c"))
     assert created and _case_state(db_session) == (ReviewState.OPEN, again.id)
     # Back to the first configuration: its stored verdict is current again, and the case
     # follows it without a new verdict row.
-    repository.save_verdict(
-        db_session, image.id, _verdict(False, ensemble=_other_ensemble("b")), actor="t"
-    )
-    back, created_back = repository.save_verdict(db_session, image.id, _verdict(True), actor="t")
+    _save(db_session, image.id, CLEAN, ensemble=_other_ensemble("b"))
+    back, created_back = _save(db_session, image.id, AI)
     assert back.id == first.id and not created_back
     assert _case_state(db_session) == (ReviewState.OPEN, first.id)
     assert repository.count_rows(db_session, Verdict) == 3
-    actions = [
-        e.action
-        for e in db_session.query(AuditEvent).order_by(AuditEvent.id)
-        if e.subject_type == "review_case"
-    ]
-    assert actions == [
+    assert _case_actions(db_session) == [
         "review_case.opened",
         "review_case.withdrawn",
         "review_case.reopened",
@@ -182,18 +195,39 @@ def test_a_verdict_that_no_longer_flags_withdraws_the_open_case_and_a_new_flag_r
     assert cleared.ensemble_version == _other_ensemble("b").version
 
 
+@pytest.mark.parametrize(
+    ("label", "failed", "active"),
+    [(NOTHING, False, True), (CLEAN, True, True), (CLEAN, False, False)],
+    ids=["inconclusive", "a-detector-failed", "not-the-active-config"],
+)
+def test_missing_evidence_or_an_ad_hoc_config_never_withdraws_a_case(
+    db_session: Session, label: VerdictLabel, failed: bool, active: bool
+) -> None:
+    """A re-score with no weights on the machine, broken new weights or a deleted object
+    says nothing about the image; an ad-hoc scan's threshold is not the platform's."""
+    image = _image(db_session)
+    first, _ = _save(db_session, image.id, AI)
+    _save(db_session, image.id, label, ensemble=_other_ensemble("b"), failed=failed, active=active)
+    assert _case_state(db_session) == (ReviewState.OPEN, first.id)
+    assert _case_actions(db_session) == ["review_case.opened"]
+
+
+def test_an_ad_hoc_config_may_still_open_a_case(db_session: Session) -> None:
+    image = _image(db_session)
+    flagged, _ = _save(db_session, image.id, AI, active=False)
+    assert _case_state(db_session) == (ReviewState.OPEN, flagged.id)
+
+
 @pytest.mark.parametrize("state", [ReviewState.CLAIMED, ReviewState.DECIDED])
 def test_a_held_or_decided_case_keeps_its_state_when_the_verdict_changes(
     db_session: Session, state: ReviewState
 ) -> None:
     image = _image(db_session)
-    repository.save_verdict(db_session, image.id, _verdict(True), actor="t")
+    _save(db_session, image.id, AI)
     case = db_session.query(ReviewCase).one()
     case.state = state
     db_session.flush()
-    repository.save_verdict(
-        db_session, image.id, _verdict(False, ensemble=_other_ensemble("b")), actor="t"
-    )
+    _save(db_session, image.id, CLEAN, ensemble=_other_ensemble("b"))
     assert _case_state(db_session)[0] == state
 
 
@@ -201,19 +235,17 @@ def test_the_case_shows_the_verdict_that_opened_it_and_the_current_one(
     db_session: Session,
 ) -> None:
     image = _image(db_session)
-    opened, _ = repository.save_verdict(db_session, image.id, _verdict(True), actor="t")
+    opened, _ = _save(db_session, image.id, AI)
     case = db_session.query(ReviewCase).one()
     case.state = ReviewState.CLAIMED  # a moderator holds it while the configuration changes
     db_session.flush()
     other = _other_ensemble("b")
-    now, _ = repository.save_verdict(
-        db_session, image.id, _verdict(False, ensemble=other), actor="t"
-    )
+    now, _ = _save(db_session, image.id, CLEAN, ensemble=other)
     found = repository.with_verdicts(db_session, image.id, ensemble_version=other.version)
-    assert found is not None and found.verdicts_differ
-    assert (found.opened_by.id, found.current and found.current.id) == (opened.id, now.id)
-    under_first = repository.with_verdicts(db_session, image.id, ensemble_version=ENSEMBLE.version)
-    assert under_first is not None and not under_first.verdicts_differ
+    assert found is not None and found.current is not None
+    assert (found.opened_by.id, found.current.id) == (opened.id, now.id)
+    first = repository.with_verdicts(db_session, image.id, ensemble_version=ENSEMBLE.version)
+    assert first is not None and first.current is not None and first.current.id == opened.id
     never = repository.with_verdicts(db_session, image.id, ensemble_version="weighted-mean@none")
     assert never is not None and never.current is None
 

@@ -60,7 +60,9 @@ def test_per_process_options_are_checked_and_leave_the_environment_alone() -> No
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("ensemble_weights", {"a": -1}, "weights must be >= 0"),
+        ("ensemble_weights", {"a": -1}, "weights must be finite and >= 0"),
+        ("ensemble_weights", {"a": "Infinity"}, "weights must be finite and >= 0"),
+        ("ensemble_calibrations", {"a": {"a": "NaN"}}, "finite number"),
         ("ensemble_calibrations", {"a": {"a": 1, "c": 2}}, "Extra inputs"),
         ("device", "cuda:x", "device must be"),
     ],

@@ -22,6 +22,7 @@ from functools import cached_property
 from typing import Any, Literal
 
 from db.models import VerdictLabel
+from workers.detectors.base import DetectorSpec
 
 Rule = Literal["weighted-mean"]
 WEIGHTED_MEAN: Rule = "weighted-mean"
@@ -71,26 +72,37 @@ class EnsembleConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"the threshold must be within [0, 1], got {self.threshold!r}")
-        negative = sorted(name for name, w in self.weights.items() if not w >= 0.0)
-        if negative:
-            raise ValueError(f"ensemble weights must be >= 0: {', '.join(negative)}")
+        bad = sorted(name for name, w in self.weights.items() if not 0.0 <= w < math.inf)
+        if bad:
+            raise ValueError(f"ensemble weights must be finite and >= 0: {', '.join(bad)}")
+        bad = sorted(
+            name
+            for name, c in self.calibrations.items()
+            if not (math.isfinite(c.a) and math.isfinite(c.b))
+        )
+        if bad:
+            raise ValueError(f"calibrations must be finite: {', '.join(bad)}")
 
     @classmethod
     def for_detectors(
         cls,
-        specs: Iterable[Any],
+        specs: Iterable[DetectorSpec],
         *,
         threshold: float,
         weights: Mapping[str, float] | None = None,
         calibrations: Mapping[str, Calibration] | None = None,
     ) -> EnsembleConfig:
         """The configuration for an ensemble of these detector specs: which of them are
-        decisive comes from each spec (``DetectorSpec.decisive``) and nowhere else."""
+        decisive comes from each spec (``DetectorSpec.decisive``) and nowhere else. Weights
+        and calibrations of detectors outside the ensemble are left out: they decide
+        nothing here, so they must not make a new version."""
+        members = list(specs)
+        names = {spec.name for spec in members}
         return cls(
             threshold=threshold,
-            weights=dict(weights or {}),
-            calibrations=dict(calibrations or {}),
-            decisive=frozenset(spec.name for spec in specs if spec.decisive),
+            weights={name: w for name, w in (weights or {}).items() if name in names},
+            calibrations={n: c for n, c in (calibrations or {}).items() if n in names},
+            decisive=frozenset(spec.name for spec in members if spec.decisive),
         )
 
     def weight(self, detector: str) -> float:

@@ -6,7 +6,8 @@ scan is the other.
     upload recorded (source row, pending)  -> take_in: fetch once, hash, validate, find
     the detectors still missing            -> detect (one per detector queue): count the
     attempt, score, store the detection    -> conclude: under a row lock on the image, the
-    writer of the last expected detection stores the verdict (once) and opens a review case.
+    writer of the last expected detection stores the verdict (once); the image's review case
+    follows it (opened, withdrawn or reopened: db/repository/review.py).
 
 Every step is idempotent: a redelivered message or a duplicated event finds its work done
 and changes nothing. Nothing here sends messages or names queues; the caller sends the
@@ -69,9 +70,19 @@ class FleetContext:
     session_factory: sessionmaker[Session]
     s3: Callable[[], S3Reader]
     limits: IntakeLimits
-    ensemble: EnsembleConfig
+    ensemble: EnsembleConfig  # the active configuration: its verdicts move review cases
     detectors: Sequence[str]  # the ensemble: every image waits for all of these
     max_attempts: int = 3
+    _ensemble_id: int | None = field(default=None, init=False, repr=False)
+    _registering: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def ensemble_id(self) -> int:
+        """The stored id of ``ensemble``, registered on first use (in a transaction of its
+        own: call it before opening one that locks an image)."""
+        with self._registering:
+            if self._ensemble_id is None:
+                self._ensemble_id = scoring.register_ensemble(self.session_factory, self.ensemble)
+            return self._ensemble_id
 
 
 # --- recording uploads ------------------------------------------------------------------
@@ -160,6 +171,7 @@ def take_in(ctx: FleetContext, source_id: int) -> list[tuple[int, str]]:
     if stored is None:
         raise LookupError(f"source {source_id} names no object to fetch")
     intake = scoring.take_in(lambda: fetch_object(ctx.s3(), stored, ctx.limits), ctx.limits)
+    ctx.ensemble_id()  # registered before a transaction that may lock the image
     with transaction(ctx.session_factory) as session:
         image_id = scoring.record_intake(session, source_id, intake)
         if image_id is None:
@@ -260,6 +272,7 @@ def _attempt(
     decoding: AbstractContextManager[Any] | None = None,
 ) -> Verdict | None:
     name = detector.spec.name
+    ctx.ensemble_id()  # registered before a transaction that may lock the image
     with transaction(ctx.session_factory) as session:
         attempts = repository.count_attempt(session, image_id, name)
         done = repository.reusable_detections(session, image_id, {name: detector.version})
@@ -323,7 +336,9 @@ def conclude(session: Session, ctx: FleetContext, image_id: int) -> Verdict | No
     latest = repository.latest_detections(session, image_id, ctx.detectors)
     if set(latest) != set(ctx.detectors):
         return None
-    concluded = scoring.conclude(session, image_id, latest, ctx.ensemble, actor=ACTOR)
+    concluded = scoring.conclude(
+        session, image_id, latest, ctx.ensemble, ensemble_id=ctx.ensemble_id(), actor=ACTOR
+    )
     repository.mark_pending_sources_scored(session, image_id)
     return concluded.verdict
 

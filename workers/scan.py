@@ -26,7 +26,7 @@ from workers import scoring
 from workers.detectors.base import Detector
 from workers.engine import DetectorResult, Prepared, prepare, run_detector
 from workers.ensemble import EnsembleConfig
-from workers.intake import IntakeLimits, read_local
+from workers.intake import IntakeLimits, Rejected, RejectReason, read_local
 from workers.results import (
     DetectorReport,
     ScanOutcome,
@@ -66,7 +66,13 @@ class _Item:
 
 def _take_in(path: Path, limits: IntakeLimits, detectors: Sequence[Detector]) -> _Item:
     """Read, hash, decode and preprocess one file (runs in an intake thread)."""
-    item = _Item(path=path, intake=scoring.take_in(lambda: read_local(path, limits), limits))
+    try:
+        intake = scoring.take_in(lambda: read_local(path, limits), limits)
+    except scoring.TransientError as exc:  # one file must not end the run: scan it again
+        log.warning("intake failed for now", extra={"path": str(path), "error": str(exc)})
+        why = Rejected(RejectReason.DECODE_ERROR, f"{exc}; scan the file again")
+        intake = scoring.Intake.refused(why)
+    item = _Item(path=path, intake=intake)
     if item.intake.decoded is not None:
         item.prepared = prepare(item.intake.decoded.image, item.intake.data, detectors)
     return item
@@ -83,9 +89,12 @@ class Scanner:
         batch_size: int = 16,
         decode_threads: int = 2,
         actor: str = "cli",
+        active: bool = True,
     ) -> None:
         """``batch_size``: files taken in per step, and the largest batch a model sees.
-        ``decode_threads``: intake threads (read, decode, preprocess)."""
+        ``decode_threads``: intake threads (read, decode, preprocess). ``active``: the
+        ensemble is the active configuration, whose verdicts may withdraw review cases; an
+        ad-hoc one (a scan with its own threshold or detectors) may only open them."""
         self.detectors = list(detectors)
         self.session_factory = session_factory
         self.limits = limits
@@ -93,11 +102,14 @@ class Scanner:
         self.batch_size = max(1, batch_size)
         self.decode_threads = max(1, decode_threads)
         self.actor = actor
+        self.active = active
         self.versions = {d.spec.name: d.version for d in self.detectors}
+        self._ensemble_id: int | None = None
 
     def scan(self, paths: Iterable[Path]) -> Iterator[ScanOutcome]:
         """Results in input order. While the detectors work on one chunk, the intake threads
         already read, decode and preprocess the next."""
+        self._ensemble_id = scoring.register_ensemble(self.session_factory, self.ensemble)
         with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="intake") as pool:
             previous: list[Future[_Item]] | None = None
             for chunk in _chunks(paths, self.batch_size):
@@ -114,6 +126,9 @@ class Scanner:
                 self._register(session, item)
         self._detect(items)
         with transaction(self.session_factory) as session:
+            # The chunk's image rows, in id order: a fleet worker or another scan deciding
+            # one of these images waits, and two scans cannot deadlock.
+            repository.lock_images(session, (i.image_id for i in items if i.image_id))
             outcomes = [self._conclude(session, item) for item in items]
         for item in items:  # free bytes, pixels and tensors before the next chunk
             item.intake = item.intake.released()
@@ -165,7 +180,16 @@ class Scanner:
                 record = scoring.detection_record(detector, item.fresh[name])
                 rows[name] = repository.save_detection(session, item.image_id, record)
             reports.append(DetectorReport.from_row(rows[name], reused=reused))
-        concluded = scoring.conclude(session, item.image_id, rows, self.ensemble, actor=self.actor)
+        assert self._ensemble_id is not None  # registered when the scan started
+        concluded = scoring.conclude(
+            session,
+            item.image_id,
+            rows,
+            self.ensemble,
+            ensemble_id=self._ensemble_id,
+            actor=self.actor,
+            active=self.active,
+        )
         repository.mark_source_scored(session, item.source_id)
         decoded = item.intake.decoded
         assert decoded is not None and item.intake.sha256 is not None

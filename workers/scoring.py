@@ -5,10 +5,11 @@ two pipelines over these steps, side by side; neither imports the other.
     take_in            bytes -> sha256 and decoded pixels, or why they were refused
     record_intake      the content-addressed image row and the source's outcome
     detection_record   one detector's result as it is stored
+    register_ensemble  the configuration a pipeline decides with, stored once
     conclude           stored detections -> the ensemble's verdict -> the review case
 
-The functions that write take an open session: the caller owns the transaction (and, in
-the fleet, the lock on the image row). Nothing here reads settings.
+The functions that write take an open session: the caller owns the transaction;
+``conclude`` takes the image's row lock in it. Nothing here reads settings.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository
 from db.models import Detection, Verdict
+from db.session import transaction
 from workers.detectors.base import Detector
 from workers.engine import DetectorResult
 from workers.ensemble import DetectorScore, EnsembleConfig, VerdictDecision, combine
@@ -79,8 +81,8 @@ def sha256_of(data: bytes) -> str:
 
 def take_in(read: Callable[[], bytes], limits: IntakeLimits) -> Intake:
     """Read, hash and decode one upload. A refusal (:class:`Rejected`) is an outcome, not an
-    error; anything else the reader raises (:class:`TransientError`) propagates, so that
-    the caller can try again later."""
+    error; trouble that may pass (:class:`TransientError`: storage unreachable, this
+    process out of memory) propagates, so that the caller can try again later."""
     try:
         data = read()
     except Rejected as rejection:
@@ -90,6 +92,8 @@ def take_in(read: Callable[[], bytes], limits: IntakeLimits) -> Intake:
         decoded = decode(data, limits)
     except Rejected as rejection:
         return Intake.refused(rejection, data)
+    except MemoryError as exc:  # this process was short of memory, not the upload bad
+        raise TransientError(f"out of memory while decoding {sha256}") from exc
     except Exception as exc:  # a bug in a decoder must not take other uploads down
         log.exception("decoding failed unexpectedly", extra={"sha256": sha256})
         return Intake.refused(
@@ -143,6 +147,19 @@ def ensemble_scores(detections: Iterable[Detection]) -> list[DetectorScore]:
     ]
 
 
+def register_ensemble(session_factory: sessionmaker[Session], ensemble: EnsembleConfig) -> int:
+    """Store the configuration (once; a transaction of its own, before any verdict under
+    it) and return its id, which every verdict under it carries."""
+    with transaction(session_factory) as session:
+        row = repository.register_ensemble(
+            session,
+            repository.EnsembleRecord(
+                version=ensemble.version, digest=ensemble.digest, definition=ensemble.definition()
+            ),
+        )
+        return row.id
+
+
 @dataclass(frozen=True)
 class Concluded:
     verdict: Verdict
@@ -156,21 +173,25 @@ def conclude(
     detections: Mapping[str, Detection],
     ensemble: EnsembleConfig,
     *,
+    ensemble_id: int,
     actor: str,
+    active: bool = True,
 ) -> Concluded:
     """Combine these stored detections (one per detector of the ensemble) and store the
-    verdict under ``ensemble``, once per configuration and detector set; the image's review
-    case follows it (opened, withdrawn or reopened)."""
+    verdict under ``ensemble`` (registered as ``ensemble_id``), once per configuration and
+    detector set; the image's review case follows it. ``active``: the configuration is the
+    active one, whose verdicts may also withdraw a case (an ad-hoc one may only open).
+
+    Takes the image's row lock first (a no-op if the caller holds it): whoever holds it is
+    the only one storing this image's verdicts and moving its review case."""
+    repository.lock_image(session, image_id)
     decision = combine(ensemble_scores(detections.values()), ensemble)
     verdict, created = repository.save_verdict(
         session,
         image_id,
         repository.VerdictRecord(
-            ensemble=repository.EnsembleRecord(
-                version=ensemble.version,
-                digest=ensemble.digest,
-                definition=ensemble.definition(),
-            ),
+            ensemble_id=ensemble_id,
+            ensemble_version=ensemble.version,
             detector_set_digest=decision.detector_set_digest,
             detector_set=decision.detector_set,
             ai_score=decision.ai_score,
@@ -179,5 +200,6 @@ def conclude(
             reason=decision.reason,
         ),
         actor=actor,
+        active=active,
     )
     return Concluded(verdict=verdict, decision=decision, created=created)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -48,6 +49,13 @@ def image_by_sha256(session: Session, sha256: str) -> Image | None:
 
 def get_image(session: Session, image_id: int) -> Image | None:
     return session.get(Image, image_id)
+
+
+def lock_images(session: Session, image_ids: Iterable[int]) -> None:
+    """Lock several image rows (see ``lock_image``), in ascending id order, so that two
+    transactions locking overlapping sets cannot deadlock on each other."""
+    for image_id in sorted(set(image_ids)):
+        lock_image(session, image_id)
 
 
 def lock_image(session: Session, image_id: int) -> Image:

@@ -1,9 +1,12 @@
 """Review cases: one per flagged image, following the verdicts stored for it.
 
-A case is opened by the first verdict that flags the image. A later verdict (a new
-ensemble configuration, a new detector version) that no longer flags it withdraws the case
-while nobody holds it; one that flags it again reopens it. A claimed or decided case keeps
-its state: the moderator's work is never taken away or undone by a re-score.
+A case is opened by the first verdict that flags the image. A later verdict under the
+active ensemble configuration that finds no indication, with every detector answering,
+withdraws the case while nobody holds it; one that flags the image again reopens it. A
+verdict without evidence (inconclusive, or a detector failed) never withdraws a case, nor
+does one under a configuration that is not the active one (an ad-hoc scan with its own
+threshold): they may only open cases. A claimed or decided case keeps its state: the
+moderator's work is never taken away or undone by a re-score.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from db.models import ReviewCase, ReviewState, Verdict, utcnow
+from db.models import ReviewCase, ReviewState, Verdict, VerdictLabel, utcnow
 from db.repository._sql import insert_ignore
 from db.repository.audit import append_audit
 
@@ -22,9 +25,12 @@ def case_for_image(session: Session, image_id: int) -> ReviewCase | None:
     ).scalar_one_or_none()
 
 
-def follow_verdict(session: Session, verdict: Verdict, *, actor: str) -> ReviewCase | None:
+def follow_verdict(
+    session: Session, verdict: Verdict, *, actor: str, active: bool = True
+) -> ReviewCase | None:
     """Bring the image's review case in line with ``verdict``, just stored or computed
-    again. Idempotent: a verdict the case already agrees with changes nothing."""
+    again; ``active``: the verdict is under the active ensemble configuration. Idempotent: a
+    verdict the case already agrees with changes nothing."""
     if verdict.flagged:
         opened = insert_ignore(
             session,
@@ -51,12 +57,23 @@ def follow_verdict(session: Session, verdict: Verdict, *, actor: str) -> ReviewC
         ):
             _audit(session, case, "review_case.reopened", verdict, actor)
         return case
+    if not (active and _clears(verdict)):
+        return case_for_image(session, verdict.image_id)
     existing = case_for_image(session, verdict.image_id)
     if existing is not None and _transition(
         session, existing, ReviewState.OPEN, state=ReviewState.WITHDRAWN
     ):
         _audit(session, existing, "review_case.withdrawn", verdict, actor)
     return existing
+
+
+def _clears(verdict: Verdict) -> bool:
+    """Whether the verdict is evidence that the image needs no review: every detector
+    answered and the ensemble found no indication. Missing evidence clears nothing."""
+    detectors = verdict.detector_set.get("detectors", [])
+    return verdict.label == VerdictLabel.NO_INDICATION and not any(
+        d.get("failed") for d in detectors
+    )
 
 
 def _case(session: Session, image_id: int) -> ReviewCase:

@@ -25,7 +25,8 @@ class EnsembleRecord:
 
 @dataclass(frozen=True)
 class VerdictRecord:
-    ensemble: EnsembleRecord
+    ensemble_id: int  # a registered configuration (register_ensemble)
+    ensemble_version: str
     detector_set_digest: str
     detector_set: dict[str, Any]
     ai_score: float | None
@@ -39,7 +40,10 @@ class EnsembleVersionClash(RuntimeError):
 
 
 def register_ensemble(session: Session, record: EnsembleRecord) -> Ensemble:
-    """The stored row of this configuration, written the first time it is seen."""
+    """The stored row of this configuration, written the first time it is seen. Run it in
+    a transaction of its own, before any that stores verdicts under the configuration: a
+    verdict transaction holds an image's row lock, and must not also wait on another
+    transaction's new configuration row."""
     insert_ignore(
         session,
         Ensemble,
@@ -60,23 +64,19 @@ def register_ensemble(session: Session, record: EnsembleRecord) -> Ensemble:
     return row
 
 
-def ensemble_by_version(session: Session, version: str) -> Ensemble | None:
-    return session.execute(select(Ensemble).where(Ensemble.version == version)).scalar_one_or_none()
-
-
 def save_verdict(
-    session: Session, image_id: int, record: VerdictRecord, *, actor: str
+    session: Session, image_id: int, record: VerdictRecord, *, actor: str, active: bool = True
 ) -> tuple[Verdict, bool]:
     """Store a verdict once per (image, ensemble configuration, detector set) and bring the
-    image's review case in line with it (see ``review.follow_verdict``)."""
-    ensemble = register_ensemble(session, record.ensemble)
+    image's review case in line with it (see ``review.follow_verdict``; ``active``: the
+    configuration is the active one, whose verdicts may also withdraw a case)."""
     created = insert_ignore(
         session,
         Verdict,
         {
             "image_id": image_id,
-            "ensemble_version": ensemble.version,
-            "ensemble_id": ensemble.id,
+            "ensemble_version": record.ensemble_version,
+            "ensemble_id": record.ensemble_id,
             "detector_set_digest": record.detector_set_digest,
             "detector_set": record.detector_set,
             "ai_score": record.ai_score,
@@ -89,7 +89,7 @@ def save_verdict(
     verdict = session.execute(
         select(Verdict).where(
             Verdict.image_id == image_id,
-            Verdict.ensemble_version == ensemble.version,
+            Verdict.ensemble_version == record.ensemble_version,
             Verdict.detector_set_digest == record.detector_set_digest,
         )
     ).scalar_one()
@@ -105,20 +105,18 @@ def save_verdict(
                 "label": record.label.value,
                 "ai_score": record.ai_score,
                 "flagged": record.flagged,
-                "ensemble_version": ensemble.version,
+                "ensemble_version": record.ensemble_version,
             },
         )
-    follow_verdict(session, verdict, actor=actor)
+    follow_verdict(session, verdict, actor=actor, active=active)
     return verdict, created
 
 
 def latest_verdict(session: Session, image_id: int) -> Verdict | None:
-    """The newest verdict stored for the image, under any ensemble configuration."""
+    """The newest verdict stored for the image, under any ensemble configuration (ids grow
+    in commit order per image: verdicts of one image are written under its row lock)."""
     return session.execute(
-        select(Verdict)
-        .where(Verdict.image_id == image_id)
-        .order_by(Verdict.created_at.desc(), Verdict.id.desc())
-        .limit(1)
+        select(Verdict).where(Verdict.image_id == image_id).order_by(Verdict.id.desc()).limit(1)
     ).scalar_one_or_none()
 
 
@@ -128,13 +126,9 @@ def current_verdict(session: Session, image_id: int, *, ensemble_version: str) -
     return session.execute(
         select(Verdict)
         .where(Verdict.image_id == image_id, Verdict.ensemble_version == ensemble_version)
-        .order_by(Verdict.created_at.desc(), Verdict.id.desc())
+        .order_by(Verdict.id.desc())
         .limit(1)
     ).scalar_one_or_none()
-
-
-def get_verdict(session: Session, verdict_id: int) -> Verdict | None:
-    return session.get(Verdict, verdict_id)
 
 
 @dataclass(frozen=True)
@@ -145,10 +139,6 @@ class CaseVerdicts:
     case: ReviewCase
     opened_by: Verdict
     current: Verdict | None
-
-    @property
-    def verdicts_differ(self) -> bool:
-        return self.current is not None and self.current.id != self.opened_by.id
 
 
 def with_verdicts(session: Session, image_id: int, *, ensemble_version: str) -> CaseVerdicts | None:

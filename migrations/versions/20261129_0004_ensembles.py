@@ -2,12 +2,17 @@
 
 A verdict's identity now covers the whole ensemble configuration (rule, weights,
 calibrations, threshold, decisive rules): each configuration is a row of ``ensembles``,
-and new verdicts carry its digest-bearing version and id. Verdicts stored before are linked
-to one legacy row per ensemble version they name (their weights were not recorded).
-Review cases gain the state ``withdrawn``.
+and new verdicts carry its digest-bearing version and id. Verdicts stored before keep a
+null ``ensemble_id``; their ``ensemble_version`` names one legacy row per version, written
+here (their weights were not recorded). Review cases gain the state ``withdrawn``.
 
-The previous release's code runs unchanged against this schema: ``verdicts.ensemble_id``
-is nullable and the verdicts' unique constraint is the one it already uses.
+Cheap on a large database: one read of the distinct versions before any lock, a nullable
+column without default (no table rewrite, no backfill, no index build), a changed CHECK.
+
+Rolling upgrade: the previous release's code stores verdicts against this schema as
+before, but it cannot load a review case in the new ``withdrawn`` state (its enum does not
+know it). Stop the previous release's workers before the new ones run: the upgrade order
+in docs/fleet.md.
 
 Revision ID: 0004
 Revises: 0003
@@ -46,6 +51,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("digest", name=op.f("uq_ensembles_digest")),
         sa.UniqueConstraint("version", name=op.f("uq_ensembles_version")),
     )
+    _record_legacy_versions()
     with op.batch_alter_table("verdicts") as batch:
         batch.add_column(
             sa.Column(
@@ -57,24 +63,20 @@ def upgrade() -> None:
         batch.create_foreign_key(
             op.f("fk_verdicts_ensemble_id_ensembles"), "ensembles", ["ensemble_id"], ["id"]
         )
-        batch.create_index(op.f("ix_verdicts_ensemble_id"), ["ensemble_id"], unique=False)
-    _link_legacy_verdicts()
     _set_review_states(STATES_BEFORE, STATES_AFTER)
 
 
-def _link_legacy_verdicts() -> None:
+def _record_legacy_versions() -> None:
+    """One ``ensembles`` row per ensemble version that verdicts already name."""
     bind = op.get_bind()
     ensembles = sa.table(
         "ensembles",
-        sa.column("id", sa.Integer),
         sa.column("version", sa.String),
         sa.column("digest", sa.String),
         sa.column("definition", sa.JSON().with_variant(postgresql.JSONB(), "postgresql")),
         sa.column("created_at", sa.DateTime(timezone=True)),
     )
-    verdicts = sa.table(
-        "verdicts", sa.column("ensemble_version", sa.String), sa.column("ensemble_id", sa.Integer)
-    )
+    verdicts = sa.table("verdicts", sa.column("ensemble_version", sa.String))
     versions = bind.execute(sa.select(verdicts.c.ensemble_version).distinct()).scalars().all()
     for version in versions:
         definition = {
@@ -91,14 +93,6 @@ def _link_legacy_verdicts() -> None:
                 definition=definition,
                 created_at=datetime.now(UTC),
             )
-        )
-        ensemble_id = bind.execute(
-            sa.select(ensembles.c.id).where(ensembles.c.version == version)
-        ).scalar_one()
-        bind.execute(
-            verdicts.update()
-            .where(verdicts.c.ensemble_version == version)
-            .values(ensemble_id=ensemble_id)
         )
 
 
@@ -121,7 +115,6 @@ def downgrade() -> None:
     op.execute("UPDATE review_cases SET state = 'open' WHERE state = 'withdrawn'")
     _set_review_states(STATES_AFTER, STATES_BEFORE)
     with op.batch_alter_table("verdicts") as batch:
-        batch.drop_index(op.f("ix_verdicts_ensemble_id"))
         batch.drop_constraint(op.f("fk_verdicts_ensemble_id_ensembles"), type_="foreignkey")
         batch.drop_column("ensemble_id")
     op.drop_table("ensembles")

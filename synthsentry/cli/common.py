@@ -27,15 +27,19 @@ class CliError(Exception):
         self.status = status
 
 
-def load_runtime(settings: Settings) -> Runtime:
-    """The runtime for this command; a malformed detector file is a usage error."""
+def load_runtime(settings: Settings, *, fleet: bool = False) -> Runtime:
+    """The runtime for this command; a malformed detector file, or with ``fleet`` a fleet
+    ensemble naming an unknown detector, is a usage error."""
     from synthsentry.runtime import Runtime
     from workers.detectors.registry import SpecError
 
     try:
-        return Runtime.from_settings(settings)
+        runtime = Runtime.from_settings(settings)
+        if fleet:
+            _ = runtime.fleet_ensemble
     except SpecError as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
+    return runtime
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from synthsentry.cli.common import EXIT_OK, CliError
+from synthsentry.cli.common import EXIT_OK, CliError, load_runtime
 from synthsentry.settings import Settings
 
 if TYPE_CHECKING:
@@ -26,9 +26,10 @@ def register(commands: Commands) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from db import migrate
 
-    url = settings.resolved_database_url
+    runtime = load_runtime(settings)
+    url = runtime.database_url
     if url.startswith("sqlite"):
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        runtime.data_dir.mkdir(parents=True, exist_ok=True)
     if args.db_command == "upgrade":
         migrate.upgrade(url)
         print(f"{safe_url(url)} is at revision {migrate.current_revision(url)}")

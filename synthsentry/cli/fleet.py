@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
     from synthsentry.cli.common import Commands
+    from synthsentry.runtime import Runtime
     from workers.events import BucketPolicy
     from workers.ingest import DeadLetters
 
@@ -143,7 +144,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     from tasks.app import configure
     from tasks.queues import QUEUES
 
-    runtime = load_runtime(settings)
+    runtime = load_runtime(settings, fleet=True)
     if args.detector and args.detector not in runtime.catalog.specs:
         raise CliError(f"unknown detector {args.detector!r}", EXIT_USAGE)
     if args.device is not None:
@@ -189,7 +190,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
             "--hostname",
             f"{queue}@%h",
             "--loglevel",
-            settings.log_level,
+            runtime.log_level,
             "--without-gossip",
             "--without-mingle",
         ]
@@ -197,11 +198,11 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def _policy(settings: Settings) -> BucketPolicy:
+def _policy(runtime: Runtime) -> BucketPolicy:
     from workers.events import BucketPolicy
 
     try:
-        return BucketPolicy.parse(settings.allowed_buckets)
+        return BucketPolicy.parse(runtime.allowed_buckets)
     except ValueError as exc:
         raise CliError(
             f"SYNTHSENTRY_ALLOWED_BUCKETS: {exc} (e.g. 'uploads' or 'media:incoming/')",
@@ -235,8 +236,8 @@ def ingest_sqs(args: argparse.Namespace, settings: Settings) -> int:
     from workers.events import UploadRecord
     from workers.ingest import run_sqs_ingest
 
-    policy = _policy(settings)
-    runtime = load_runtime(settings)
+    runtime = load_runtime(settings, fleet=True)
+    policy = _policy(runtime)
     session_factory = prepare_database(runtime)
     configure(settings)
     context = runtime.fleet_context()
@@ -266,13 +267,13 @@ def serve_webhook(args: argparse.Namespace, settings: Settings) -> int:
     from tasks.app import configure
     from tasks.submit import submit_upload
 
-    secret = settings.webhook_secret.get_secret_value()
+    runtime = load_runtime(settings, fleet=True)
+    secret = runtime.webhook_secret.get_secret_value()
     if not secret:
         raise CliError(
             "set SYNTHSENTRY_WEBHOOK_SECRET: the webhook refuses to run open", EXIT_USAGE
         )
-    policy = _policy(settings)
-    runtime = load_runtime(settings)
+    policy = _policy(runtime)
     session_factory = prepare_database(runtime)
     configure(settings)
     context = runtime.fleet_context()
@@ -299,7 +300,7 @@ def submit_objects(args: argparse.Namespace, settings: Settings) -> int:
     from workers.events import UploadRecord
 
     objects = [parse_s3_uri(uri) for uri in args.uris]
-    runtime = load_runtime(settings)
+    runtime = load_runtime(settings, fleet=True)
     prepare_database(runtime)
     configure(settings)
     context = runtime.fleet_context()
@@ -331,7 +332,7 @@ def reconcile_stalled(args: argparse.Namespace, settings: Settings) -> int:
     from tasks.app import configure
     from tasks.submit import resend_lost
 
-    runtime = load_runtime(settings)
+    runtime = load_runtime(settings, fleet=True)
     after = args.after
     if after is None:
         after = runtime.visibility_timeout_s + runtime.task_time_limit_s
@@ -360,7 +361,7 @@ def show_status(args: argparse.Namespace, settings: Settings) -> int:
     from workers.results import status_of
 
     objects = [parse_s3_uri(uri) for uri in args.uris]
-    runtime = load_runtime(settings)
+    runtime = load_runtime(settings, fleet=True)
     session_factory = prepare_database(runtime)
     active = runtime.fleet_ensemble.version
     with session_factory() as session:

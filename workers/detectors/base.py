@@ -38,7 +38,7 @@ class DetectorSpec:
         """A decisive detector's positive answer flags an image whatever the others say (a
         signed "made by AI" manifest outweighs any pixel statistics). Set per spec, as the
         option ``decisive``; the ensemble reads it from here and nowhere else."""
-        return bool(self.options.get("decisive", False))
+        return self.options.get("decisive", False) is True  # the options refuse non-booleans
 
 
 @dataclass(frozen=True)

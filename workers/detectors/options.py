@@ -50,7 +50,8 @@ FiniteFloat = Annotated[float, Strict(), AllowInfNan(False)]
 NonEmptyStr = Annotated[str, Strict(), Field(min_length=1)]
 
 
-def _three(value: Any) -> Any:
+def _three(value: object) -> Sequence[object]:
+    """Three values (checked as numbers by the field's type after this)."""
     if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 3:
         return value
     raise ValueError("must be three numbers (R, G, B)")
