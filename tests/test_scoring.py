@@ -34,6 +34,8 @@ def test_an_accepted_upload_has_its_identity_and_pixels() -> None:
     assert facts is not None and (facts.width, facts.height, facts.format) == (40, 30, "PNG")
     released = intake.released()
     assert released.decoded is None and released.data == b"" and released.sha256 == intake.sha256
+    kept = released.facts()
+    assert kept is not None and (kept.sha256, kept.size_bytes) == (intake.sha256, len(data))
 
 
 def test_refused_bytes_keep_their_identity_and_unread_ones_have_none() -> None:

@@ -45,11 +45,12 @@ class Intake:
     sha256: str | None
     decoded: DecodedImage | None
     rejection: Rejected | None
+    size_bytes: int = 0
 
     @classmethod
     def refused(cls, rejection: Rejected, data: bytes = b"") -> Intake:
         sha256 = sha256_of(data) if data else None
-        return cls(data=data, sha256=sha256, decoded=None, rejection=rejection)
+        return cls(data, sha256, decoded=None, rejection=rejection, size_bytes=len(data))
 
     def released(self) -> Intake:
         """The same outcome without the bytes and pixels (to free memory once scored)."""
@@ -61,10 +62,10 @@ class Intake:
             return None
         decoded = self.decoded
         if decoded is None:
-            return repository.ImageFacts(sha256=self.sha256, size_bytes=len(self.data))
+            return repository.ImageFacts(sha256=self.sha256, size_bytes=self.size_bytes)
         return repository.ImageFacts(
             sha256=self.sha256,
-            size_bytes=len(self.data),
+            size_bytes=self.size_bytes,
             format=decoded.format,
             mime=decoded.mime,
             width=decoded.width,
@@ -99,7 +100,7 @@ def take_in(read: Callable[[], bytes], limits: IntakeLimits) -> Intake:
         return Intake.refused(
             Rejected(RejectReason.DECODE_ERROR, f"unexpected decoding error: {exc}"), data
         )
-    return Intake(data=data, sha256=sha256, decoded=decoded, rejection=None)
+    return Intake(data, sha256, decoded=decoded, rejection=None, size_bytes=len(data))
 
 
 def record_intake(session: Session, source_id: int, intake: Intake) -> int | None:
