@@ -76,7 +76,7 @@ class Runtime:
     log_level: str
     allowed_buckets: str  # parsed by workers.events.BucketPolicy where events are taken in
     webhook_secret: SecretStr = field(repr=False)
-    # Where batch figures go (the logs today; the metrics exporter reads the same calls).
+    # Where batch figures go: the logs; a metrics exporter implements the same protocol.
     batch_observer: BatchObserver = field(default_factory=LogBatches)
 
     @classmethod
