@@ -8,8 +8,8 @@ two pipelines over these steps, side by side; neither imports the other.
     register_ensemble  the configuration a pipeline decides with, stored once
     conclude           stored detections -> the ensemble's verdict -> the review case
 
-The functions that write take an open session: the caller owns the transaction;
-``conclude`` takes the image's row lock in it. Nothing here reads settings.
+The functions that write take an open session: the caller owns the transaction (and,
+for ``conclude``, the image's row lock in it). Nothing here reads settings.
 """
 
 from __future__ import annotations
@@ -183,9 +183,9 @@ def conclude(
     detector set; the image's review case follows it. ``active``: the configuration is the
     active one, whose verdicts may also withdraw a case (an ad-hoc one may only open).
 
-    Takes the image's row lock first (a no-op if the caller holds it): whoever holds it is
-    the only one storing this image's verdicts and moving its review case."""
-    repository.lock_image(session, image_id)
+    The caller holds the image's row lock in ``session`` (``repository.lock_image``):
+    whoever holds it is the only one storing this image's verdicts and moving its review
+    case. The fleet takes it before it stores a detection, a scan for its whole chunk."""
     decision = combine(ensemble_scores(detections.values()), ensemble)
     verdict, created = repository.save_verdict(
         session,
