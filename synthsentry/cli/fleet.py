@@ -152,18 +152,16 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
             runtime = runtime.replace(device=args.device)
         except ValueError as exc:
             raise CliError(f"--device: {exc}", EXIT_USAGE) from exc
-    if (
-        (args.batch_size is not None and args.batch_size < 1)
-        or args.concurrency < 1
-        or (args.batch_wait_ms is not None and args.batch_wait_ms < 0)
-    ):
-        raise CliError(
-            "--batch-size and --concurrency must be >= 1, --batch-wait-ms >= 0", EXIT_USAGE
-        )
-    if args.batch_size is not None:
-        runtime = runtime.replace(batch_size=args.batch_size)
-    if args.batch_wait_ms is not None:
-        runtime = runtime.replace(batch_wait_s=args.batch_wait_ms / 1000)
+    sizes = "--batch-size and --concurrency must be >= 1, --batch-wait-ms >= 0"
+    if args.concurrency < 1:
+        raise CliError(sizes, EXIT_USAGE)
+    try:  # the runtime checks the values as the settings do
+        if args.batch_size is not None:
+            runtime = runtime.replace(batch_size=args.batch_size)
+        if args.batch_wait_ms is not None:
+            runtime = runtime.replace(batch_wait_s=args.batch_wait_ms / 1000)
+    except ValueError as exc:
+        raise CliError(sizes, EXIT_USAGE) from exc
     pool, concurrency, batching = args.pool or "prefork", args.concurrency, None
     if args.detector and runtime.batch_size > 1:
         if args.pool not in (None, "threads"):

@@ -49,14 +49,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from workers.scan import Scanner, iter_image_paths
 
     runtime = load_runtime(settings)
+    # The runtime checks the values as the settings do; the messages name the options.
     if args.threshold is not None:
-        if not 0.0 <= args.threshold <= 1.0:
-            raise CliError("--threshold must be between 0 and 1", EXIT_USAGE)
-        runtime = runtime.replace(threshold=args.threshold)
+        try:
+            runtime = runtime.replace(threshold=args.threshold)
+        except ValueError as exc:
+            raise CliError("--threshold must be between 0 and 1", EXIT_USAGE) from exc
     if args.batch_size is not None:
-        if args.batch_size < 1:
-            raise CliError("--batch-size must be at least 1", EXIT_USAGE)
-        runtime = runtime.replace(batch_size=args.batch_size)
+        try:
+            runtime = runtime.replace(batch_size=args.batch_size)
+        except ValueError as exc:
+            raise CliError("--batch-size must be at least 1", EXIT_USAGE) from exc
     paths = list(iter_image_paths(args.paths))
     session_factory = prepare_database(runtime)
     detectors = load_detectors(args.detector, runtime)
