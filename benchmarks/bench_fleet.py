@@ -109,7 +109,9 @@ def serve_celery_batches(batch_size: int, batch_wait_ms: float) -> None:
             with ThreadPoolExecutor(len(requests)) as pool:
                 list(
                     pool.map(
-                        lambda r: fleet.detect(ctx, detector, r.args[0], batching=batching),
+                        lambda r: fleet.detect(
+                            ctx, detector, r.args[0], message_id=r.id, batching=batching
+                        ),
                         requests,
                     )
                 )

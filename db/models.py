@@ -284,19 +284,22 @@ class AuditEvent(Base):
 
 
 class DetectionAttempt(Base):
-    """How many times a detector task for one image was started.
+    """How many times one message of a detector task for one image was delivered.
 
     Written and committed before the model runs, so a delivery that kills its worker (out
-    of memory, a crashing decoder) still counts; after ``max_detect_attempts`` the fleet
-    records a failed detection instead of trying again forever.
+    of memory, a crashing decoder) still counts; after ``max_detect_attempts`` deliveries
+    of one message the fleet records a failed detection instead of trying again forever.
+    Counted per message: copies of the same work sent again (the reconciler, a repeated
+    intake) are not redeliveries and must not use up the attempts of the one in flight.
     """
 
     __tablename__ = "detection_attempts"
-    __table_args__ = (UniqueConstraint("image_id", "detector_name"),)
+    __table_args__ = (UniqueConstraint("image_id", "detector_name", "message_id"),)
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
     detector_name: Mapped[str] = mapped_column(String(128))
+    message_id: Mapped[str] = mapped_column(String(255), default="", server_default="")
     attempts: Mapped[int] = mapped_column(default=0)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 

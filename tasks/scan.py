@@ -48,7 +48,13 @@ def detect(self: Any, image_id: int, detector: str) -> None:
 
     state = worker.current()
     verdict = fleet.detect(
-        state.context(), state.detector(detector), image_id, batching=state.batching(detector)
+        state.context(),
+        state.detector(detector),
+        image_id,
+        # A retry after trouble that may pass is a new message under the same task id; a
+        # redelivery after a dead worker is the same message again, and counts.
+        message_id=f"{self.request.id}/{self.request.retries}",
+        batching=state.batching(detector),
     )
     log.info(
         "detected",

@@ -111,11 +111,11 @@ def test_upload_to_verdict_once_whatever_is_repeated(
     assert sorted(name for _, name in work) == ["sumsub-mj5", "sumsub-sd5"]
     assert fleet.take_in(ctx, source_id) == work  # a redelivered intake changes nothing
     (image_id, _), _ = work
-    assert fleet.detect(ctx, models["sumsub-mj5"], image_id) is None  # still waiting
-    verdict = fleet.detect(ctx, models["sumsub-sd5"], image_id)
+    assert fleet.detect(ctx, models["sumsub-mj5"], image_id, message_id="a") is None  # waiting
+    verdict = fleet.detect(ctx, models["sumsub-sd5"], image_id, message_id="b")
     assert verdict is not None and verdict.flagged
     # Redelivered detector tasks find their work done and conclude to the same verdict.
-    again = fleet.detect(ctx, models["sumsub-sd5"], image_id)
+    again = fleet.detect(ctx, models["sumsub-sd5"], image_id, message_id="c")
     assert again is not None and again.id == verdict.id
     assert (_count(sessions, Detection), _count(sessions, Verdict)) == (2, 1)
     assert _count(sessions, ReviewCase) == 1
@@ -137,7 +137,7 @@ def test_a_rescan_under_a_changed_ensemble_stores_a_new_verdict_the_case_follows
     first = fleet.record_upload(flagging, _upload(s3_endpoint, "again/1.png", data))
     assert first is not None
     for image_id, name in fleet.take_in(flagging, first):
-        opened = fleet.detect(flagging, models[name], image_id)
+        opened = fleet.detect(flagging, models[name], image_id, message_id=name)
     assert opened is not None and opened.flagged
 
     strict = _context(sessions, s3_endpoint, ensemble=EnsembleConfig(threshold=1.0))
@@ -176,7 +176,7 @@ def test_concurrent_last_detections_store_one_verdict(
 
     def run(image_id: int, name: str) -> None:
         barrier.wait()
-        verdicts.append(fleet.detect(ctx, models[name], image_id))
+        verdicts.append(fleet.detect(ctx, models[name], image_id, message_id=name))
 
     threads = [threading.Thread(target=run, args=item) for item in work]
     for thread in threads:
@@ -197,7 +197,7 @@ def test_same_bytes_uploaded_twice_reuse_the_results(
     first = fleet.record_upload(ctx, _upload(s3_endpoint, "first.png", data))
     assert first is not None
     for image_id, name in fleet.take_in(ctx, first):
-        fleet.detect(ctx, models[name], image_id)
+        fleet.detect(ctx, models[name], image_id, message_id=name)
     second = fleet.record_upload(ctx, _upload(s3_endpoint, "copy/second.png", data))
     assert second is not None and second != first
     assert fleet.take_in(ctx, second) == []  # every detector's result is reused
@@ -260,17 +260,49 @@ def test_poison_message_stops_after_bounded_attempts(
     source_id = fleet.record_upload(ctx, _upload(s3_endpoint, "poison.png", _png((70, 70))))
     assert source_id is not None
     work = dict((name, image_id) for image_id, name in fleet.take_in(ctx, source_id))
-    fleet.detect(ctx, models["sumsub-mj5"], work["sumsub-mj5"])
+    fleet.detect(ctx, models["sumsub-mj5"], work["sumsub-mj5"], message_id="mj5")
     for _ in range(2):  # each delivery dies; the attempt was counted before the model ran
         with pytest.raises(SystemExit):
-            fleet.detect(ctx, poison, work["poison"])
-    verdict = fleet.detect(ctx, poison, work["poison"])  # third delivery: give up
+            fleet.detect(ctx, poison, work["poison"], message_id="p")
+    verdict = fleet.detect(ctx, poison, work["poison"], message_id="p")  # third: give up
     assert poison.calls == 2
     assert verdict is not None
     with sessions() as session:
         row = session.query(Detection).filter_by(detector_name="poison").one()
         assert row.score is None and row.error is not None and "gave up after 2" in row.error
     assert "poison failed" in verdict.reason
+
+
+def test_copies_of_work_in_flight_do_not_use_up_its_attempts(
+    sessions: sessionmaker[Session], s3_endpoint: str, bucket: str, models: dict[str, Detector]
+) -> None:
+    """The reconciler may send the same work again while the first message still waits for
+    a slow worker: each copy counts its own deliveries, so none of them gives up."""
+    from db.models import DetectionAttempt
+
+    ctx = _context(sessions, s3_endpoint, detectors=["sumsub-mj5"], max_attempts=1)
+    source_id = fleet.record_upload(ctx, _upload(s3_endpoint, "copies.png", _png((66, 66))))
+    assert source_id is not None
+    ((image_id, _),) = fleet.take_in(ctx, source_id)
+    with sessions.begin() as session:  # three copies delivered, still in flight elsewhere
+        for message_id in ("copy-1", "copy-2", "copy-3"):
+            session.add(
+                DetectionAttempt(
+                    image_id=image_id,
+                    detector_name="sumsub-mj5",
+                    message_id=message_id,
+                    attempts=1,
+                )
+            )
+    verdict = fleet.detect(ctx, models["sumsub-mj5"], image_id, message_id="copy-4")
+    assert verdict is not None
+    with sessions() as session:
+        (row,) = session.query(Detection).all()
+    assert row.error is None and row.score is not None
+    # A copy delivered after the work was done finds it done and adds no verdict.
+    again = fleet.detect(ctx, models["sumsub-mj5"], image_id, message_id="copy-1")
+    assert again is not None and again.id == verdict.id
+    assert _count(sessions, Verdict) == 1
 
 
 def test_batched_detection_shares_forward_passes_and_isolates_redeliveries(
@@ -293,17 +325,28 @@ def test_batched_detection_shares_forward_passes_and_isolates_redeliveries(
     # The last image was delivered once before, to a worker that died holding it.
     suspect = image_ids[-1]
     with sessions.begin() as session:
-        session.add(DetectionAttempt(image_id=suspect, detector_name="sumsub-mj5", attempts=1))
+        session.add(
+            DetectionAttempt(
+                image_id=suspect, detector_name="sumsub-mj5", message_id="lost", attempts=1
+            )
+        )
     batching = fleet.Batching.for_detector(mj5, max_batch=8, max_wait_s=2.0)
     with ThreadPoolExecutor(6) as pool:
-        verdicts = list(pool.map(lambda i: fleet.detect(ctx, mj5, i, batching=batching), image_ids))
+        verdicts = list(
+            pool.map(
+                lambda i: fleet.detect(ctx, mj5, i, message_id=f"m{i}", batching=batching),
+                image_ids,
+            )
+        )
     batching.batcher.close()
     assert all(v is not None for v in verdicts)
     # Five fresh messages in one forward pass; the suspect in a batch of its own.
     assert sorted(batching.batcher.stats.recent) == [1, 5]
     with sessions() as session:
         rows = {d.image_id: d for d in session.query(Detection)}
-        attempts = {a.image_id: a.attempts for a in session.query(DetectionAttempt)}
+        attempts: dict[int, int] = {}
+        for row in session.query(DetectionAttempt):
+            attempts[row.image_id] = attempts.get(row.image_id, 0) + row.attempts
     assert attempts == {i: (2 if i == suspect else 1) for i in image_ids}
     for image_id in image_ids:
         data = fleet._bytes_of(ctx, image_id)
@@ -338,9 +381,9 @@ def test_lost_messages_are_sent_again_when_due(
     finished = fleet.record_upload(ctx, _upload(s3_endpoint, "lost/none.png", _png((60, 60))))
     assert lost_intake and half_done and finished
     ((image_id, _), _) = fleet.take_in(ctx, half_done)
-    fleet.detect(ctx, models["sumsub-mj5"], image_id)  # the sumsub-sd5 message was lost
+    fleet.detect(ctx, models["sumsub-mj5"], image_id, message_id="a")  # sd5's was lost
     for done_image, name in fleet.take_in(ctx, finished):
-        fleet.detect(ctx, models[name], done_image)
+        fleet.detect(ctx, models[name], done_image, message_id=name)
 
     assert fleet.resend_stalled(ctx, after_s=60) == fleet.Resend([], [])  # not due yet
     later = utcnow() + timedelta(seconds=61)
@@ -359,8 +402,8 @@ def test_lost_messages_are_sent_again_when_due(
     # Doing the resent work (twice, as duplicates would) finishes both uploads once.
     for _ in range(2):
         for name, new_image in ((n, i) for i, n in fleet.take_in(ctx, lost_intake)):
-            fleet.detect(ctx, models[name], new_image)
-        fleet.detect(ctx, models["sumsub-sd5"], image_id)
+            fleet.detect(ctx, models[name], new_image, message_id=name)
+        fleet.detect(ctx, models["sumsub-sd5"], image_id, message_id="b")
     assert fleet.resend_stalled(ctx, after_s=60, now=later + timedelta(days=1)) == fleet.Resend(
         [], []
     )

@@ -234,13 +234,21 @@ class Batching:
 
 
 def detect(
-    ctx: FleetContext, detector: Detector, image_id: int, *, batching: Batching | None = None
+    ctx: FleetContext,
+    detector: Detector,
+    image_id: int,
+    *,
+    message_id: str,
+    batching: Batching | None = None,
 ) -> Verdict | None:
     """Run one detector on one image and store its answer; returns the verdict if this was
-    the last detection the image was waiting for.
+    the last detection the image was waiting for. ``message_id`` names the message being
+    handled: its deliveries are counted, and after ``max_attempts`` of them without a
+    result the detection is stored as failed. Another message for the same work (sent
+    again by the reconciler) has its own count, and finds the work done if it was.
 
-    With ``batching``, the forward pass joins other messages' images in one batch. A
-    message delivered before (its worker died while holding it) is a suspect: it waits for
+    With ``batching``, the forward pass joins other messages' images in one batch. Work
+    delivered before (a worker may have died while holding it) is a suspect: it waits for
     the other suspects, counts its attempt only then, and runs in a batch of its own. So an
     image that kills its worker every time reaches ``max_attempts`` and is recorded as an
     error, while the innocent messages that died beside it count at most one extra attempt.
@@ -260,8 +268,15 @@ def detect(
                 image_id,
                 lambda p: submit(p, alone=bool(delivered_before)).result(),
                 batching.decoding,
+                message_id=message_id,
             )
-    return _attempt(ctx, detector, image_id, lambda p: run_detector(detector, [p], max_batch=1)[0])
+    return _attempt(
+        ctx,
+        detector,
+        image_id,
+        lambda p: run_detector(detector, [p], max_batch=1)[0],
+        message_id=message_id,
+    )
 
 
 def _attempt(
@@ -270,19 +285,21 @@ def _attempt(
     image_id: int,
     score: Callable[[Prepared], DetectorResult],
     decoding: AbstractContextManager[Any] | None = None,
+    *,
+    message_id: str,
 ) -> Verdict | None:
     name = detector.spec.name
     ctx.ensemble_id()  # registered before a transaction that may lock the image
     with transaction(ctx.session_factory) as session:
-        attempts = repository.count_attempt(session, image_id, name)
+        attempts = repository.count_attempt(session, image_id, name, message_id)
         done = repository.reusable_detections(session, image_id, {name: detector.version})
     if done:
         with transaction(ctx.session_factory) as session:
             return conclude(session, ctx, image_id)
     if attempts > ctx.max_attempts:
         gave_up = (
-            f"gave up after {ctx.max_attempts} attempts: every delivery ended without a "
-            "result (the worker was killed or the task timed out)"
+            f"gave up after {ctx.max_attempts} attempts: every delivery of the message ended "
+            "without a result (the worker was killed or the task timed out)"
         )
         return _store(ctx, detector, image_id, DetectorResult.failed(gave_up))
     try:

@@ -2,44 +2,48 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import DeadLetter, DetectionAttempt, utcnow
 from db.repository._sql import insert_ignore
 
 
-def count_attempt(session: Session, image_id: int, detector_name: str) -> int:
-    """Add one to the deliveries of this detector task and return the new count."""
+def count_attempt(session: Session, image_id: int, detector_name: str, message_id: str) -> int:
+    """Add one to the deliveries of this message of a detector task; returns its count."""
+    mine = (
+        DetectionAttempt.image_id == image_id,
+        DetectionAttempt.detector_name == detector_name,
+        DetectionAttempt.message_id == message_id,
+    )
     insert_ignore(
         session,
         DetectionAttempt,
         {
             "image_id": image_id,
             "detector_name": detector_name,
+            "message_id": message_id,
             "attempts": 0,
             "updated_at": utcnow(),
         },
     )
     session.execute(
         update(DetectionAttempt)
-        .where(
-            DetectionAttempt.image_id == image_id, DetectionAttempt.detector_name == detector_name
-        )
+        .where(*mine)
         .values(attempts=DetectionAttempt.attempts + 1, updated_at=utcnow())
     )
-    return attempts_so_far(session, image_id, detector_name)
+    return int(session.execute(select(DetectionAttempt.attempts).where(*mine)).scalar_one())
 
 
 def attempts_so_far(session: Session, image_id: int, detector_name: str) -> int:
-    """Deliveries of this detector task counted so far (0 for a first delivery)."""
+    """Deliveries counted so far of any message of this detector task (0: none yet)."""
     found = session.execute(
-        select(DetectionAttempt.attempts).where(
+        select(func.coalesce(func.sum(DetectionAttempt.attempts), 0)).where(
             DetectionAttempt.image_id == image_id,
             DetectionAttempt.detector_name == detector_name,
         )
-    ).scalar_one_or_none()
-    return int(found or 0)
+    ).scalar_one()
+    return int(found)
 
 
 def record_dead_letter(session: Session, channel: str, reason: str, body: str) -> None:
