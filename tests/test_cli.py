@@ -330,6 +330,51 @@ def test_thousand_files_with_bad_ones_are_all_accounted_for(run: Run, tmp_path: 
     assert sum(line["status"] == "rejected" for line in lines) == 40
 
 
+def test_names_that_are_not_utf8_and_a_deep_tree_are_scanned_like_any_file(
+    run: Run, tmp_path: Path, mj5_weights: Path
+) -> None:
+    """File names are bytes: a Latin-1 name gets its line (printable text plus its exact
+    bytes), in JSON and in the table, and is stored; a tree deeper than Python's recursion
+    limit is walked; nothing ends the run early."""
+    import base64
+
+    folder = tmp_path / "names"
+    folder.mkdir()
+    latin1 = os.fsdecode(bytes(folder) + b"/caf\xe9.png")
+    sample_picture((60, 40)).save(latin1, "PNG")
+    (Path(os.fsdecode(bytes(folder) + b"/bad-\xff.jpg"))).write_bytes(b"not an image")
+    sample_picture((40, 60)).save(folder / "plain.png")
+    deep = folder / "deep"
+    nested = str(deep)
+    for _ in range(1101):  # os.makedirs recurses once per level, so not used here
+        os.mkdir(nested)
+        nested = os.path.join(nested, "d")
+    nested = os.path.dirname(nested)
+    sample_picture((50, 50)).save(os.path.join(nested, "bottom.png"))
+
+    weights = f"sumsub-mj5={mj5_weights}"
+    lines = _lines(run("scan", folder, "--json", "--detector", weights))
+    by_bytes = {
+        base64.b64decode(str(line["path_bytes"]))
+        if line["path_bytes"]
+        else os.fsencode(str(line["path"])): line
+        for line in lines
+    }
+    assert len(lines) == 4 and len(by_bytes) == 4
+    cafe = by_bytes[bytes(folder) + b"/caf\xe9.png"]
+    assert cafe["status"] == "scored" and cafe["path"] == f"{folder}/caf\\xe9.png"
+    bad = by_bytes[bytes(folder) + b"/bad-\xff.jpg"]
+    assert (bad["status"], bad["reason"]) == ("rejected", "not_an_image")
+    assert by_bytes[os.fsencode(folder / "plain.png")]["path_bytes"] is None
+    assert by_bytes[os.fsencode(os.path.join(nested, "bottom.png"))]["status"] == "scored"
+    stored = _counts(tmp_path / "data" / "synthsentry.db")
+    assert stored["sources"] == 4 and stored["verdicts"] == 3
+
+    table = run("scan", folder, "--detector", weights)
+    assert table.returncode == 0, table.stderr
+    assert f"{folder}/caf\\xe9.png" in table.stdout and "4 files" in table.stdout
+
+
 @pytest.fixture
 def fresh_postgres_url(committing_database: DatabaseFactory) -> str:
     # The CLI commits, so it gets a database of its own rather than the rolled-back one,

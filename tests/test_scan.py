@@ -231,3 +231,14 @@ def test_iter_image_paths_walks_sorted_and_skips_hidden(tmp_path: Path) -> None:
         path.write_bytes(b"x")
     found = [p.relative_to(tmp_path).as_posix() for p in iter_image_paths([tmp_path])]
     assert found == ["b.png", "a/c.png", "a/d/e.jpg"]
+
+
+def test_walk_does_not_follow_folder_links(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"x")
+    (tmp_path / "a" / "loop").symlink_to(tmp_path, target_is_directory=True)
+    (tmp_path / "link.png").symlink_to(tmp_path / "a" / "x.png")
+    found = [p.relative_to(tmp_path).as_posix() for p in iter_image_paths([tmp_path])]
+    # The link to a file is a file; the link to a folder (a loop here) is listed as an
+    # entry, not walked: the scan reports it as an unreadable file.
+    assert found == ["link.png", "a/loop", "a/x.png"]

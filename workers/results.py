@@ -122,7 +122,7 @@ class ReviewSummary:
 class ScanOutcome:
     """One input's result."""
 
-    path: str
+    path: str  # printable (see workers.names); path_bytes: the exact bytes when it differs
     sha256: str | None
     status: SourceStatus
     reason: str | None = None
@@ -135,10 +135,12 @@ class ScanOutcome:
     detectors: list[DetectorReport] = field(default_factory=list)
     image: dict[str, Any] | None = None
     review: ReviewSummary | None = None
+    path_bytes: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "path": self.path,
+            "path_bytes": self.path_bytes,
             "sha256": self.sha256,
             "status": self.status.value,
             "reason": self.reason,

@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,6 +27,7 @@ from workers.detectors.base import Detector
 from workers.engine import DetectorResult, Prepared, prepare, run_detector
 from workers.ensemble import EnsembleConfig
 from workers.intake import IntakeLimits, Rejected, RejectReason, read_local
+from workers.names import identity, printable, raw_base64
 from workers.results import (
     DetectorReport,
     ScanOutcome,
@@ -39,18 +40,49 @@ log = logging.getLogger(__name__)
 
 
 def iter_image_paths(paths: Iterable[Path]) -> Iterator[Path]:
-    """Files named directly, and every file below named directories (recursively, sorted,
-    hidden entries skipped). A path that does not exist is yielded as is so that it is
-    reported as ``missing`` rather than silently dropped."""
+    """Files named directly, and every file below named folders, in a stable order: a
+    folder's files (sorted by name), then its subfolders one after the other, each in the
+    same way. Hidden entries (a leading dot) are skipped.
+
+    The walk keeps its own stack, so a tree of any depth is listed without recursion.
+    Symbolic links to files are scanned (their target is read); symbolic links to folders
+    are not followed, so a link loop cannot make the walk endless. A path that does not
+    exist, and a folder that cannot be listed, are yielded as they are, so that they are
+    reported (``missing``, ``unreadable``) rather than silently dropped.
+    """
     for path in paths:
-        if path.is_dir():
-            for root, dirs, files in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for name in sorted(files):
-                    if not name.startswith("."):
-                        yield Path(root) / name
-        else:
+        if not path.is_dir():
             yield path
+            continue
+        stack = [path]
+        while stack:
+            folder = stack.pop()
+            try:
+                with os.scandir(folder) as listing:
+                    entries = sorted(
+                        (e for e in listing if not e.name.startswith(".")), key=lambda e: e.name
+                    )
+            except OSError as exc:
+                log.warning(
+                    "folder cannot be listed",
+                    extra={"path": printable(folder), "error": printable(str(exc))},
+                )
+                yield folder
+                continue
+            subfolders = []
+            for entry in entries:
+                if _is_folder(entry):
+                    subfolders.append(Path(entry.path))
+                else:
+                    yield Path(entry.path)
+            stack.extend(reversed(subfolders))
+
+
+def _is_folder(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 @dataclass
@@ -69,12 +101,19 @@ def _take_in(path: Path, limits: IntakeLimits, detectors: Sequence[Detector]) ->
     try:
         intake = scoring.take_in(lambda: read_local(path, limits), limits)
     except scoring.TransientError as exc:  # one file must not end the run: scan it again
-        log.warning("intake failed for now", extra={"path": str(path), "error": str(exc)})
+        log.warning(
+            "intake failed for now", extra={"path": printable(path), "error": printable(str(exc))}
+        )
         why = Rejected(RejectReason.DECODE_ERROR, f"{exc}; scan the file again")
         intake = scoring.Intake.refused(why)
     item = _Item(path=path, intake=intake)
     if item.intake.decoded is not None:
-        item.prepared = prepare(item.intake.decoded.image, item.intake.data, detectors)
+        try:
+            item.prepared = prepare(item.intake.decoded.image, item.intake.data, detectors)
+        except Exception as exc:  # a bug in preprocessing must not end the run
+            log.exception("preprocessing failed unexpectedly", extra={"path": printable(path)})
+            why = Rejected(RejectReason.DECODE_ERROR, f"unexpected preprocessing error: {exc}")
+            item.intake = scoring.Intake.refused(why, item.intake.data)
     return item
 
 
@@ -136,13 +175,13 @@ class Scanner:
         return outcomes
 
     def _register(self, session: Session, item: _Item) -> None:
-        absolute = str(item.path.absolute())
+        absolute = item.path.absolute()
         source, _ = repository.record_source(
             session,
             repository.SourceRef(
                 kind=SourceKind.CLI,
-                ref_key=f"{absolute}@{item.intake.sha256 or 'unread'}",
-                local_path=absolute,
+                ref_key=f"{identity(absolute)}@{item.intake.sha256 or 'unread'}",
+                local_path=printable(absolute),
                 submitted_by=self.actor,
             ),
             None,
@@ -166,8 +205,14 @@ class Scanner:
         rejection = item.intake.rejection
         if item.image_id is None or item.source_id is None or rejection is not None:
             assert rejection is not None  # record_intake scores every accepted upload
-            return rejected_outcome(
-                str(item.path), item.intake.sha256, rejection.reason.value, rejection.message
+            return replace(
+                rejected_outcome(
+                    printable(item.path),
+                    item.intake.sha256,
+                    rejection.reason.value,
+                    rejection.message,
+                ),
+                path_bytes=raw_base64(item.path),
             )
         rows: dict[str, Detection] = {}
         reports: list[DetectorReport] = []
@@ -193,15 +238,16 @@ class Scanner:
         repository.mark_source_scored(session, item.source_id)
         decoded = item.intake.decoded
         assert decoded is not None and item.intake.sha256 is not None
-        return scored_outcome(
+        outcome = scored_outcome(
             session,
-            str(item.path),
+            printable(item.path),
             item.intake.sha256,
             concluded.verdict,
             reports,
             image=image_summary(decoded.format, decoded.width, decoded.height),
             active_ensemble=self.ensemble.version,
         )
+        return replace(outcome, path_bytes=raw_base64(item.path))
 
 
 def _chunks(paths: Iterable[Path], size: int) -> Iterator[list[Path]]:

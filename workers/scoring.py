@@ -18,6 +18,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,6 +29,7 @@ from workers.detectors.base import Detector
 from workers.engine import DetectorResult
 from workers.ensemble import DetectorScore, EnsembleConfig, VerdictDecision, combine
 from workers.intake import DecodedImage, IntakeLimits, Rejected, RejectReason, decode
+from workers.names import printable
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +130,22 @@ def detection_record(detector: Detector, result: DetectorResult) -> repository.D
         detector_version=detector.version,
         weights_sha256=detector.weights_sha256,
         score=output.score if output is not None else None,
-        evidence=output.evidence if output is not None else {},
+        evidence=_storable(output.evidence) if output is not None else {},
         latency_ms=result.latency_ms,
-        error=result.error,
+        error=printable(result.error) if result.error is not None else None,
     )
+
+
+def _storable(value: Any) -> Any:
+    """Evidence with every string printable: detectors quote text found in the file (its
+    metadata, its name), which may hold bytes no database or JSON reader accepts."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {printable(str(k)): _storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable(v) for v in value]
+    return value
 
 
 def ensemble_scores(detections: Iterable[Detection]) -> list[DetectorScore]:
