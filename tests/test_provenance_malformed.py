@@ -16,9 +16,11 @@ from PIL import Image
 
 from workers.detectors.base import DetectorOutput
 from workers.detectors.provenance import ProvenanceDetector
+from workers.intake import DecodedImage, decode
 from workers.provenance.containers import MAX_CHUNK_TEXT_BYTES
 
 from provenance_fixtures import (
+    LIMITS,
     detect,
     embed_stealth,
     items_of,
@@ -344,3 +346,101 @@ def test_hostile_text_is_parsed_in_linear_time(detector: ProvenanceDetector) -> 
     output = run(detector, png_with_chunks(chunks))
     assert time.perf_counter() - started < 3
     assert output.score == 1.0  # the settings line still has the A1111 shape
+
+
+# ------------------------------------------- damaged chunks around the generation settings
+
+CORPUS_COMFY_PNG = Path(__file__).resolve().parents[2] / "shared/corpus/images/comfy_sdxl_turbo.png"
+COMFY_PROMPT = json.dumps(
+    {
+        "4": {
+            "class_type": "CheckpointLoaderSimple",
+            "inputs": {"ckpt_name": "sd_xl_turbo_1.0_fp16.safetensors"},
+        },
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a fox in the snow"}},
+    }
+)
+
+
+def _bad_crc(chunk: bytes) -> bytes:
+    return chunk[:-4] + struct.pack(">I", zlib.crc32(chunk[4:-4]) ^ 0xFFFFFFFF)
+
+
+def _inflation_bomb(kind: bytes, header: bytes) -> bytes:
+    return png_chunk(kind, header + zlib.compress(b"\x00" * (2 * 1024 * 1024), 9))
+
+
+def _with_damage(png: bytes) -> bytes:
+    """``png`` with damaged and oversized ancillary chunks on both sides of its own: a
+    zTXt and an iCCP chunk that inflate past 1 MiB before its text, and, after it (where
+    a later chunk of the same keyword would win), ``prompt`` and ``workflow`` chunks of
+    junk with bad CRCs."""
+    assert png[12:16] == b"IHDR"
+    ihdr_end = 8 + 8 + 13 + 4
+    before = [
+        _inflation_bomb(b"zTXt", b"Comment\x00\x00"),
+        _inflation_bomb(b"iCCP", b"ICC Profile\x00\x00"),
+    ]
+    after = [_bad_crc(text_chunk("prompt", "junk")), _bad_crc(text_chunk("workflow", "{}"))]
+    first_idat = png.index(b"IDAT") - 4
+    return (
+        png[:ihdr_end]
+        + b"".join(before)
+        + png[ihdr_end:first_idat]
+        + b"".join(after)
+        + (png[first_idat:])
+    )
+
+
+def _scan(detector: ProvenanceDetector, raw: bytes) -> tuple[DecodedImage, DetectorOutput]:
+    """Intake then the detector, as the scanner runs them."""
+    decoded = decode(raw, LIMITS)
+    (output,) = detector.detect_batch([decoded.image], [raw])
+    json.dumps(output.evidence)
+    return decoded, output
+
+
+def test_damaged_chunks_do_not_hide_comfyui_settings_in_a_real_file(
+    detector: ProvenanceDetector,
+) -> None:
+    if not CORPUS_COMFY_PNG.is_file():
+        pytest.skip(f"the shared corpus's ComfyUI PNG is not at {CORPUS_COMFY_PNG}")
+    original = CORPUS_COMFY_PNG.read_bytes()
+    intact, intact_output = _scan(detector, original)
+    decoded, output = _scan(detector, _with_damage(original))
+    assert intact.anomalies == () and len(decoded.anomalies) == 3, decoded.anomalies
+    assert decoded.image.tobytes() == intact.image.tobytes()
+    assert output.score == 1.0
+    assert items_of(output, "generator_metadata", ai=True) == items_of(
+        intact_output, "generator_metadata", ai=True
+    )
+    details = items_of(output, "generator_metadata", ai=True)[0]["details"]
+    assert isinstance(details, dict) and details["generator"] == "ComfyUI"
+
+
+def test_damaged_chunks_do_not_hide_comfyui_settings(detector: ProvenanceDetector) -> None:
+    png = png_with_chunks([text_chunk("prompt", COMFY_PROMPT)], Image.new("RGB", (64, 48)))
+    decoded, output = _scan(detector, _with_damage(png))
+    assert decoded.image.size == (64, 48)
+    assert any("prompt" not in a and "tEXt" in a and "CRC" in a for a in decoded.anomalies)
+    assert output.score == 1.0
+    (item,) = items_of(output, "generator_metadata", ai=True)
+    details = item["details"]
+    assert isinstance(details, dict)
+    assert details["generator"] == "ComfyUI"
+    assert details["model"] == "sd_xl_turbo_1.0_fp16.safetensors"
+    assert details["prompt"] == "a fox in the snow"
+    assert errors_mention(output, "CRC")
+
+
+def test_stealth_payload_is_read_despite_a_damaged_chunk(detector: ProvenanceDetector) -> None:
+    # The alpha channel is read by decoding the PNG again, which must step over the same
+    # damaged chunk that intake stepped over.
+    image = embed_stealth(
+        Image.new("RGBA", (96, 96), (30, 60, 90, 255)), A1111.encode(), "stealth_pnginfo"
+    )
+    raw = png_with_chunks([_bad_crc(text_chunk("Comment", "x"))], image)
+    decoded, output = _scan(detector, raw)
+    assert decoded.anomalies == ("a tEXt chunk with a bad CRC was skipped",)
+    assert not errors_mention(output, "stealth payload check failed")
+    assert items_of(output, "stealth_payload", ai=True)

@@ -3,8 +3,12 @@
 Every way an upload can be bad ends in :class:`Rejected` with a stable
 :class:`RejectReason` (stored in the database) and a sentence for a moderator. Limits are
 enforced before the expensive step they guard: the byte size before reading everything,
-the pixel count from the header before any pixel buffer exists, and the wall-clock budget
-while Pillow pulls the data. Nothing here uses signals, so it runs in worker threads.
+the pixel count from the header before any pixel buffer exists, what the file's own
+structure would make the decoder allocate or repeat (TIFF tiles and strip lists, a GIF
+frame past its screen, JPEG scans) before Pillow sees it, and the wall-clock budget while
+Pillow pulls the data. Damaged ancillary PNG chunks are skipped, as browsers skip them,
+rather than costing the whole image. Nothing here uses signals, so it runs in worker
+threads.
 """
 
 from __future__ import annotations
@@ -12,16 +16,21 @@ from __future__ import annotations
 import enum
 import functools
 import io
+import itertools
 import os
+import re
 import stat
 import threading
 import time
+import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Literal
 
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, PngImagePlugin
+
+from workers.names import printable
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -53,6 +62,8 @@ class Rejected(Exception):
     """An upload that will not be scored: ``reason`` for machines, ``message`` for people."""
 
     def __init__(self, reason: RejectReason, message: str) -> None:
+        # Messages quote file names and decoder text: keep them printable and storable.
+        message = printable(message)
         super().__init__(message)
         self.reason = reason
         self.message = message
@@ -78,7 +89,9 @@ class IntakeLimits:
 @dataclass(frozen=True)
 class DecodedImage:
     """A decoded upload. ``image`` is RGB, upright (EXIF orientation applied) and loaded;
-    the other fields describe the file as stored, before orientation and conversion."""
+    the other fields describe the file as stored, before orientation and conversion.
+    ``anomalies`` names damage that was stepped over to decode it (one sentence each, e.g.
+    a PNG text chunk with a bad CRC that was skipped), for the evidence."""
 
     image: Image.Image
     format: str
@@ -87,6 +100,7 @@ class DecodedImage:
     height: int
     mode: str
     frames: int
+    anomalies: tuple[str, ...] = ()
 
 
 # Formats we decode, by the name sniff() gives them (which is also Pillow's plugin name).
@@ -274,7 +288,10 @@ class _DeadlineStream(io.BytesIO):
     Pillow pulls data through ``read()`` in blocks of at most ``ImageFile.MAXBLOCK``
     (64 KiB) and decodes each block into a pixel buffer sized from the header, which the
     pixel limit caps; so the work between two deadline checks is bounded by one block and
-    that buffer, and a decode overruns its budget by at most that much. WebP, HEIF, AVIF
+    that buffer, and a decode overruns its budget by at most that much. The exception is
+    a progressive JPEG, whose every scan is a pass over the whole image and whose scans
+    can be a few bytes each: their number is bounded before decoding instead
+    (:func:`_check_jpeg_scans`). WebP, HEIF, AVIF
     and libtiff take the whole file in one call and decode it in C without coming back:
     for those the pixel limit alone bounds the decode, and the check after ``load()``
     still reports the overrun. ``expired`` is sticky, so a plugin that swallows the
@@ -285,6 +302,10 @@ class _DeadlineStream(io.BytesIO):
         super().__init__(data)
         self._deadline = deadline
         self.expired = False
+
+    def extend_deadline(self, seconds: float) -> None:
+        """Move the deadline back by time spent waiting outside the decoder."""
+        self._deadline += seconds
 
     def check_deadline(self) -> None:
         if self.expired or time.monotonic() > self._deadline:
@@ -311,6 +332,9 @@ class _DeadlineStream(io.BytesIO):
         self.check_deadline()
         return super().getvalue()
 
+
+# Called with (width, height, file bytes) from the header, before pixels are decoded.
+Admit = Callable[[int, int, int], None]
 
 _Opener = Callable[[IO[bytes], str | bytes], ImageFile.ImageFile]
 
@@ -410,12 +434,433 @@ def _check_pixels(fmt: str, width: int, height: int, limits: IntakeLimits) -> No
         )
 
 
-def decode(data: bytes, limits: IntakeLimits) -> DecodedImage:
+def _check_time(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise _DeadlineExceeded
+
+
+# --- PNG: damaged ancillary chunks ------------------------------------------------------
+
+# Ancillary chunks whose payload Pillow reads, with the fewest bytes it accepts.
+_PNG_MIN_LENGTHS = {
+    b"gAMA": 4,
+    b"cHRM": 32,
+    b"sRGB": 1,
+    b"pHYs": 9,
+    b"acTL": 8,
+    b"fcTL": 26,
+    b"fdAT": 4,
+}
+_APNG_CHUNKS = (b"acTL", b"fcTL", b"fdAT")
+# Distinct anomaly sentences kept per file; chunk names are the uploader's to choose.
+_MAX_ANOMALIES = 16
+
+
+class _PngBudgets:
+    """What is left, for one file, of the text Pillow will hold and of the bytes we are
+    willing to inflate to test compressed chunks (the inflating work is bounded by this,
+    however many compressed chunks the file has)."""
+
+    def __init__(self) -> None:
+        self.text = PngImagePlugin.MAX_TEXT_MEMORY
+        self.inflate = PngImagePlugin.MAX_TEXT_MEMORY
+
+
+def drop_damaged_png_chunks(
+    data: bytes, *, deadline: float | None = None
+) -> tuple[bytes, tuple[str, ...]]:
+    """The PNG without its damaged or oversized ancillary chunks, and a sentence for each
+    kind of chunk dropped.
+
+    Reference decoders (libpng, browsers) skip an ancillary chunk (lowercase first letter)
+    whose CRC is wrong or whose content they cannot use, and show the picture. Pillow
+    refuses the whole file instead, unless ``ImageFile.LOAD_TRUNCATED_IMAGES`` is set, a
+    process-wide switch that would also relax critical chunks for every thread. So the
+    chunk list is walked here and Pillow gets a copy without: ancillary chunks with a bad
+    CRC; text and ICC profiles that inflate past ``PngImagePlugin.MAX_TEXT_CHUNK``, that
+    do not inflate, or that use an unknown compression method; text past Pillow's
+    per-file ``MAX_TEXT_MEMORY``; chunks too short for their type; and all animation
+    chunks when one is damaged or they do not form a valid sequence (the still image is
+    then decoded, as a decoder without APNG support would). Inflating is bounded by
+    ``max_length`` and by one per-file budget. Critical chunks (IHDR, PLTE, IDAT, IEND)
+    are left as they are, so the decoder stays strict about them, and so is everything
+    from the first chunk that does not fit in the file. The input comes back unchanged
+    (not copied) when nothing is dropped.
+    """
+    if not data.startswith(_PNG_SIGNATURE):
+        return data, ()
+    walk = _walk_png(data, deadline)
+    anomalies = _png_anomalies(walk.problems)
+    kept = walk.kept
+    if walk.animation and (why := _apng_problem(walk)):
+        kept = [chunk for chunk in kept if chunk[0] not in _APNG_CHUNKS]
+        anomalies.append(
+            f"the animation chunks (acTL, fcTL, fdAT) were skipped because {why}; "
+            "the still image was decoded"
+        )
+    if not anomalies:
+        return data, ()
+    view = memoryview(data)
+    parts: list[bytes | memoryview] = [_PNG_SIGNATURE]
+    parts.extend(view[start:end] for _, start, end in kept)
+    parts.append(view[walk.end :])
+    return b"".join(parts), tuple(anomalies)
+
+
+@dataclass
+class _PngWalk:
+    """The chunk list of a PNG as far as it can be walked."""
+
+    kept: list[tuple[bytes, int, int]] = field(default_factory=list)  # (type, start, end)
+    problems: dict[tuple[bytes, str], int] = field(default_factory=dict)  # (type, why): count
+    animation: list[tuple[bytes, bytes]] = field(default_factory=list)  # (type, payload)
+    header: bytes = b""  # IHDR's payload
+    end: int = len(_PNG_SIGNATURE)  # where the walk stopped; the rest is kept as it is
+
+
+def _walk_png(data: bytes, deadline: float | None) -> _PngWalk:
+    walk = _PngWalk()
+    budgets = _PngBudgets()
+    view = memoryview(data)
+    pos = walk.end
+    for walked in itertools.count(1):
+        if pos + 12 > len(data):
+            break
+        if walked % 4096 == 0:
+            _check_time(deadline)
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        end = pos + 12 + length
+        if length > 0x7FFFFFFF or end > len(data) or not kind.isalpha():
+            break  # not a chunk we can step over: the decoder judges the rest as it is
+        body = data[pos + 8 : end - 4] if kind[0] & 0x20 or kind == b"IHDR" else b""
+        if not kind[0] & 0x20:  # critical
+            walk.header = body if kind == b"IHDR" else walk.header
+            problem = None
+        elif zlib.crc32(view[pos + 4 : end - 4]) != int.from_bytes(data[end - 4 : end], "big"):
+            problem = "with a bad CRC"
+        else:
+            problem = _ancillary_problem(kind, body, walk.header, budgets)
+        if problem is None:
+            walk.kept.append((kind, pos, end))
+        else:
+            walk.problems[kind, problem] = walk.problems.get((kind, problem), 0) + 1
+        if kind in _APNG_CHUNKS:
+            walk.animation.append((kind, body))
+        pos = end
+        if kind == b"IEND":
+            break
+    walk.end = pos
+    return walk
+
+
+def _ancillary_problem(kind: bytes, body: bytes, header: bytes, budgets: _PngBudgets) -> str | None:
+    """Why Pillow would refuse the file over this (CRC-correct) ancillary chunk, or None."""
+    # tRNS: greyscale needs one 16-bit sample, truecolour three; Pillow checks no others.
+    least = {0: 2, 2: 6}.get(header[9], 0) if kind == b"tRNS" and len(header) >= 13 else 0
+    if len(body) < max(least, _PNG_MIN_LENGTHS.get(kind, 0)):
+        return "with too few bytes for its type"
+    if kind in (b"tEXt", b"zTXt", b"iTXt"):
+        return _text_problem(kind, body, budgets)
+    if kind == b"iCCP":
+        name, separator, rest = body.partition(b"\x00")
+        if not (name and separator and rest):
+            return "with a malformed header"
+        if rest[0] != 0:
+            return "with an unknown compression method"
+        return _inflated_size(rest[1:], budgets)[0]
+    return None
+
+
+def _text_problem(kind: bytes, body: bytes, budgets: _PngBudgets) -> str | None:
+    if kind == b"tEXt":
+        keyword, _, text = body.partition(b"\x00")
+        return _charge_text(len(text) if keyword else 0, budgets)
+    if kind == b"zTXt":
+        keyword, _, rest = body.partition(b"\x00")
+        if rest and rest[0] != 0:
+            return "with an unknown compression method"
+        problem, size = _inflated_size(rest[1:], budgets)
+        return problem or _charge_text(size if keyword else 0, budgets)
+    if kind == b"iTXt":
+        _keyword, separator, rest = body.partition(b"\x00")
+        fields = rest[2:].split(b"\x00", 2)
+        if not separator or len(rest) < 2 or len(fields) < 3:
+            return None  # Pillow ignores an iTXt chunk it cannot parse
+        if not rest[0]:
+            return _charge_text(len(fields[2]), budgets)
+        if rest[1] != 0:
+            return None  # unknown method: ignored by Pillow
+        problem, size = _inflated_size(fields[2], budgets)
+        return problem or _charge_text(size, budgets)
+    return None
+
+
+_INFLATE_BUDGET_SPENT = "left unchecked (the file's budget for inflating them was spent)"
+
+
+def _inflated_size(compressed: bytes, budgets: _PngBudgets) -> tuple[str | None, int]:
+    """(why the chunk is unusable, or None; its inflated size), inflating at most one byte
+    past what Pillow accepts (``MAX_TEXT_CHUNK``) and past what is left of the budget."""
+    cap = PngImagePlugin.MAX_TEXT_CHUNK
+    limit = min(cap, budgets.inflate)
+    if limit <= 0:
+        return _INFLATE_BUDGET_SPENT, 0
+    inflater = zlib.decompressobj()
+    try:
+        size = len(inflater.decompress(compressed, limit + 1))
+    except zlib.error:
+        return "with corrupt compressed data", 0
+    budgets.inflate -= size
+    if size <= limit:  # output stopped short of max_length, so all input was consumed
+        return None, size
+    if limit == cap:
+        return f"inflating past {cap} bytes", 0
+    return _INFLATE_BUDGET_SPENT, 0
+
+
+def _charge_text(size: int, budgets: _PngBudgets) -> str | None:
+    if size > budgets.text:
+        return f"past the file's {PngImagePlugin.MAX_TEXT_MEMORY}-byte total for text"
+    budgets.text -= size
+    return None
+
+
+def _apng_problem(walk: _PngWalk) -> str | None:
+    """Why the animation chunks cannot be used: one is damaged, or they do not form a
+    sequence that Pillow accepts."""
+    if any(kind in _APNG_CHUNKS for kind, _ in walk.problems):
+        return "one of them is damaged"
+    animation, header = walk.animation, walk.header
+    controls = [body for kind, body in animation if kind == b"acTL"]
+    if len(controls) != 1:
+        return "there is no acTL chunk" if not controls else "there is more than one acTL chunk"
+    frames = int.from_bytes(controls[0][:4], "big")
+    if not 0 < frames <= 0x80000000:
+        return f"the acTL chunk declares {frames} frames"
+    width = int.from_bytes(header[0:4], "big")
+    height = int.from_bytes(header[4:8], "big")
+    expected = 0
+    for kind, body in animation:
+        if kind == b"acTL":
+            continue
+        if int.from_bytes(body[:4], "big") != expected:
+            return "their sequence numbers are out of order"
+        expected += 1
+        if kind == b"fcTL":
+            frame_w, frame_h, x, y = (
+                int.from_bytes(body[i : i + 4], "big") for i in (4, 8, 12, 16)
+            )
+            if x + frame_w > width or y + frame_h > height:
+                return "a frame lies outside the image"
+    return None
+
+
+def _png_anomalies(problems: dict[tuple[bytes, str], int]) -> list[str]:
+    sentences = []
+    for (kind, problem), count in list(problems.items())[:_MAX_ANOMALIES]:
+        name = kind.decode("ascii")
+        if count == 1:
+            article = "an" if name[0].lower() in "aefhilmnorsx" else "a"
+            sentences.append(f"{article} {name} chunk {problem} was skipped")
+        else:
+            sentences.append(f"{count} {name} chunks {problem} were skipped")
+    rest = sum(list(problems.values())[_MAX_ANOMALIES:])
+    if rest:
+        sentences.append(f"{rest} more damaged ancillary chunks were skipped")
+    return sentences
+
+
+# --- GIF: the canvas Pillow allocates ---------------------------------------------------
+
+
+def _gif_canvas_size(data: bytes, deadline: float) -> tuple[int, int] | None:
+    """The logical screen grown to the first frame's extent, as Pillow grows it; None when
+    the blocks before the first frame cannot be walked (the decoder will say why)."""
+    if len(data) < 13:
+        return None
+    screen_w, screen_h = int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
+    flags = data[10]
+    pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    walked = 0
+    while pos < len(data):
+        if data[pos] == 0x2C:  # image descriptor
+            if pos + 9 > len(data):
+                return None
+            x, y, width, height = (
+                int.from_bytes(data[i : i + 2], "little") for i in range(pos + 1, pos + 9, 2)
+            )
+            return max(screen_w, x + width), max(screen_h, y + height)
+        if data[pos] != 0x21:  # only extensions may come before the first frame
+            return None
+        pos += 2
+        while pos < len(data):  # data sub-blocks, each led by its length
+            size = data[pos]
+            pos += 1 + size
+            walked += 1
+            if walked % 65536 == 0:
+                _check_time(deadline)
+            if size == 0:
+                break
+    return None
+
+
+# --- TIFF: the tiles and strips libtiff allocates ---------------------------------------
+
+# A tile may exceed the image only by padding to whole 16-pixel blocks, or up to this many
+# pixels on a side for small images (common tilers use 256 or 512).
+MAX_TIFF_TILE_SIDE = 1024
+_TIFF_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8}
+_TIFF_TYPE_SIZES.update({13: 4, 16: 8, 17: 8, 18: 8})
+_TIFF_LAYOUT_TAGS = frozenset({256, 257, 277, 278, 284, 273, 279, 322, 323, 324, 325})
+_MAX_IFD_ENTRIES = 65535
+
+
+def _tiff_first_ifd(data: bytes) -> dict[int, tuple[int, int]] | None:
+    """Tag -> (count, value) for the layout tags of the first IFD (value: the first one
+    when stored inline, else 0); None when the IFD cannot be read (the decoder says why)."""
+    order: Literal["little", "big"] = "little" if data[:2] == b"II" else "big"
+    big = int.from_bytes(data[2:4], order) == 43
+    offset = int.from_bytes(data[8:16] if big else data[4:8], order)
+    count_size, entry_size, value_size = (8, 20, 8) if big else (2, 12, 4)
+    if offset < 8 or offset + count_size > len(data):
+        return None
+    entries = int.from_bytes(data[offset : offset + count_size], order)
+    start = offset + count_size
+    if entries > _MAX_IFD_ENTRIES or start + entries * entry_size > len(data):
+        return None
+    tags: dict[int, tuple[int, int]] = {}
+    for index in range(entries):
+        entry = data[start + index * entry_size : start + (index + 1) * entry_size]
+        tag = int.from_bytes(entry[0:2], order)
+        if tag not in _TIFF_LAYOUT_TAGS:
+            continue
+        kind = int.from_bytes(entry[2:4], order)
+        count = int.from_bytes(entry[4 : 4 + value_size], order)
+        size = _TIFF_TYPE_SIZES.get(kind, 0)
+        field = entry[4 + value_size :]
+        value = int.from_bytes(field[:size], order) if 0 < size <= value_size else 0
+        tags[tag] = (count, value)
+    return tags
+
+
+def _check_tiff_layout(data: bytes, limits: IntakeLimits) -> None:
+    """Refuse tiles larger than the image and more strips or tiles than the image has.
+
+    libtiff allocates one tile (width x height x bytes per pixel) whatever the image size,
+    so a 64 x 64 image declaring 16384 x 16384 tiles costs 768 MiB before any check on the
+    image sees it; and Pillow builds Python objects for every strip or tile listed.
+    RowsPerStrip past the image height and byte counts past the file are harmless (libtiff
+    clamps the first and refuses the second without allocating) and stay legal.
+    """
+    tags = _tiff_first_ifd(data)
+    if tags is None:
+        return
+    width, height = tags.get(256, (0, 0))[1], tags.get(257, (0, 0))[1]
+    if width <= 0 or height <= 0:
+        return  # the pixel check after opening says what is wrong
+    planes = tags.get(277, (1, 1))[1] if tags.get(284, (1, 1))[1] == 2 else 1
+    tile_w, tile_h = tags.get(322, (0, 0))[1], tags.get(323, (0, 0))[1]
+    if tile_w > 0 and tile_h > 0:
+        if tile_w * tile_h > limits.max_pixels:
+            raise Rejected(
+                RejectReason.TOO_MANY_PIXELS,
+                f"The TIFF image is {width}x{height} but declares {tile_w}x{tile_h} tiles, "
+                f"{tile_w * tile_h} pixels each, over the {limits.max_pixels}-pixel limit: "
+                "the decoder allocates a whole tile at a time.",
+            )
+        side_w = max(-(-width // 16) * 16, MAX_TIFF_TILE_SIDE)
+        side_h = max(-(-height // 16) * 16, MAX_TIFF_TILE_SIDE)
+        if tile_w > side_w or tile_h > side_h:
+            raise Rejected(
+                RejectReason.DECODE_ERROR,
+                f"The TIFF image is {width}x{height} but declares {tile_w}x{tile_h} tiles; "
+                f"a tile may be at most the image rounded up to 16 pixels, or "
+                f"{MAX_TIFF_TILE_SIDE} pixels, on a side (the decoder allocates whole tiles).",
+            )
+        units, what = -(-width // tile_w) * -(-height // tile_h) * planes, "tile"
+        listed = max(tags.get(324, (0, 0))[0], tags.get(325, (0, 0))[0])
+    else:
+        rows = tags.get(278, (0, 0))[1]
+        rows = min(rows, height) if rows > 0 else 1  # without RowsPerStrip: a row each
+        units, what = -(-height // rows) * planes, "strip"
+        listed = max(tags.get(273, (0, 0))[0], tags.get(279, (0, 0))[0])
+    if listed > units:
+        raise Rejected(
+            RejectReason.DECODE_ERROR,
+            f"The TIFF image is {width}x{height} and has room for {units} {what}"
+            f"{'s' if units != 1 else ''}, but lists {listed}.",
+        )
+
+
+# --- JPEG: the number of scans ----------------------------------------------------------
+
+# TurboJPEG's recommended scan limit for untrusted input; real encoders write 1 to ~12.
+MAX_JPEG_SCANS = 500
+# Each scan of a progressive JPEG is a pass over the whole image inside one block that the
+# deadline reader hands out. Measured worst case (refinement scans of end-of-band runs):
+# about 0.5 ns per pixel per scan; the budget below allows ten times that to stay inside
+# the decode time on a slow or busy CPU: 4e9 scan-pixels for 20 s, i.e. 40 scans at
+# 100 Mpx, 500 at 8 Mpx.
+JPEG_SCAN_PIXELS_PER_SECOND = 200_000_000
+_JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# The next marker: 0xFF (any fill bytes) then neither a stuffed zero nor a restart marker.
+_JPEG_NEXT_MARKER = re.compile(rb"\xff+([^\x00\xd0-\xd7\xff])")
+
+
+def _jpeg_scans(data: bytes, deadline: float) -> tuple[int, int, int]:
+    """(scans, width, height) of the first image (up to its EOI), counting at most
+    ``MAX_JPEG_SCANS + 1``. Markers are found the way libjpeg finds them: segments are
+    skipped by their length, and anything else up to the next marker is passed over."""
+    scans = width = height = 0
+    pos = 2
+    walked = 0
+    while scans <= MAX_JPEG_SCANS and (found := _JPEG_NEXT_MARKER.search(data, pos)):
+        walked += 1
+        if walked % 4096 == 0:
+            _check_time(deadline)
+        marker, pos = found.group(1)[0], found.end()
+        if marker == 0xD9:
+            break
+        if marker in (0x01, 0xD8):  # no length field
+            continue
+        if marker == 0xDA:
+            scans += 1
+        elif marker in _JPEG_SOF_MARKERS and not width and pos + 7 <= len(data):
+            height = int.from_bytes(data[pos + 3 : pos + 5], "big")
+            width = int.from_bytes(data[pos + 5 : pos + 7], "big")
+        pos += int.from_bytes(data[pos : pos + 2], "big")
+    return scans, width, height
+
+
+def _check_jpeg_scans(data: bytes, limits: IntakeLimits, deadline: float) -> None:
+    scans, width, height = _jpeg_scans(data, deadline)
+    if scans > MAX_JPEG_SCANS:
+        raise Rejected(
+            RejectReason.DECODE_ERROR,
+            f"The JPEG image has more than {MAX_JPEG_SCANS} scans; encoders write at most "
+            "a few dozen, and each scan costs a pass over the whole image.",
+        )
+    budget = int(JPEG_SCAN_PIXELS_PER_SECOND * limits.decode_timeout_s)
+    if scans * width * height > budget:
+        raise Rejected(
+            RejectReason.DECODE_TIMEOUT,
+            f"The JPEG image has {scans} scans of {width}x{height} pixels: decoding it means "
+            f"{scans} passes over the image, more than the {limits.decode_timeout_s:g} s "
+            f"budget allows ({budget} pixels in all).",
+        )
+
+
+def decode(data: bytes, limits: IntakeLimits, *, admit: Admit | None = None) -> DecodedImage:
     """Decode untrusted bytes into an RGB image, or raise :class:`Rejected`.
 
     Bad data never raises anything else. Animated images are represented by frame 0.
+    ``admit(width, height, file_bytes)`` is called once the header has passed the checks
+    and before any pixel buffer exists: a caller with a memory budget reserves the image
+    there (and may wait). The wait does not count against the decode time budget.
     """
-    deadline = time.monotonic() + limits.decode_timeout_s
+    started = time.monotonic()
+    file_bytes = len(data)
     if not data:
         raise Rejected(RejectReason.EMPTY, "The file is empty (0 bytes).")
     if len(data) > limits.max_bytes:
@@ -434,13 +879,25 @@ def decode(data: bytes, limits: IntakeLimits) -> DecodedImage:
             f"accepted; supported formats are {_SUPPORTED_LIST}.",
         )
     opener = _opener_for(fmt, head)
-    if fmt == "WEBP" and (canvas := _webp_canvas_size(head)):
-        _check_pixels(fmt, *canvas, limits)
+    deadline = started + limits.decode_timeout_s
+    try:
+        data, anomalies = _prepare(fmt, data, limits, deadline)
+    except _DeadlineExceeded as exc:
+        raise _timed_out(fmt, limits) from exc
     _raise_pillow_pixel_limit(limits.max_pixels)
 
     stream = _DeadlineStream(data, deadline)
+
+    def header_passed(width: int, height: int) -> None:
+        if admit is not None:
+            waiting = time.monotonic()
+            admit(width, height, file_bytes)
+            stream.extend_deadline(time.monotonic() - waiting)
+
     try:
-        return _decode_stream(opener, stream, fmt, _mime(fmt, head), limits)
+        decoded = _decode_stream(
+            opener, stream, fmt, _mime(fmt, head), limits, header_passed=header_passed
+        )
     except (Rejected, MemoryError):
         raise  # MemoryError: the worker ran short, not a verdict on the file; let it retry
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -450,12 +907,40 @@ def decode(data: bytes, limits: IntakeLimits) -> DecodedImage:
         ) from exc
     except Exception as exc:  # whatever Pillow (or a plugin) refuses the data with
         if stream.expired:
-            raise Rejected(
-                RejectReason.DECODE_TIMEOUT,
-                f"Decoding the {fmt} image took longer than the "
-                f"{limits.decode_timeout_s:g} s budget.",
-            ) from exc
+            raise _timed_out(fmt, limits) from exc
         raise _classify_failure(fmt, data, exc) from exc
+    return replace(decoded, anomalies=anomalies) if anomalies else decoded
+
+
+def _timed_out(fmt: str, limits: IntakeLimits) -> Rejected:
+    return Rejected(
+        RejectReason.DECODE_TIMEOUT,
+        f"Decoding the {fmt} image took longer than the {limits.decode_timeout_s:g} s budget.",
+    )
+
+
+def _prepare(
+    fmt: str, data: bytes, limits: IntakeLimits, deadline: float
+) -> tuple[bytes, tuple[str, ...]]:
+    """Check, from the file's own structure, what the decoder would allocate or how much
+    work it would do, before Pillow sees the file: the pixel limit bounds the image, but
+    some fields make a decoder allocate or loop far beyond the image they describe.
+    Returns the bytes to decode (a PNG without its damaged ancillary chunks) and what was
+    stepped over. Raises :class:`Rejected`, or :class:`_DeadlineExceeded` from long walks."""
+    if fmt == "PNG":
+        return drop_damaged_png_chunks(data, deadline=deadline)
+    canvas = None
+    if fmt == "WEBP":
+        canvas = _webp_canvas_size(data[:SNIFF_BYTES])
+    elif fmt == "GIF":
+        canvas = _gif_canvas_size(data, deadline)
+    elif fmt == "TIFF":
+        _check_tiff_layout(data, limits)
+    elif fmt == "JPEG":
+        _check_jpeg_scans(data, limits, deadline)
+    if canvas is not None:
+        _check_pixels(fmt, *canvas, limits)
+    return data, ()
 
 
 def _mime(fmt: str, head: bytes) -> str:
@@ -465,11 +950,18 @@ def _mime(fmt: str, head: bytes) -> str:
 
 
 def _decode_stream(
-    opener: _Opener, stream: _DeadlineStream, fmt: str, mime: str, limits: IntakeLimits
+    opener: _Opener,
+    stream: _DeadlineStream,
+    fmt: str,
+    mime: str,
+    limits: IntakeLimits,
+    *,
+    header_passed: Callable[[int, int], None],
 ) -> DecodedImage:
     with opener(stream, "") as source:
         width, height = source.size
         _check_pixels(fmt, width, height, limits)
+        header_passed(width, height)
         frames = int(getattr(source, "n_frames", 1))
         if frames > 1:
             source.seek(0)

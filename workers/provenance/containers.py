@@ -11,7 +11,7 @@ break is reported.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from workers.provenance.findings import Report, clip, error_text
@@ -44,7 +44,14 @@ class TextEntry:
     keyword: str
     text: str
     source: str  # "tEXt", "zTXt", "iTXt", "COM", "exif"
-    truncated: bool = False
+    truncated: bool = False  # cut at the text cap, or its compressed stream ends early
+    damaged: bool = False  # its chunk fails its CRC check
+
+    @property
+    def intact(self) -> bool:
+        """Neither damaged nor truncated: preferred to another entry of the same keyword,
+        so a broken chunk added to a file cannot hide the settings it holds."""
+        return not (self.damaged or self.truncated)
 
 
 @dataclass(frozen=True)
@@ -149,11 +156,12 @@ def _walk_png(raw: bytes, meta: ContainerMetadata, report: Report) -> None:
                 color_type=body[9],
             )
         elif kind in (b"tEXt", b"zTXt", b"iTXt"):
-            if zlib.crc32(kind + body) != int.from_bytes(raw[end - 4 : end], "big"):
+            damaged = zlib.crc32(kind + body) != int.from_bytes(raw[end - 4 : end], "big")
+            if damaged:
                 report.error(
                     f"PNG {kind.decode()} chunk at offset {pos} fails its CRC check; read anyway"
                 )
-            _png_text_chunk(kind.decode(), body, meta, budgets, report)
+            _png_text_chunk(kind.decode(), body, meta, budgets, report, damaged=damaged)
         elif kind == b"eXIf":
             meta.exif = body[:MAX_EXIF_BYTES]
         elif kind == b"caBX":
@@ -166,7 +174,13 @@ def _walk_png(raw: bytes, meta: ContainerMetadata, report: Report) -> None:
 
 
 def _png_text_chunk(
-    name: str, body: bytes, meta: ContainerMetadata, budgets: _TextBudgets, report: Report
+    name: str,
+    body: bytes,
+    meta: ContainerMetadata,
+    budgets: _TextBudgets,
+    report: Report,
+    *,
+    damaged: bool,
 ) -> None:
     if len(meta.texts) >= MAX_TEXT_ENTRIES:
         meta.texts_dropped += 1
@@ -174,6 +188,8 @@ def _png_text_chunk(
     entry = _png_text(name, body, budgets, report)
     if entry is None:
         return
+    if damaged:
+        entry = replace(entry, damaged=True)
     if entry.keyword == XMP_PNG_KEYWORD:
         meta.xmp_packets.append(entry.text.encode("utf-8"))
     else:
@@ -233,7 +249,7 @@ def _inflate_text(
         )
     elif not complete:
         report.error(f"PNG {name} chunk {clip(keyword, 80)!r} has a cut-short compressed stream")
-    return out, capped
+    return out, capped or not complete
 
 
 def _take(data: bytes, budget: _TextBudget) -> tuple[bytes, bool]:

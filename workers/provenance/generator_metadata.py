@@ -289,7 +289,12 @@ class _Texts:
 
     def __init__(self, meta: ContainerMetadata) -> None:
         self.format = meta.format or "file"
-        self.by_keyword = {entry.keyword: entry for entry in meta.texts}
+        # The last entry of a keyword, but an intact one over any damaged or cut-short one.
+        self.by_keyword: dict[str, TextEntry] = {}
+        for entry in meta.texts:
+            held = self.by_keyword.get(entry.keyword)
+            if held is None or entry.intact or not held.intact:
+                self.by_keyword[entry.keyword] = entry
 
     def get(self, keyword: str) -> TextEntry | None:
         return self.by_keyword.get(keyword)

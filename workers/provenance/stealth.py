@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from workers.intake import drop_damaged_png_chunks
 from workers.provenance.containers import MAX_CHUNK_TEXT_BYTES, ContainerMetadata, inflate
 from workers.provenance.findings import Finding, Kind, Report, clip, error_text
 from workers.provenance.generator_metadata import describe_generation_text
@@ -118,7 +119,9 @@ def _stored_pixels(
         and image.size == (header.width, header.height)
     ):
         return np.asarray(image)
-    with Image.open(io.BytesIO(raw), formats=["PNG"]) as source:
+    # Without the damaged ancillary chunks that intake also stepped over to decode it.
+    repaired, _ = drop_damaged_png_chunks(raw)
+    with Image.open(io.BytesIO(repaired), formats=["PNG"]) as source:
         if source.size != (header.width, header.height):
             raise ValueError("PNG header and decoder disagree on the size")
         source.load()
