@@ -76,6 +76,10 @@ class Runtime:
     log_level: str
     allowed_buckets: str  # parsed by workers.events.BucketPolicy where events are taken in
     webhook_secret: SecretStr = field(repr=False)
+    webhook_timeout_s: int
+    webhook_connection_limit: int
+    webhook_threads: int
+    webhook_max_records: int
     # Where batch figures go: the logs; a metrics exporter implements the same protocol.
     batch_observer: BatchObserver = field(default_factory=LogBatches)
 
@@ -113,6 +117,10 @@ class Runtime:
             log_level=settings.log_level,
             allowed_buckets=settings.allowed_buckets,
             webhook_secret=settings.webhook_secret,
+            webhook_timeout_s=settings.webhook_timeout_seconds,
+            webhook_connection_limit=settings.webhook_connection_limit,
+            webhook_threads=settings.webhook_threads,
+            webhook_max_records=settings.webhook_max_records,
         )
 
     def replace(self, **changes: Any) -> Runtime:

@@ -158,6 +158,29 @@ class Settings(BaseSettings):
         SecretStr(""),
         description="Shared secret the upload webhook expects as 'Authorization: Bearer ...'.",
     )
+    webhook_timeout_seconds: int = Field(
+        30,
+        ge=1,
+        le=3600,
+        description="The upload webhook closes a connection idle this long, a request half sent "
+        "included.",
+    )
+    webhook_connection_limit: int = Field(
+        100,
+        ge=1,
+        description="Connections the upload webhook holds open at once; past it, new ones wait "
+        "in the listen backlog.",
+    )
+    webhook_threads: int = Field(
+        8, ge=1, le=256, description="Requests the upload webhook handles at once."
+    )
+    webhook_max_records: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="Most records the upload webhook takes from one event; more is answered "
+        "413, queues nothing and is kept as a dead letter.",
+    )
 
     log_level: str = Field("INFO", description="Root log level.")
     log_json: bool = Field(True, description="One JSON object per log line (False: plain text).")

@@ -1,6 +1,9 @@
 """Turn an upload record into a scan: the one path shared by the SQS ingest, the webhook and
 ``synthsentry submit``. The source row is committed before the intake task is sent, so the
-worker always finds it; a duplicate of a finished upload sends nothing."""
+worker always finds it; an upload recorded before sends nothing, so a retried event queues
+no work twice. If the send after the commit fails, the caller sees the error; its retry is
+then a duplicate and sends nothing, and :func:`resend_lost` (``synthsentry reconcile``)
+sends the intake of the upload left pending."""
 
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ log = logging.getLogger(__name__)
 def submit_upload(
     ctx: FleetContext, record: UploadRecord, *, kind: SourceKind = SourceKind.UPLOAD_EVENT
 ) -> int | None:
-    """Record the upload and queue its intake; returns the source id, or None for a duplicate
-    of an upload already taken in. Raises if the database or the broker cannot be reached
+    """Record the upload and queue its intake; returns the source id, or None for an upload
+    recorded before (nothing is sent). Raises if the database or the broker cannot be reached
     (the caller keeps the event and tries again)."""
     source_id = record_upload(
         ctx,
@@ -33,7 +36,7 @@ def submit_upload(
         kind=kind,
     )
     if source_id is None:
-        log.info("duplicate upload event", extra={"bucket": record.bucket, "ref": record.ref_key()})
+        log.info("upload recorded before; nothing sent", extra={"ref": record.ref_key()})
         return None
     send_intake(source_id)
     return source_id

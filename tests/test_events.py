@@ -13,8 +13,11 @@ from typing import Any
 import pytest
 
 from workers.events import (
+    MAX_JSON_DEPTH,
     BucketPolicy,
+    InvalidRecord,
     MalformedEvent,
+    TooManyRecords,
     UploadRecord,
     parse_s3_event,
     parse_s3_notification,
@@ -340,17 +343,138 @@ def test_missing_required_fields(path: tuple[str, ...], message: str) -> None:
         parse_s3_event(aws_event(record))
 
 
-def test_one_bad_record_makes_the_whole_payload_malformed() -> None:
+def test_a_bad_record_is_reported_beside_the_good_ones() -> None:
     bad = _without(aws_record("b.jpg"), "s3", "bucket", "name")
-    with pytest.raises(MalformedEvent):
-        parse_s3_event(aws_event(aws_record("a.jpg"), bad))
+    payload = aws_event(aws_record("a.jpg"), bad, "not a record", aws_record("c.jpg"))
+    notification = parse_s3_notification(payload)
+    assert notification.numbered_uploads() == [
+        (0, parse_s3_event(aws_event(aws_record("a.jpg")))[0]),
+        (3, parse_s3_event(aws_event(aws_record("c.jpg")))[0]),
+    ]
+    assert notification.invalid_records == (
+        InvalidRecord(
+            index=1,
+            reason="Records[1].s3.bucket.name is missing or not a non-empty string",
+            record=json.dumps(bad),
+        ),
+        InvalidRecord(index=2, reason="Records[2] is not an object", record='"not a record"'),
+    )
+    # The list-of-uploads shorthand refuses such a payload rather than drop records quietly.
+    with pytest.raises(MalformedEvent, match=r"Records\[1\]"):
+        parse_s3_event(payload)
 
 
-def test_bad_size_is_malformed() -> None:
+def _invalid_reason(record: dict[str, Any]) -> str:
+    notification = parse_s3_notification(aws_event(aws_record("good.jpg"), record))
+    assert [u.key for u in notification.uploads] == ["good.jpg"]
+    (invalid,) = notification.invalid_records
+    assert invalid.index == 1
+    # Kept as ASCII JSON: storable and printable whatever the record held.
+    assert json.loads(invalid.record) == record
+    invalid.record.encode("ascii")
+    return invalid.reason
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        # A UTF-16 surrogate encoded as if it were UTF-8: unquote_plus would make it U+FFFD
+        # (or, with surrogateescape, a lone surrogate); neither names an object.
+        ("bad%ED%A0%80key.jpg", "not UTF-8 once URL-decoded"),
+        ("%FF.jpg", "not UTF-8 once URL-decoded"),
+        ("bad\ud800key.jpg", "not valid Unicode"),  # a lone surrogate straight from JSON
+        ("nul%00.jpg", "NUL character"),
+        ("k" * 1025, "1025 bytes of UTF-8; S3 keys are at most 1024"),
+        ("%C3%A9" * 513, "1026 bytes of UTF-8"),
+        ("", "missing or not a non-empty string"),
+    ],
+)
+def test_keys_no_object_can_have_are_invalid(key: str, message: str) -> None:
+    assert message in _invalid_reason(aws_record(key))
+
+
+def test_longest_key_is_accepted() -> None:
+    [upload] = parse_s3_event(aws_event(aws_record("%C3%A9" * 512)))
+    assert len(upload.key.encode()) == 1024
+
+
+def test_keys_with_dot_segments_are_taken_verbatim() -> None:
+    # An S3 key is a name, not a path: nothing normalises it (or joins it to a local path).
+    [upload] = parse_s3_event(aws_event(aws_record("..%2F..%2Fetc%2Fpasswd")))
+    assert upload.key == "../../etc/passwd"
+
+
+@pytest.mark.parametrize(
+    "bucket", ["Uploads", "ab", "a" * 64, "under_score", "-uploads", "uploads\ud800"]
+)
+def test_bucket_names_s3_refuses_are_invalid(bucket: str) -> None:
+    assert "s3.bucket" in _invalid_reason(aws_record("a.jpg", bucket=bucket))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("eTag", "e" * 129, "eTag is longer than 128 characters"),
+        ("versionId", "v" * 256, "versionId is longer than 255 characters"),
+        ("sequencer", "0" * 129, "sequencer is longer than 128 characters"),
+        ("eTag", "bad\udc80", "eTag is not valid Unicode"),
+        ("size", -1, "size is not a non-negative integer"),
+        ("size", True, "size is not a non-negative integer"),
+    ],
+)
+def test_bad_object_fields_are_invalid(field: str, value: Any, message: str) -> None:
     record = aws_record("a.jpg")
-    record["s3"]["object"]["size"] = -1
-    with pytest.raises(MalformedEvent, match="size"):
-        parse_s3_event(aws_event(record))
+    record["s3"]["object"][field] = value
+    assert message in _invalid_reason(record)
+
+
+def test_bad_eventbridge_object_is_an_invalid_record() -> None:
+    payload = json.loads(eventbridge_event(key="k" * 2000))
+    notification = parse_s3_notification(payload)
+    assert notification.uploads == ()
+    (invalid,) = notification.invalid_records
+    assert invalid.index == 0
+    assert "detail.object.key is 2000 bytes" in invalid.reason
+    assert json.loads(invalid.record) == payload
+
+
+def _nested(depth: int) -> str:
+    # Records is one level; each further list one more.
+    return '{"Records": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}"
+
+
+def test_nesting_up_to_the_limit_is_decoded() -> None:
+    (invalid,) = parse_s3_notification(_nested(MAX_JSON_DEPTH)).invalid_records
+    assert invalid.reason == "Records[0] is not an object"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        _nested(MAX_JSON_DEPTH + 1),
+        "[" * 100_000 + "]" * 100_000,
+        '{"a": ' * 100_000 + "1" + "}" * 100_000,
+        "[" * 100_000,  # unbalanced: refused by depth before the decoder sees it
+        json.dumps({"Type": "Notification", "Message": "[" * 100_000}),  # inside SNS
+    ],
+)
+def test_deep_nesting_is_refused_before_decoding(payload: str) -> None:
+    with pytest.raises(MalformedEvent, match=f"deeper than {MAX_JSON_DEPTH} levels"):
+        parse_s3_notification(payload.encode())
+
+
+def test_brackets_inside_strings_do_not_count() -> None:
+    key = "[" * 500 + '\\"{' * 100
+    [upload] = parse_s3_event(aws_event(aws_record(key.replace("%", "%25"))))
+    assert upload.key == key
+
+
+def test_record_cap() -> None:
+    payload = aws_event(*(aws_record(f"{i}.jpg") for i in range(6)))
+    assert len(parse_s3_notification(payload, max_records=6).uploads) == 6
+    with pytest.raises(TooManyRecords, match="6 records; at most 5") as caught:
+        parse_s3_notification(payload, max_records=5)
+    assert (caught.value.count, caught.value.limit) == (6, 5)
 
 
 def test_size_as_string_is_accepted() -> None:

@@ -100,25 +100,25 @@ def notify_queue(s3: Any, bucket: str, queue_arn: str, events: list[str]) -> Non
     )
 
 
+def s3_record(
+    bucket: str, encoded_key: str, etag: str = "9dd4e461268c8034f5c8564e155c67a6"
+) -> dict[str, Any]:
+    return {
+        "eventVersion": "2.1",
+        "eventSource": "aws:s3",
+        "eventTime": "2024-05-01T12:00:00.000Z",
+        "eventName": "ObjectCreated:Put",
+        "s3": {
+            "bucket": {"name": bucket},
+            "object": {"key": encoded_key, "size": 1, "eTag": etag},
+        },
+    }
+
+
 def s3_event_body(
     bucket: str, encoded_key: str, etag: str = "9dd4e461268c8034f5c8564e155c67a6"
 ) -> str:
-    return json.dumps(
-        {
-            "Records": [
-                {
-                    "eventVersion": "2.1",
-                    "eventSource": "aws:s3",
-                    "eventTime": "2024-05-01T12:00:00.000Z",
-                    "eventName": "ObjectCreated:Put",
-                    "s3": {
-                        "bucket": {"name": bucket},
-                        "object": {"key": encoded_key, "size": 1, "eTag": etag},
-                    },
-                }
-            ]
-        }
-    )
+    return json.dumps({"Records": [s3_record(bucket, encoded_key, etag)]})
 
 
 class Recorder:
@@ -262,7 +262,8 @@ def test_malformed_messages_are_dead_lettered_and_deleted(
     queue_url, _ = create_queue(sqs, unique("ingest"))
     bodies = [
         f"this is not json {PRESIGNED}",
-        json.dumps({"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {}}}]}),
+        # 100,000 levels: refused before the JSON decoder recurses into it.
+        "[" * 100_000 + "]" * 100_000,
         json.dumps({PRESIGNED: "a field name the parser quotes in its reason"}),
     ]
     for body in bodies:
@@ -278,7 +279,7 @@ def test_malformed_messages_are_dead_lettered_and_deleted(
     assert sorted(body for body, _ in recorder.dead) == sorted(bodies)
     reasons = dict(recorder.dead)
     assert "not JSON" in reasons[bodies[0]]
-    assert "s3.bucket.name" in reasons[bodies[1]]
+    assert "deeper than 32 levels" in reasons[bodies[1]]
     assert "not an S3 event notification" in reasons[bodies[2]]
     assert [r.key for r in recorder.submitted] == ["after bad.jpg"]
     assert stats.malformed == 3
@@ -288,6 +289,44 @@ def test_malformed_messages_are_dead_lettered_and_deleted(
     logged = [json.dumps(vars(record), default=str) for record in caplog.records]
     assert sum("dead-lettering" in line for line in logged) == 3
     assert not [line for line in logged if "X-Amz-Signature" in line]
+
+
+def test_bad_records_are_dead_lettered_one_by_one_and_the_good_ones_submitted(
+    sqs: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="workers.ingest")
+    queue_url, _ = create_queue(sqs, unique("ingest"))
+    no_bucket_name = s3_record("uploads", "x.jpg")
+    del no_bucket_name["s3"]["bucket"]["name"]
+    records = [
+        s3_record("uploads", "first+good.jpg", etag="e1"),
+        # %ED%A0%80 is a UTF-16 surrogate encoded as if it were UTF-8: no key is that.
+        s3_record("uploads", "bad%ED%A0%80key.jpg"),
+        no_bucket_name,
+        s3_record("uploads", "k" * 1025),
+        s3_record("Not_A_Bucket", "x.jpg"),
+        s3_record("uploads", "second+good.jpg", etag="e2"),
+    ]
+    sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps({"Records": records}))
+
+    recorder = Recorder()
+    with ingesting(sqs, queue_url, recorder, "uploads") as (_, future):
+        wait_until(lambda: queue_depth(sqs, queue_url) == (0, 0), "the queue to drain", future)
+    stats = future.result()
+
+    assert [r.key for r in recorder.submitted] == ["first good.jpg", "second good.jpg"]
+    # Each bad record is kept on its own, as the JSON it came as, with its own reason.
+    assert [json.loads(body) for body, _ in recorder.dead] == records[1:5]
+    reasons = [reason for _, reason in recorder.dead]
+    assert "Records[1].s3.object.key is not UTF-8 once URL-decoded" in reasons[0]
+    assert "Records[2].s3.bucket.name is missing" in reasons[1]
+    assert "Records[3].s3.object.key is 1025 bytes" in reasons[2]
+    assert "Records[4].s3.bucket.name is not a bucket name" in reasons[3]
+    assert stats == IngestStats(received=1, submitted=2, invalid_records=4, deleted=1)
+    assert_queue_empty(sqs, queue_url)
+    # The logs are JSON-safe whatever the keys held.
+    for record in caplog.records:
+        json.dumps(vars(record), default=str, ensure_ascii=False).encode("utf-8")
 
 
 def test_failed_submit_leaves_the_message_for_redelivery(sqs: Any, s3: Any) -> None:

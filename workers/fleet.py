@@ -91,8 +91,8 @@ class FleetContext:
 def record_upload(
     ctx: FleetContext, upload: Upload, *, kind: SourceKind = SourceKind.UPLOAD_EVENT
 ) -> int | None:
-    """Record an upload; returns the source id to take in, or None when this exact object was
-    already taken in (a duplicate event)."""
+    """Record an upload; returns the source id to take in when this call recorded it, or None
+    when this exact object was recorded before (a duplicate event, a sender's retry)."""
     with transaction(ctx.session_factory) as session:
         source, created = repository.record_source(
             session,
@@ -107,11 +107,11 @@ def record_upload(
             ),
             None,
         )
-        # A duplicate of a source still pending is sent again: the first message may have
-        # been lost before it reached the broker, and taking in twice is harmless.
-        if created or source.status == SourceStatus.PENDING:
-            return source.id
-        return None
+        # Only the call that created the row sends its intake, so a sender retrying a
+        # request (or S3 and SQS delivering twice) queues nothing again. A send lost after
+        # this commit is not lost work: the reconciler (resend_stalled) finds the upload
+        # still pending and sends its intake again.
+        return source.id if created else None
 
 
 # --- intake -----------------------------------------------------------------------------

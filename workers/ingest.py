@@ -12,8 +12,11 @@ Delivery guarantees, and what they ask of the submitter:
   upload can be submitted more than once (S3 itself also delivers at least once): the
   submitter must be idempotent on :meth:`UploadRecord.ref_key`.
 - A message that will never parse goes to the dead-letter callback, then is deleted; one bad
-  message never stops the loop. A message that always fails to submit keeps coming back:
-  give the queue a redrive policy (``maxReceiveCount``) so SQS moves it aside.
+  message never stops the loop. A bad record among good ones (a missing field, a key that is
+  not UTF-8 once decoded ...) goes to the dead-letter callback on its own, with its reason;
+  the good ones are submitted and the message is deleted. A message that always fails to
+  submit keeps coming back: give the queue a redrive policy (``maxReceiveCount``) so SQS
+  moves it aside.
 - Errors talking to SQS (throttling, a deleted queue, a network or broker restart) are logged
   and retried with capped exponential backoff, forever, until ``stop`` is set. Missing
   credentials or invalid parameters are programming errors and propagate.
@@ -91,6 +94,7 @@ class IngestStats:
     ignored_records: int = 0  # records that announce no upload (ObjectRemoved:*, ...)
     refused_bucket: int = 0  # upload records the bucket policy refused (not submitted)
     malformed: int = 0  # messages that could not be parsed (sent to dead_letter)
+    invalid_records: int = 0  # unusable records of messages otherwise parsed (dead-lettered)
     failed: int = 0  # messages left on the queue for redelivery after a failure
     deleted: int = 0  # messages deleted from the queue
     sqs_errors: int = 0  # SQS calls (receive or delete) that failed
@@ -260,6 +264,20 @@ class _Consumer:
                 return False
             self.stats.submitted += 1
             self.log.debug("upload submitted", extra={**context, "ref_key": record.ref_key()})
+        # After the uploads: if keeping one fails, the redelivered message submits its uploads
+        # again, which the submitter absorbs.
+        for invalid in notification.invalid_records:
+            self.stats.invalid_records += 1
+            self.log.warning(
+                "invalid record; dead-lettering",
+                extra={**context, "index": invalid.index, "reason": invalid.reason},
+            )
+            try:
+                self.dead_letter(invalid.record, invalid.reason)
+            except Exception:
+                self.stats.failed += 1
+                self.log.exception("dead letter failed; message left on the queue", extra=context)
+                return False
         self._delete(message, context)
         return True
 

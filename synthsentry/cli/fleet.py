@@ -54,6 +54,10 @@ def register(commands: Commands) -> None:
     webhook = commands.add_parser(
         "webhook",
         help="serve the HTTP endpoint for S3-style upload notifications (MinIO webhook)",
+        description="Serve POST /s3-events with waitress. Each record of an event is answered "
+        "on its own: good ones are recorded and queued once, bad ones kept as dead letters. "
+        "Limits: SYNTHSENTRY_WEBHOOK_TIMEOUT_SECONDS, SYNTHSENTRY_WEBHOOK_CONNECTION_LIMIT, "
+        "SYNTHSENTRY_WEBHOOK_THREADS, SYNTHSENTRY_WEBHOOK_MAX_RECORDS.",
     )
     webhook.add_argument("--host", default="127.0.0.1")
     webhook.add_argument("--port", type=int, default=8080)
@@ -258,10 +262,9 @@ def ingest_sqs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def serve_webhook(args: argparse.Namespace, settings: Settings) -> int:
-    from socketserver import ThreadingMixIn
-    from wsgiref.simple_server import WSGIServer, make_server
+    from waitress.server import create_server
 
-    from api.webhook import make_app
+    from api.webhook import MAX_BODY_BYTES, make_app
     from tasks.app import configure
     from tasks.submit import submit_upload
 
@@ -280,14 +283,44 @@ def serve_webhook(args: argparse.Namespace, settings: Settings) -> int:
         policy=policy,
         submit=lambda record: submit_upload(context, record),
         dead_letter=_dead_letter(session_factory, "webhook"),
+        max_records=runtime.webhook_max_records,
+    )
+    # waitress reads each request whole (headers and body, both capped) before a worker
+    # thread sees it, so a slow or half-sent request holds a socket, not a thread; a
+    # connection idle for the timeout is closed, checked a few times per timeout.
+    server = create_server(
+        application,
+        host=args.host,
+        port=args.port,
+        threads=runtime.webhook_threads,
+        connection_limit=runtime.webhook_connection_limit,
+        channel_timeout=runtime.webhook_timeout_s,
+        cleanup_interval=max(1, min(30, runtime.webhook_timeout_s // 4)),
+        # MinIO and S3 send a few hundred bytes of headers; waitress allows 256 KiB.
+        max_request_header_size=32 * 1024,
+        max_request_body_size=MAX_BODY_BYTES,
+        ident="synthsentry",
+    )
+    log.info(
+        "webhook listening",
+        extra={
+            "host": args.host,
+            "port": args.port,
+            "threads": runtime.webhook_threads,
+            "connection_limit": runtime.webhook_connection_limit,
+            "timeout_s": runtime.webhook_timeout_s,
+            "max_records": runtime.webhook_max_records,
+        },
     )
 
-    class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-        daemon_threads = True
+    # On SIGTERM (as on Ctrl-C) waitress stops accepting and lets the requests in hand
+    # finish for a few seconds; a request cut short is answered by no one and sent again.
+    def exit_on_signal(signum: int, frame: object) -> None:
+        raise SystemExit(EXIT_OK)
 
-    with make_server(args.host, args.port, application, ThreadingWSGIServer) as server:
-        log.info("webhook listening", extra={"host": args.host, "port": args.port})
-        server.serve_forever()
+    signal.signal(signal.SIGTERM, exit_on_signal)
+    server.run()
+    log.info("webhook stopped")
     return EXIT_OK
 
 
@@ -320,7 +353,7 @@ def submit_objects(args: argparse.Namespace, settings: Settings) -> int:
         )
         source_id = submit_upload(context, record, kind=SourceKind.RESCAN)
         if source_id is None:
-            print(f"s3://{bucket}/{key}: already scanned (see `synthsentry status`)")
+            print(f"s3://{bucket}/{key}: already submitted (see `synthsentry status`)")
         else:
             print(f"s3://{bucket}/{key}: queued (source {source_id})")
     return EXIT_OK
