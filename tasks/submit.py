@@ -7,13 +7,21 @@ sends the intake of the upload left pending."""
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from db.models import SourceKind
-from tasks.app import app, send_detect, send_intake
+from tasks.app import CONSUMER_GONE_S, SENT_AT_HEADER, broker_redis, send_detect, send_intake
 from tasks.queues import QUEUES
 from workers.events import UploadRecord
 from workers.fleet import FleetContext, Upload, record_upload, resend_stalled
+
+if TYPE_CHECKING:
+    import redis
 
 log = logging.getLogger(__name__)
 
@@ -42,32 +50,105 @@ def submit_upload(
     return source_id
 
 
-class BrokerBacklog:
-    """Whether a queue still holds messages, asked of the broker once per queue per check."""
+@dataclass(frozen=True)
+class QueueState:
+    """One queue as the broker shows it at one check."""
 
-    def __init__(self) -> None:
-        self._sizes: dict[str, int] = {}
+    queue: str
+    length: int
+    oldest_age_s: float | None  # the message next in line; None if empty or sent unstamped
+    consumers: int  # workers whose heartbeat on this queue is recent (tasks.app)
+
+
+def read_queue(client: redis.Redis, queue: str, now: float | None = None) -> QueueState:
+    now = time.time() if now is None else now
+    with client.pipeline(transaction=False) as pipe:
+        pipe.llen(queue)
+        pipe.lindex(queue, -1)  # kombu LPUSHes and BRPOPs: the right end is the oldest
+        pipe.zcount(QUEUES.consumers(queue), now - CONSUMER_GONE_S, "+inf")
+        length, oldest, consumers = pipe.execute()
+    return QueueState(queue, int(length), _age(oldest, now), int(consumers))
+
+
+def _age(message: bytes | None, now: float) -> float | None:
+    if message is None:
+        return None
+    try:
+        sent_at = float(json.loads(message)["headers"][SENT_AT_HEADER])
+    except (ValueError, KeyError, TypeError):
+        return None  # sent without the header (by an earlier release)
+    return max(0.0, now - sent_at)
+
+
+class BrokerBacklog:
+    """Whether stalled work of each kind should be left where it is, read from the broker
+    once per queue per check (``window_s``: the reconciler's ``--after``):
+
+    - an empty queue: the work was lost; send it again;
+    - messages, a live consumer, the oldest younger than the window: a backlog being worked,
+      where the work most likely waits its turn; leave it;
+    - messages, a live consumer, the oldest older than the window: the queue is behind by
+      more than the window, and lost work would wait for a lull that may never come; send
+      it again (a copy that arrives second finds its work done);
+    - messages and no live consumer: nobody drains the queue, and sending more into it
+      cannot help; leave it, and warn at every check until a worker consumes it again (a
+      supervisor must start one: that is not the reconciler's to do).
+    """
+
+    def __init__(self, client: redis.Redis, *, window_s: float) -> None:
+        self.client = client
+        self.window_s = window_s
+        self._states: dict[str, QueueState] = {}
+
+    def check(self, queues: Iterable[str]) -> list[QueueState]:
+        """Read ``queues`` and warn of each that holds work nobody consumes, or whose oldest
+        message has waited longer than the window."""
+        states = [self._state(queue) for queue in queues]
+        for state in states:
+            if not state.length:
+                continue
+            facts = {
+                "queue": state.queue,
+                "length": state.length,
+                "oldest_age_s": None if state.oldest_age_s is None else round(state.oldest_age_s),
+                "consumers": state.consumers,
+            }
+            if not state.consumers:
+                log.warning("work waits in a queue that no worker consumes", extra=facts)
+            elif self._behind(state):
+                log.warning("a queue is behind by more than the reconcile window", extra=facts)
+        return states
 
     def intake_waiting(self) -> bool:
-        return self._waiting(QUEUES.intake)
+        return self._leave(QUEUES.intake)
 
     def detection_waiting(self, detector: str) -> bool:
-        return self._waiting(QUEUES.detect(detector))
+        return self._leave(QUEUES.detect(detector))
 
-    def _waiting(self, queue: str) -> bool:
-        if queue not in self._sizes:
-            with app.connection_for_write() as connection:
-                # Declaring an existing queue changes nothing and returns its length.
-                declared = connection.default_channel.queue_declare(queue=queue)
-                self._sizes[queue] = int(declared.message_count)
-        return self._sizes[queue] > 0
+    def _leave(self, queue: str) -> bool:
+        state = self._state(queue)
+        if not state.length:
+            return False
+        return not state.consumers or not self._behind(state)
+
+    def _behind(self, state: QueueState) -> bool:
+        return state.oldest_age_s is not None and state.oldest_age_s > self.window_s
+
+    def _state(self, queue: str) -> QueueState:
+        if queue not in self._states:
+            self._states[queue] = read_queue(self.client, queue)
+        return self._states[queue]
 
 
 def resend_lost(ctx: FleetContext, *, after_s: float) -> int:
     """Send again the messages of uploads pending longer than ``after_s``; returns how many
     messages were sent. Marked in the database before sending: a crash in between only
-    delays that upload to its next check."""
-    work = resend_stalled(ctx, after_s=after_s, backlog=BrokerBacklog())
+    delays that upload to its next check. Every check also warns of queues that hold work
+    no worker consumes, or that are behind by more than ``after_s`` (``BrokerBacklog``)."""
+    with broker_redis() as client:
+        backlog = BrokerBacklog(client, window_s=after_s)
+        backlog.check([QUEUES.intake, *(QUEUES.detect(name) for name in ctx.detectors)])
+        work = resend_stalled(ctx, after_s=after_s, backlog=backlog)
     for source_id in work.intake:
         send_intake(source_id)
     for image_id, detector in work.detect:

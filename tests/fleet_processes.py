@@ -12,7 +12,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+import servers
+
+if TYPE_CHECKING:
+    import redis
 
 T = TypeVar("T")
 
@@ -159,3 +164,64 @@ def fleet_env(
     )
     env.update({f"SYNTHSENTRY_{name.upper()}": value for name, value in settings.items()})
     return env
+
+
+class PersistentRedis:
+    """A redis-server as a broker should run: append-only file on, fsync on every write, so
+    a restart keeps the queued messages. Restartable on the same port (pytest-redis's
+    executor); ``kill`` ends it with SIGKILL, as the OOM killer or a node loss would."""
+
+    def __init__(self, folder: Path) -> None:
+        import port_for
+        from pytest_redis.executor import RedisExecutor
+
+        self.executor = RedisExecutor(
+            str(servers.find_redis_server()),
+            databases=16,
+            redis_timeout=0,
+            loglevel="notice",
+            host="127.0.0.1",
+            port=port_for.select_random(),
+            datadir=folder,
+            appendonly="yes",
+        )
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.executor.port}/0"
+
+    def client(self) -> redis.Redis:
+        import redis
+
+        return redis.Redis.from_url(self.url, socket_timeout=5)
+
+    def start(self) -> None:
+        client = self.client()
+        self.executor.start()
+        # Its port opens before the append-only file is loaded (LOADING errors until then).
+        wait_for(lambda: _pings(client), timeout=20, what="redis to accept connections")
+        # Not among the executor's options: each write on disk before it is acknowledged, no
+        # RDB snapshots, and refuse writes when full rather than evict queued messages.
+        client.config_set("appendfsync", "always")
+        client.config_set("save", "")
+        client.config_set("maxmemory-policy", "noeviction")
+        client.close()
+
+    def stop(self) -> None:
+        self.executor.stop()
+
+    def kill(self) -> None:
+        """SIGKILL the redis-server process: no shutdown, nothing written beyond what it had
+        written; ``start`` runs it again on the same port and append-only file."""
+        assert self.executor.running(), "redis-server is not running"
+        # The executor runs redis-server in a session of its own: the group is that process.
+        self.executor.kill(sig=signal.SIGKILL)
+
+
+def _pings(client: redis.Redis) -> bool:
+    import redis
+
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False

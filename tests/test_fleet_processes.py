@@ -4,6 +4,7 @@ Nothing is mocked; workers are killed with real signals."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -13,10 +14,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-import servers
 from badfiles import sample_picture
 from conftest import DatabaseFactory, s3_client
-from fleet_processes import FleetProcess, fleet_env, running, wait_for
+from fleet_processes import FleetProcess, PersistentRedis, fleet_env, running, wait_for
 
 BUCKET = "fleet-procs"
 
@@ -56,16 +56,19 @@ def env(tmp_path: Path, clean_database: str, redis_url: str, s3_endpoint: str) -
     )
 
 
-def _put_images(s3_endpoint: str, prefix: str, count: int) -> list[str]:
+def _put_images(
+    s3_endpoint: str, prefix: str, count: int, *, bucket: str = BUCKET, first: int = 0
+) -> list[str]:
+    """``count`` distinct pictures (sizes from the ``first``-th on) and one broken file."""
     client = s3_client(s3_endpoint)
     keys = []
     for i in range(count):
         buffer = io.BytesIO()
-        sample_picture((96 + 4 * i, 72)).save(buffer, "PNG")
+        sample_picture((96 + 4 * (first + i), 72)).save(buffer, "PNG")
         key = f"{prefix}/img {i:02d}.png"
-        client.put_object(Bucket=BUCKET, Key=key, Body=buffer.getvalue())
+        client.put_object(Bucket=bucket, Key=key, Body=buffer.getvalue())
         keys.append(key)
-    client.put_object(Bucket=BUCKET, Key=f"{prefix}/broken.jpg", Body=b"\xff\xd8\xff\xe0 junk")
+    client.put_object(Bucket=bucket, Key=f"{prefix}/broken.jpg", Body=b"\xff\xd8\xff\xe0 junk")
     keys.append(f"{prefix}/broken.jpg")
     return keys
 
@@ -297,65 +300,64 @@ def test_work_the_broker_lost_is_sent_again(
     assert once.returncode == 0 and "sent 0 messages again" in once.stdout, once.stderr
 
 
-class PersistentRedis:
-    """A redis-server as a broker should run: append-only file on, so a restart keeps the
-    queued messages. Restartable on the same port (pytest-redis's executor)."""
-
-    def __init__(self, folder: Path) -> None:
-        import port_for
-        from pytest_redis.executor import RedisExecutor
-
-        self.executor = RedisExecutor(
-            str(servers.find_redis_server()),
-            databases=16,
-            redis_timeout=0,
-            loglevel="notice",
-            host="127.0.0.1",
-            port=port_for.select_random(),
-            datadir=folder,
-            appendonly="yes",
+def _alive(processes: tuple[FleetProcess, ...]) -> None:
+    """Every process still runs, the one the test started (none was restarted), and none met
+    an error Celery calls unrecoverable."""
+    for process in processes:
+        assert process.process is not None and process.process.poll() is None, (
+            f"{process.name} exited with {process.process and process.process.returncode}\n"
+            f"{process.log_tail()}"
         )
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.executor.port}/0"
-
-    def start(self) -> None:
-        import redis
-
-        self.executor.start()
-        client = redis.Redis.from_url(self.url)
-        # Its port opens before the append-only file is loaded (LOADING errors until then).
-        wait_for(lambda: _pings(client), timeout=20, what="redis to accept connections")
-        # Not among the executor's options: each write on disk before it is acknowledged, no
-        # RDB snapshots, and refuse writes when full rather than evict queued messages.
-        client.config_set("appendfsync", "always")
-        client.config_set("save", "")
-        client.config_set("maxmemory-policy", "noeviction")
-        client.close()
-
-    def stop(self) -> None:
-        self.executor.stop()
+        assert "Unrecoverable error" not in process.log_path.read_text(errors="replace")
 
 
-def _pings(client: object) -> bool:
-    import redis
+def _scored_once(url: str) -> dict[str, int]:
+    """The images of scored uploads, their detections and verdicts: each has one detection
+    (one detector) and exactly one verdict."""
+    engine = sa.create_engine(url)
+    scored = "SELECT DISTINCT image_id FROM sources WHERE status = 'scored'"
+    with engine.connect() as connection:
+        row = connection.execute(
+            sa.text(
+                f"SELECT (SELECT count(*) FROM ({scored}) s) AS images, "
+                f"(SELECT count(*) FROM detections WHERE image_id IN ({scored})) AS detections, "
+                f"(SELECT count(DISTINCT image_id) FROM verdicts WHERE image_id IN ({scored})) "
+                "AS verdicted, "
+                "(SELECT count(*) FROM (SELECT image_id FROM verdicts "
+                f"WHERE image_id IN ({scored}) GROUP BY image_id HAVING count(*) > 1) twice) "
+                "AS verdicted_twice"
+            )
+        ).one()
+    engine.dispose()
+    return dict(row._mapping)
 
-    try:
-        return bool(client.ping())  # type: ignore[attr-defined]
-    except redis.ConnectionError:
-        return False
+
+def _queued(broker_url: str, queue: str) -> int:
+    from tasks.app import broker_redis
+
+    with broker_redis(broker_url) as client:
+        return int(client.llen(queue))
 
 
 def test_broker_restart_mid_run_loses_nothing(
     env: dict[str, str], tmp_path: Path, s3_endpoint: str, clean_database: str
 ) -> None:
+    """Redis stopped while the workers hold messages and started again: the workers reconnect
+    and take the work sent after the restart too, without being restarted."""
     broker = PersistentRedis(tmp_path)
     broker.start()
-    env = {**env, "SYNTHSENTRY_BROKER_URL": broker.url}
+    env = {
+        **env,
+        "SYNTHSENTRY_BROKER_URL": broker.url,
+        # A message popped by a worker but not yet marked unacknowledged when the broker went
+        # away is lost; the reconciler sends its work again after 35 s.
+        "SYNTHSENTRY_TASK_TIME_LIMIT_SECONDS": "10",
+        "SYNTHSENTRY_VISIBILITY_TIMEOUT_SECONDS": "25",
+    }
     keys = _put_images(s3_endpoint, "restart", 10)
+    reconcile = FleetProcess("reconcile", ["reconcile", "--every", "2"], env, tmp_path)
     try:
-        with running(*_workers(env, tmp_path)) as processes:
+        with running(*_workers(env, tmp_path), reconcile) as processes:
             submitted = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys[:6]])
             assert submitted.returncode == 0, submitted.stderr
             wait_for(
@@ -366,6 +368,12 @@ def test_broker_restart_mid_run_loses_nothing(
                 interval=0.05,
             )
             broker.stop()
+            wait_for(
+                lambda: all(_lost_broker(p) for p in processes[:2]),
+                timeout=30,
+                what="both workers to see the broker gone",
+                processes=processes,
+            )
             broker.start()
             # Work sent after the restart is taken by the reconnected workers too.
             submitted = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys[6:]])
@@ -376,6 +384,205 @@ def test_broker_restart_mid_run_loses_nothing(
                 what="every upload to be scored after the broker restart",
                 processes=processes,
             )
+            _alive(processes)
     finally:
         broker.stop()
-    assert counts["verdicts"] == 10 and counts["detections"] == 10 and counts["rejected"] == 1
+    assert counts["detections"] == 10 and counts["rejected"] == 1
+    scored = _scored_once(clean_database)
+    assert scored["images"] == scored["detections"] == scored["verdicted"] == 10, scored
+    assert scored["verdicted_twice"] == 0
+
+
+def _lost_broker(process: FleetProcess) -> bool:
+    return "Connection to broker lost" in process.log_path.read_text(errors="replace")
+
+
+SQS_BUCKET = "fleet-broker-loss"
+
+
+def _notified_bucket(s3_endpoint: str, name: str) -> str:
+    """``SQS_BUCKET``, whose ObjectCreated events go to a new SQS queue; returns its URL."""
+    import boto3
+
+    sqs = boto3.client(
+        "sqs",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    queue_url = str(sqs.create_queue(QueueName=name)["QueueUrl"])
+    arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
+    s3 = s3_client(s3_endpoint)
+    if SQS_BUCKET not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
+        s3.create_bucket(Bucket=SQS_BUCKET)
+    s3.put_bucket_notification_configuration(
+        Bucket=SQS_BUCKET,
+        NotificationConfiguration={
+            "QueueConfigurations": [
+                {"QueueArn": arn["Attributes"]["QueueArn"], "Events": ["s3:ObjectCreated:*"]}
+            ]
+        },
+    )
+    return queue_url
+
+
+def test_broker_sigkilled_mid_backlog_loses_nothing(
+    env: dict[str, str], tmp_path: Path, s3_endpoint: str, clean_database: str
+) -> None:
+    """The fleet of docs/fleet.md (SQS ingest, an intake worker, a batching detector worker,
+    the reconciler) while Redis (append-only, fsync always) is SIGKILLed with a backlog
+    queued and batches in flight, uploads arrive while it is down, and it is started again
+    on the same port: every process reconnects by itself, and every upload gets its verdict,
+    those that arrived during and after the outage included."""
+    broker = PersistentRedis(tmp_path)
+    broker.start()
+    env = {
+        **env,
+        "SYNTHSENTRY_BROKER_URL": broker.url,
+        "SYNTHSENTRY_ALLOWED_BUCKETS": SQS_BUCKET,
+        "SYNTHSENTRY_TASK_TIME_LIMIT_SECONDS": "10",
+        "SYNTHSENTRY_VISIBILITY_TIMEOUT_SECONDS": "25",
+    }
+    queue_url = _notified_bucket(s3_endpoint, f"uploads-{tmp_path.name[-20:]}")
+    ingest = FleetProcess(
+        "ingest",
+        [
+            "ingest",
+            "sqs",
+            "--queue-url",
+            queue_url,
+            "--endpoint-url",
+            s3_endpoint,
+            "--wait-seconds",
+            "1",
+        ],
+        env,
+        tmp_path,
+    )
+    intake, mj5 = _workers(env, tmp_path, "--batch-size", "4", "--batch-wait-ms", "200")
+    reconcile = FleetProcess("reconcile", ["reconcile", "--every", "2"], env, tmp_path)
+    try:
+        with running(ingest, intake, reconcile) as fleet:
+            processes = (*fleet, mj5)  # the model worker starts once its backlog is queued
+            _put_images(s3_endpoint, "wave-1", 24, bucket=SQS_BUCKET)
+            wait_for(
+                lambda: _queued(broker.url, "detect.sumsub-mj5") == 24,
+                timeout=180,
+                what="intake to queue every detect message of the first wave",
+                processes=processes,
+            )
+            mj5.start()
+            wait_for(
+                lambda: (
+                    (c := _counts(clean_database))["attempts"] > c["detections"]
+                    and _queued(broker.url, "detect.sumsub-mj5") > 0
+                ),
+                timeout=180,
+                what="batches in flight with a backlog still queued",
+                processes=processes,
+                interval=0.01,
+            )
+            broker.kill()
+            assert _counts(clean_database)["detections"] < 24, "the kill came too late to test"
+            wait_for(
+                lambda: _lost_broker(intake) and _lost_broker(mj5),
+                timeout=30,
+                what="both workers to see the broker gone",
+                processes=processes,
+            )
+            _put_images(s3_endpoint, "wave-2", 4, bucket=SQS_BUCKET, first=24)  # Redis down
+            broker.start()
+            _put_images(s3_endpoint, "wave-3", 4, bucket=SQS_BUCKET, first=28)
+            counts = wait_for(
+                lambda: (c := _counts(clean_database))["pending"] == 0 and c["sources"] == 35 and c,
+                timeout=240,
+                what="every upload to be scored after the broker was killed",
+                processes=processes,
+            )
+            _alive(processes)
+    finally:
+        mj5.stop()
+        broker.stop()
+    assert counts["detections"] == 32 and counts["rejected"] == 3
+    scored = _scored_once(clean_database)
+    assert scored["images"] == scored["detections"] == scored["verdicted"] == 32, scored
+    assert scored["verdicted_twice"] == 0
+
+
+def test_reconcile_warns_of_work_no_worker_consumes(
+    env: dict[str, str], tmp_path: Path, s3_endpoint: str, clean_database: str
+) -> None:
+    """Detect messages queued for a detector whose worker is not running: the reconciler
+    says which queue, how long and how old, and sends nothing into it (nobody would read
+    it). Once a worker consumes the queue, the work is done and the warning stops."""
+    keys = _put_images(s3_endpoint, "unconsumed", 3)
+    intake = FleetProcess("intake", ["worker", "--intake"], env, tmp_path)
+    with running(intake) as processes:
+        submitted = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
+        assert submitted.returncode == 0, submitted.stderr
+        wait_for(
+            lambda: _queued(env["SYNTHSENTRY_BROKER_URL"], "detect.sumsub-mj5") == 3,
+            timeout=180,
+            what="intake to queue the detect messages",
+            processes=processes,
+        )
+    # Past a window of 1 s: the uploads were recorded before their detect messages were sent.
+    wait_for(
+        lambda: _oldest_age(env["SYNTHSENTRY_BROKER_URL"], "detect.sumsub-mj5") > 1.5,
+        timeout=10,
+        what="the oldest detect message to be past the window",
+    )
+    once = _cli(env, "reconcile", "--after", "1", "--once")
+    assert once.returncode == 0 and "sent 0 messages again" in once.stdout, once.stderr
+    warning = next(
+        json.loads(line[line.index("{") :])
+        for line in once.stderr.splitlines()
+        if "work waits in a queue that no worker consumes" in line
+    )
+    assert warning["level"] == "warning" and warning["queue"] == "detect.sumsub-mj5"
+    assert warning["length"] == 3 and warning["consumers"] == 0
+    assert warning["oldest_age_s"] >= 1
+    assert _counts(clean_database)["pending"] == 3
+
+    mj5 = FleetProcess("mj5", ["worker", "--detector", "sumsub-mj5"], env, tmp_path)
+    with running(mj5) as processes:
+        wait_for(
+            lambda: _counts(clean_database)["pending"] == 0,
+            timeout=180,
+            what="the worker to drain its queue",
+            processes=processes,
+        )
+        again = _cli(env, "reconcile", "--after", "1", "--once")
+    assert again.returncode == 0 and "no worker consumes" not in again.stderr, again.stderr
+
+
+def _oldest_age(broker_url: str, queue: str) -> float:
+    from tasks.app import broker_redis
+    from tasks.submit import read_queue
+
+    with broker_redis(broker_url) as client:
+        return read_queue(client, queue).oldest_age_s or 0.0
+
+
+def test_a_worker_exits_non_zero_on_an_error_it_cannot_recover_from(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A broker that refuses writes (out of memory under noeviction) is no connection loss:
+    Celery stops the worker ("Unrecoverable error"), and the command exits non-zero so that
+    a supervisor restarts it."""
+    broker = PersistentRedis(tmp_path)
+    broker.start()
+    client = broker.client()
+    client.config_set("maxmemory", "1")
+    client.close()
+    env = {**env, "SYNTHSENTRY_BROKER_URL": broker.url}
+    intake = FleetProcess("intake", ["worker", "--intake"], env, tmp_path)
+    try:
+        with running(intake):
+            assert intake.process is not None
+            status = intake.process.wait(120)
+    finally:
+        broker.stop()
+    log = intake.log_path.read_text(errors="replace")
+    assert status != 0 and "Unrecoverable error" in log and "maxmemory" in log, intake.log_tail()

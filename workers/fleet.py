@@ -372,7 +372,10 @@ class Resend:
 
 
 class Backlog(Protocol):
-    """Whether work of each kind is still waiting in its queue (asked of the broker)."""
+    """Whether stalled work of each kind is better left where it is (asked of the broker):
+    true while its queue holds messages that a live worker will reach within the delay, and
+    while nobody consumes the queue at all (sending more into it cannot help);
+    ``tasks.submit.BrokerBacklog`` says how it tells them apart and warns of the latter."""
 
     def intake_waiting(self) -> bool: ...
 
@@ -400,9 +403,12 @@ def resend_stalled(
     """The messages to send again for uploads still pending ``after_s`` seconds after they
     were recorded (then after 2x, 4x ... that delay for each further try).
 
-    Work of a kind that still waits in its queue (``backlog``) is left for a later check:
-    in a backlog, an old pending upload is most likely waiting its turn, and sending its
-    work again would only lengthen the queue. Lost work is sent once its queue drains.
+    Work that ``backlog`` says to leave is left, unmarked, for a later check: in a backlog
+    that a worker drains, an old pending upload is most likely waiting its turn, and sending
+    its work again would only lengthen the queue; into a queue that nobody consumes, a copy
+    would wait as long as the original. Lost work is sent once its queue drains, or once
+    the queue's oldest message has waited longer than ``after_s`` (a queue that never
+    drains).
 
     The broker is not the record of what is owed, Postgres is: Redis pops a message before
     it marks it unacknowledged, so a worker killed between the two loses it, and a broker

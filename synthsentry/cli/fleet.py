@@ -10,7 +10,7 @@ import logging
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from synthsentry.cli.common import (
     EXIT_FAILURE,
@@ -144,6 +144,8 @@ def _register_worker(commands: Commands) -> None:
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from celery import signals
+
     from tasks import worker
     from tasks.app import configure
     from tasks.queues import QUEUES
@@ -180,6 +182,8 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     worker.install(worker.WorkerState(runtime, batching=batching))
     queue = QUEUES.intake if args.intake else QUEUES.detect(args.detector)
     app = configure(settings)
+    started: list[Any] = []
+    signals.worker_init.connect(lambda sender, **_: started.append(sender), weak=False)
     app.worker_main(
         [
             "worker",
@@ -193,10 +197,21 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
             f"{queue}@%h",
             "--loglevel",
             runtime.log_level,
+            # Gossip and mingle add a channel beside the task channel (see tasks/app.py);
+            # Celery's own heartbeat, published from the event loop with retries without
+            # end, would hold that loop for as long as the broker is away. The worker writes
+            # its own heartbeat (tasks.app.QueueHeartbeat).
             "--without-gossip",
             "--without-mingle",
+            "--without-heartbeat",
         ]
     )
+    # Celery ends an error it cannot recover from ("Unrecoverable error") with a warm
+    # shutdown, and worker_main drops the worker's exit status: pass it on, so that a
+    # supervisor restarts the worker. A stop asked for (SIGTERM, SIGINT) exits 0.
+    if not started or started[-1].exitcode:
+        log.critical("worker stopped on an error", extra={"queue": queue})
+        return EXIT_FAILURE
     return EXIT_OK
 
 
