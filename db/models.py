@@ -47,6 +47,7 @@ class Base(DeclarativeBase):
     # JSONB on Postgres so evidence can be queried and indexed; plain JSON text on SQLite.
     type_annotation_map: ClassVar[dict[Any, Any]] = {
         dict[str, Any]: JSON().with_variant(JSONB(), "postgresql"),
+        list[str]: JSON().with_variant(JSONB(), "postgresql"),
         datetime: DateTime(timezone=True),
     }
 
@@ -81,6 +82,9 @@ class VerdictLabel(enum.StrEnum):
     LIKELY_AI = "likely_ai"
     NO_INDICATION = "no_indication"
     INCONCLUSIVE = "inconclusive"
+    # The upload was refused before any detector saw it (not an image, damaged, too large,
+    # ...): no evidence either way. Flagged only for the reasons the ensemble sends to review.
+    NOT_SCORED = "not_scored"
 
 
 class ReviewState(enum.StrEnum):
@@ -113,6 +117,9 @@ class Image(Base):
     height: Mapped[int | None]
     frames: Mapped[int | None]
     mode: Mapped[str | None] = mapped_column(String(16))
+    # What the decoder stepped over to read the pixels (damaged ancillary PNG chunks, ...):
+    # evidence for a moderator, since a clean camera file rarely has any. Null: none.
+    anomalies: Mapped[list[str] | None]
     first_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     detections: Mapped[list[Detection]] = relationship(back_populates="image")

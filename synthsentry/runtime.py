@@ -30,7 +30,7 @@ from workers.detectors.registry import (
 )
 from workers.engine import BatchObserver, LogBatches
 from workers.ensemble import Calibration, EnsembleConfig
-from workers.intake import IntakeLimits
+from workers.intake import IntakeLimits, RejectReason
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -66,6 +66,7 @@ class Runtime:
     threshold: float
     weights: Mapping[str, float]
     calibrations: Mapping[str, Calibration]
+    review_unscored: frozenset[RejectReason]
     fleet_detectors: tuple[str, ...]
     max_detect_attempts: int
     task_time_limit_s: int
@@ -85,7 +86,14 @@ class Runtime:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
-        """Raises ``SpecError`` when the operator's detector file is malformed."""
+        """Raises ``SpecError`` when the operator's detector file is malformed, ValueError
+        for a value the settings cannot check alone (an unknown rejection reason)."""
+        unknown = sorted(set(settings.review_unscored_reasons) - {r.value for r in RejectReason})
+        if unknown:
+            raise ValueError(
+                f"SYNTHSENTRY_REVIEW_UNSCORED_REASONS names unknown reasons: {', '.join(unknown)};"
+                f" known: {', '.join(r.value for r in RejectReason)}"
+            )
         return cls(
             environment=settings.environment,
             database_url=settings.resolved_database_url,
@@ -107,6 +115,7 @@ class Runtime:
                 name: Calibration(a=platt.a, b=platt.b)
                 for name, platt in settings.ensemble_calibrations.items()
             },
+            review_unscored=frozenset(RejectReason(r) for r in settings.review_unscored_reasons),
             fleet_detectors=tuple(settings.fleet_detectors),
             max_detect_attempts=settings.max_detect_attempts,
             task_time_limit_s=settings.task_time_limit_seconds,
@@ -141,9 +150,14 @@ class Runtime:
 
     def ensemble(self, specs: Iterable[DetectorSpec]) -> EnsembleConfig:
         """The ensemble configuration over these detectors: the configured threshold,
-        weights and calibrations, and the decisive rules of their specs."""
+        weights, calibrations and rejection reasons for review, and the decisive rules of
+        their specs."""
         return EnsembleConfig.for_detectors(
-            specs, threshold=self.threshold, weights=self.weights, calibrations=self.calibrations
+            specs,
+            threshold=self.threshold,
+            weights=self.weights,
+            calibrations=self.calibrations,
+            review_unscored=(r.value for r in self.review_unscored),
         )
 
     @property

@@ -107,6 +107,13 @@ class Settings(BaseSettings):
         '{"sumsub-v2": {"a": 1.3, "b": -0.2}}. Detectors not named are taken as they are.',
     )
 
+    review_unscored_reasons: list[str] = Field(
+        default_factory=lambda: ["decode_error", "decode_timeout", "truncated"],
+        description="Rejection reasons whose uploads open a review case although no detector "
+        'scored them, JSON: ["decode_error"]. The default sends a recognised image format '
+        "the decoder refused (damaged, cut short, too slow) to a moderator; [] reviews none.",
+    )
+
     # Object storage (S3 or any S3-protocol server such as MinIO).
     s3_endpoint_url: str | None = Field(
         None, description="Endpoint of an S3-protocol server; unset means AWS S3."

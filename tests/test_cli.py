@@ -125,7 +125,14 @@ def test_scan_json_contract(
         else:
             assert line["status"] == "rejected", (rel, line)
             assert line["reason"] == want, (rel, line)
-            assert line["verdict"] == "rejected" and line["flagged"] is False
+            # Not scored, with the reason; a recognised image the decoder refused goes to
+            # review by default (SYNTHSENTRY_REVIEW_UNSCORED_REASONS).
+            assert line["verdict"] == "not_scored", (rel, line)
+            reviewed = want in {"decode_error", "decode_timeout", "truncated"}
+            assert line["flagged"] is reviewed, (rel, line)
+            assert str(line["verdict_reason"]).startswith(f"not scored ({want})")
+            review = line["review"]
+            assert (review is not None and review["state"] == "open") is reviewed, (rel, line)
             assert line["ai_score"] is None and line["detectors"] == []
             assert line["message"], "every rejection carries a human message"
 
@@ -246,6 +253,12 @@ def test_usage_errors_exit_2_with_a_message(
     assert result.stdout == ""
 
 
+def test_an_object_key_that_is_not_utf8_is_a_usage_error(run: Run) -> None:
+    result = run("status", os.fsdecode(b"s3://bucket/caf\xe9.png"))
+    assert result.returncode == 2
+    assert "not valid UTF-8" in result.stderr and "caf\\xe9.png" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -330,12 +343,51 @@ def test_thousand_files_with_bad_ones_are_all_accounted_for(run: Run, tmp_path: 
     assert sum(line["status"] == "rejected" for line in lines) == 40
 
 
-def test_names_that_are_not_utf8_and_a_deep_tree_are_scanned_like_any_file(
-    run: Run, tmp_path: Path, mj5_weights: Path
+def test_a_damaged_ancillary_chunk_is_scored_and_named_in_the_image_evidence(
+    run: Run, tmp_path: Path
+) -> None:
+    """A bad-CRC text chunk and an inflation bomb do not opt a PNG out of moderation: it is
+    scored, the skipped chunks are listed, and they are stored with the image."""
+    import io
+
+    from badfiles import inflation_bomb, png_chunk, png_inserting, with_bad_crc
+
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    clean = io.BytesIO()
+    sample_picture((80, 60)).save(clean, "PNG")
+    damaged = png_inserting(
+        clean.getvalue(),
+        [with_bad_crc(png_chunk(b"tEXt", b"Comment\x00hello")), inflation_bomb(b"iCCP")],
+    )
+    (folder / "damaged.png").write_bytes(damaged)
+    (line,) = _lines(run("scan", folder, "--json", "--detector", "provenance"))
+    assert line["status"] == "scored", line
+    anomalies = line["image"]["anomalies"]  # type: ignore[index]
+    assert len(anomalies) == 2 and any("CRC" in a for a in anomalies), anomalies
+    with sqlite3.connect(tmp_path / "data" / "synthsentry.db") as connection:
+        (stored,) = connection.execute("SELECT anomalies FROM images").fetchone()
+    assert json.loads(stored) == anomalies
+
+
+def _remove_deep(top: Path) -> None:
+    """Remove a folder chain of any depth, deepest first, without recursion."""
+    chain = [str(top)]
+    while os.path.isdir(os.path.join(chain[-1], "d")):
+        chain.append(os.path.join(chain[-1], "d"))
+    for folder in reversed(chain):
+        for name in os.listdir(folder):
+            if not os.path.isdir(os.path.join(folder, name)):
+                os.unlink(os.path.join(folder, name))
+        os.rmdir(folder)
+
+
+def test_a_folder_of_hostile_names_trees_and_files_gets_one_line_per_file(
+    run: Run, tmp_path: Path, mj5_weights: Path, request: pytest.FixtureRequest
 ) -> None:
     """File names are bytes: a Latin-1 name gets its line (printable text plus its exact
     bytes), in JSON and in the table, and is stored; a tree deeper than Python's recursion
-    limit is walked; nothing ends the run early."""
+    limit is walked; every kind of bad file beside them is a result; the run exits 0."""
     import base64
 
     folder = tmp_path / "names"
@@ -352,6 +404,12 @@ def test_names_that_are_not_utf8_and_a_deep_tree_are_scanned_like_any_file(
     nested = os.path.dirname(nested)
     sample_picture((50, 50)).save(os.path.join(nested, "bottom.png"))
 
+    request.addfinalizer(lambda: _remove_deep(deep))  # rmtree recurses once per level
+    hostile = {
+        f"hostile/{name}": reason.value
+        for name, reason in write_bad_files(folder / "hostile").items()
+    }
+
     weights = f"sumsub-mj5={mj5_weights}"
     lines = _lines(run("scan", folder, "--json", "--detector", weights))
     by_bytes = {
@@ -360,7 +418,10 @@ def test_names_that_are_not_utf8_and_a_deep_tree_are_scanned_like_any_file(
         else os.fsencode(str(line["path"])): line
         for line in lines
     }
-    assert len(lines) == 4 and len(by_bytes) == 4
+    assert len(lines) == 4 + len(hostile) and len(by_bytes) == len(lines)
+    for name, reason in hostile.items():
+        line = by_bytes[os.fsencode(folder / name)]
+        assert (line["status"], line["reason"]) == ("rejected", reason), line
     cafe = by_bytes[bytes(folder) + b"/caf\xe9.png"]
     assert cafe["status"] == "scored" and cafe["path"] == f"{folder}/caf\\xe9.png"
     bad = by_bytes[bytes(folder) + b"/bad-\xff.jpg"]
@@ -368,11 +429,14 @@ def test_names_that_are_not_utf8_and_a_deep_tree_are_scanned_like_any_file(
     assert by_bytes[os.fsencode(folder / "plain.png")]["path_bytes"] is None
     assert by_bytes[os.fsencode(os.path.join(nested, "bottom.png"))]["status"] == "scored"
     stored = _counts(tmp_path / "data" / "synthsentry.db")
-    assert stored["sources"] == 4 and stored["verdicts"] == 3
+    # Every file whose bytes were read has a verdict: scored, or "not scored".
+    assert stored["sources"] == len(lines)
+    assert stored["verdicts"] == sum(1 for line in lines if line["sha256"])
 
     table = run("scan", folder, "--detector", weights)
     assert table.returncode == 0, table.stderr
-    assert f"{folder}/caf\\xe9.png" in table.stdout and "4 files" in table.stdout
+    assert f"{folder}/caf\\xe9.png" in table.stdout
+    assert f"{len(lines)} files" in table.stdout
 
 
 @pytest.fixture

@@ -180,8 +180,9 @@ def _check(state: dict[str, Any], expected: dict[str, str]) -> None:
             assert status == "scored", (key, status, reason)
         else:
             assert (status, reason) == ("rejected", want), key
-    scored_images = {s[2] for s in state["sources"].values() if s[0] == "scored"}
-    assert set(state["verdicts"]) == scored_images
+    # Every image whose bytes were read has its verdict: scored, or "not scored".
+    read_images = {s[2] for s in state["sources"].values() if s[2] is not None}
+    assert set(state["verdicts"]) == read_images
     assert all(count == 1 for count in state["verdicts"].values()), "one verdict per image"
     assert state["duplicate_detections"] == 0
     assert state["cases"] == state["flagged"]

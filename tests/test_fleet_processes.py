@@ -128,14 +128,16 @@ def test_submit_to_verdict_through_real_workers(
         )
         # Submitting the same objects again is a no-op.
         again = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
-        assert again.stdout.count("already scanned") == 7
-    assert counts["verdicts"] == 6 and counts["detections"] == 6
-    assert counts["review_cases"] == 6 and counts["rejected"] == 1
+        assert again.stdout.count("already submitted") == 7
+    # Six scored, and broken.jpg "not scored": a JPEG the decoder refused goes to review.
+    assert counts["verdicts"] == 7 and counts["detections"] == 6
+    assert counts["review_cases"] == 7 and counts["rejected"] == 1
     status = _cli(env, "status", f"s3://{BUCKET}/batch/img 00.png", "--json")
     assert status.returncode == 0, status.stderr
     assert '"status": "scored"' in status.stdout and '"sumsub-mj5"' in status.stdout
     broken = _cli(env, "status", f"s3://{BUCKET}/batch/broken.jpg", "--json")
     assert '"reason": "decode_error"' in broken.stdout or '"reason": "truncated"' in broken.stdout
+    assert '"verdict": "not_scored"' in broken.stdout and '"flagged": true' in broken.stdout
 
 
 def test_sigkilled_model_process_loses_nothing(
@@ -167,12 +169,12 @@ def test_sigkilled_model_process_loses_nothing(
         # Then kill the whole worker and start a new one: nothing is left to do twice.
         mj5.kill()
         mj5.start()
-    assert counts["verdicts"] == 12 and counts["detections"] == 12
-    assert counts["review_cases"] == 12 and counts["rejected"] == 1
+    assert counts["verdicts"] == 13 and counts["detections"] == 12  # + broken.jpg, not scored
+    assert counts["review_cases"] == 13 and counts["rejected"] == 1
     # The killed task was delivered again (requeued on worker loss) and finished once.
     assert counts["attempts"] > 12
     assert "WorkerLostError" in mj5.log_path.read_text(errors="replace")
-    assert _counts(clean_database)["verdicts"] == 12
+    assert _counts(clean_database)["verdicts"] == 13
 
 
 def test_sigkilled_batching_worker_loses_nothing(
@@ -220,8 +222,8 @@ def test_sigkilled_batching_worker_loses_nothing(
             processes=processes,
         )
         finished_after = time.monotonic() - sent
-    assert counts["verdicts"] == 16 and counts["detections"] == 16
-    assert counts["review_cases"] == 16 and counts["rejected"] == 1
+    assert counts["verdicts"] == 17 and counts["detections"] == 16  # + broken.jpg, not scored
+    assert counts["review_cases"] == 17 and counts["rejected"] == 1
     # The messages the dead process held were delivered again and counted again.
     assert counts["attempts"] > 16 and in_flight["attempts"] > in_flight["detections"]
     # Redelivery waited for the visibility timeout, counted from the first delivery: the
@@ -293,7 +295,8 @@ def test_work_the_broker_lost_is_sent_again(
             what="every lost upload to be scored",
             processes=processes,
         )
-    assert counts["verdicts"] == 4 and counts["detections"] == 4 and counts["rejected"] == 1
+    # Four scored and broken.jpg "not scored"; copies of work sent again add nothing.
+    assert counts["verdicts"] == 5 and counts["detections"] == 4 and counts["rejected"] == 1
     assert "sending again the work of stalled uploads" in reconcile.log_path.read_text()
     # Nothing is pending, so a check finds nothing to send.
     once = _cli(env, "reconcile", "--after", "1", "--once")

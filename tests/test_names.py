@@ -44,3 +44,16 @@ def test_two_names_that_print_alike_keep_distinct_identities() -> None:
 
 def test_a_lone_surrogate_that_came_from_no_byte_is_printable() -> None:
     assert printable("key-\ud800") == "key-\\xed\\xa0\\x80"
+
+
+def test_a_log_line_carrying_such_a_name_is_strict_json() -> None:
+    import logging
+
+    from synthsentry.logs import JsonFormatter
+
+    name = os.fsdecode(b"/in/caf\xe9.png")
+    record = logging.makeLogRecord({"msg": "read %s", "args": (name,), "path": name})
+    line = JsonFormatter().format(record)
+    assert "\\udc" not in line  # no lone surrogate escapes, which strict readers refuse
+    parsed = json.loads(line)
+    assert parsed["path"] == "/in/caf\\xe9.png" and parsed["msg"] == "read /in/caf\\xe9.png"

@@ -59,7 +59,8 @@ class EnsembleConfig:
 
     ``decisive`` names the detectors whose positive answer (at least ``decisive_min_score``)
     flags an image whatever the others say; build it from the detector specs with
-    :meth:`for_detectors`, never by hand in a pipeline.
+    :meth:`for_detectors`, never by hand in a pipeline. ``review_unscored``: the rejection
+    reasons whose "not scored" verdicts are flagged for review.
     """
 
     threshold: float = 0.5
@@ -68,6 +69,10 @@ class EnsembleConfig:
     decisive: frozenset[str] = frozenset()
     decisive_min_score: float = DECISIVE_MIN_SCORE
     rule: Rule = WEIGHTED_MEAN
+    # Rejection reasons (RejectReason values) whose uploads a moderator should see although
+    # no detector scored them: a recognised image format the decoder refused is how an
+    # upload could opt out of moderation.
+    review_unscored: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -91,6 +96,7 @@ class EnsembleConfig:
         threshold: float,
         weights: Mapping[str, float] | None = None,
         calibrations: Mapping[str, Calibration] | None = None,
+        review_unscored: Iterable[str] = (),
     ) -> EnsembleConfig:
         """The configuration for an ensemble of these detector specs: which of them are
         decisive comes from each spec (``DetectorSpec.decisive``) and nowhere else. Weights
@@ -103,6 +109,7 @@ class EnsembleConfig:
             weights={name: w for name, w in (weights or {}).items() if name in names},
             calibrations={n: c for n, c in (calibrations or {}).items() if n in names},
             decisive=frozenset(spec.name for spec in members if spec.decisive),
+            review_unscored=frozenset(review_unscored),
         )
 
     def weight(self, detector: str) -> float:
@@ -110,8 +117,9 @@ class EnsembleConfig:
 
     def definition(self) -> dict[str, Any]:
         """The canonical, JSON-ready definition: equal definitions decide alike. Weights of
-        1 and identity calibrations are left out, since they are what an absent entry means."""
-        return {
+        1 and identity calibrations are left out, since they are what an absent entry means;
+        so is an empty ``review_unscored`` (configurations from before it keep their digest)."""
+        definition: dict[str, Any] = {
             "rule": self.rule,
             "threshold": float(self.threshold),
             "default_weight": DEFAULT_WEIGHT,
@@ -126,6 +134,9 @@ class EnsembleConfig:
             "decisive": sorted(self.decisive),
             "decisive_min_score": float(self.decisive_min_score),
         }
+        if self.review_unscored:
+            definition["review_unscored"] = sorted(self.review_unscored)
+        return definition
 
     @cached_property
     def digest(self) -> str:
@@ -219,6 +230,22 @@ def combine(scores: Sequence[DetectorScore], config: EnsembleConfig) -> VerdictD
         reason += f"; not counted: {', '.join(s.name for s in failed)} failed"
     label = VerdictLabel.LIKELY_AI if flagged else VerdictLabel.NO_INDICATION
     return VerdictDecision(ai_score, label, flagged, reason, combined, digest)
+
+
+def not_scored(reason: str, message: str, config: EnsembleConfig) -> VerdictDecision:
+    """The verdict on an upload refused before any detector saw it (``reason``, a
+    RejectReason value, and ``message``, the sentence saying why): no score and no
+    indication either way, flagged only when the configuration sends this reason to
+    review."""
+    flagged = reason in config.review_unscored
+    combined: dict[str, Any] = {"detectors": [], "not_scored": reason}
+    why = f"not scored ({reason}): {message}"
+    if flagged:
+        why += (
+            "; a file refused for this reason goes to human review, since no detector could "
+            "look at it"
+        )
+    return VerdictDecision(None, VerdictLabel.NOT_SCORED, flagged, why, combined, _digest(combined))
 
 
 def _digest(document: Mapping[str, Any]) -> str:

@@ -174,13 +174,23 @@ def take_in(ctx: FleetContext, source_id: int) -> list[tuple[int, str]]:
     ctx.ensemble_id()  # registered before a transaction that may lock the image
     with transaction(ctx.session_factory) as session:
         image_id = scoring.record_intake(session, source_id, intake)
-        if image_id is None:
-            assert intake.rejection is not None
+        if intake.rejection is not None:
             log.info(
                 "upload rejected",
                 extra={"source_id": source_id, "reason": intake.rejection.reason.value},
             )
+            if image_id is not None:  # bytes were read: their "not scored" verdict
+                repository.lock_image(session, image_id)
+                scoring.conclude_unscored(
+                    session,
+                    image_id,
+                    intake.rejection,
+                    ctx.ensemble,
+                    ensemble_id=ctx.ensemble_id(),
+                    actor=ACTOR,
+                )
             return []
+        assert image_id is not None  # bytes were read and accepted
         versions = repository.current_versions(session, ctx.detectors)
         reusable = repository.reusable_detections(session, image_id, versions)
         missing = [name for name in ctx.detectors if name not in reusable]

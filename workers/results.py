@@ -8,6 +8,7 @@ a rejected or pending outcome has no verdict, and prints its status in that fiel
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,15 +157,38 @@ class ScanOutcome:
         }
 
 
-def rejected_outcome(path: str, sha256: str | None, reason: str, message: str) -> ScanOutcome:
+def rejected_outcome(
+    path: str,
+    sha256: str | None,
+    reason: str,
+    message: str,
+    *,
+    verdict: Verdict | None = None,
+    review: ReviewSummary | None = None,
+) -> ScanOutcome:
+    """The outcome of an upload refused before any detector saw it: its verdict is "not
+    scored", with the reason; ``verdict`` is the stored one when bytes were read (it says
+    whether the refusal was sent to review), and ``review`` the image's case if any."""
     return ScanOutcome(
         path=path,
         sha256=sha256,
         status=SourceStatus.REJECTED,
         reason=reason,
         message=message,
-        verdict_reason=message,
+        verdict=VerdictLabel.NOT_SCORED,
+        flagged=verdict.flagged if verdict is not None else False,
+        verdict_reason=verdict.reason
+        if verdict is not None
+        else f"not scored ({reason}): {message}",
+        ensemble_version=verdict.ensemble_version if verdict is not None else None,
+        review=review,
     )
+
+
+def review_of(session: Session, image_id: int, *, active_ensemble: str) -> ReviewSummary | None:
+    """The image's review case beside its current verdict under ``active_ensemble``."""
+    found = repository.with_verdicts(session, image_id, ensemble_version=active_ensemble)
+    return ReviewSummary.of(found) if found is not None else None
 
 
 def pending_outcome(path: str, sha256: str | None) -> ScanOutcome:
@@ -176,8 +200,15 @@ def pending_outcome(path: str, sha256: str | None) -> ScanOutcome:
     )
 
 
-def image_summary(format: str | None, width: int | None, height: int | None) -> dict[str, Any]:
-    return {"format": format, "width": width, "height": height}
+def image_summary(
+    format: str | None,
+    width: int | None,
+    height: int | None,
+    anomalies: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """What the outcome says of the image: its format and size, and what the decoder
+    stepped over to read it (``anomalies``: damaged ancillary chunks skipped, ...)."""
+    return {"format": format, "width": width, "height": height, "anomalies": list(anomalies or [])}
 
 
 def scored_outcome(
@@ -193,7 +224,6 @@ def scored_outcome(
     """The outcome of a scored input: ``verdict`` with the detector reports behind it, and
     the image's review case as it stands now, beside its current verdict under the active
     ensemble configuration (``active_ensemble``, a version)."""
-    found = repository.with_verdicts(session, verdict.image_id, ensemble_version=active_ensemble)
     return ScanOutcome(
         path=path,
         sha256=sha256,
@@ -205,7 +235,7 @@ def scored_outcome(
         ensemble_version=verdict.ensemble_version,
         detectors=reports,
         image=image,
-        review=ReviewSummary.of(found) if found is not None else None,
+        review=review_of(session, verdict.image_id, active_ensemble=active_ensemble),
     )
 
 
@@ -221,9 +251,21 @@ def status_of(
         image = repository.get_image(session, source.image_id) if source.image_id else None
         sha256 = image.sha256 if image is not None else None
         if source.status == SourceStatus.REJECTED:
+            unscored = None
+            if image is not None:
+                unscored = repository.current_verdict(
+                    session, image.id, ensemble_version=active_ensemble
+                ) or repository.latest_verdict(session, image.id)
             outcomes.append(
                 rejected_outcome(
-                    path, sha256, source.reject_reason or "", source.reject_message or ""
+                    path,
+                    sha256,
+                    source.reject_reason or "",
+                    source.reject_message or "",
+                    verdict=unscored,
+                    review=review_of(session, image.id, active_ensemble=active_ensemble)
+                    if image is not None
+                    else None,
                 )
             )
             continue
@@ -245,7 +287,7 @@ def status_of(
                 image.sha256,
                 verdict,
                 reports,
-                image=image_summary(image.format, image.width, image.height),
+                image=image_summary(image.format, image.width, image.height, image.anomalies),
                 active_ensemble=active_ensemble,
             )
         )

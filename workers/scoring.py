@@ -27,8 +27,8 @@ from db.models import Detection, Verdict
 from db.session import transaction
 from workers.detectors.base import Detector
 from workers.engine import DetectorResult
-from workers.ensemble import DetectorScore, EnsembleConfig, VerdictDecision, combine
-from workers.intake import DecodedImage, IntakeLimits, Rejected, RejectReason, decode
+from workers.ensemble import DetectorScore, EnsembleConfig, VerdictDecision, combine, not_scored
+from workers.intake import Admit, DecodedImage, IntakeLimits, Rejected, RejectReason, decode
 from workers.names import printable
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class Intake:
             height=decoded.height,
             frames=decoded.frames,
             mode=decoded.mode,
+            anomalies=decoded.anomalies,
         )
 
 
@@ -107,8 +108,8 @@ def take_in(read: Callable[[], bytes], limits: IntakeLimits) -> Intake:
 
 def record_intake(session: Session, source_id: int, intake: Intake) -> int | None:
     """Store what intake found for this source: the image row of any bytes read (a refused
-    file keeps its identity), and the rejection. Returns the image id to score, or None
-    when the upload was refused."""
+    file keeps its identity), and the rejection. Returns the image id of the bytes read
+    (refused or not: see ``intake.rejection``), None when nothing was read."""
     facts = intake.facts()
     image_id = None
     if facts is not None:
@@ -118,7 +119,6 @@ def record_intake(session: Session, source_id: int, intake: Intake) -> int | Non
         repository.mark_source_rejected(
             session, source_id, intake.rejection.reason.value, intake.rejection.message
         )
-        return None
     return image_id
 
 
@@ -201,6 +201,36 @@ def conclude(
     whoever holds it is the only one storing this image's verdicts and moving its review
     case. The fleet takes it before it stores a detection, a scan for its whole chunk."""
     decision = combine(ensemble_scores(detections.values()), ensemble)
+    return _store(session, image_id, decision, ensemble, ensemble_id, actor=actor, active=active)
+
+
+def conclude_unscored(
+    session: Session,
+    image_id: int,
+    rejection: Rejected,
+    ensemble: EnsembleConfig,
+    *,
+    ensemble_id: int,
+    actor: str,
+    active: bool = True,
+) -> Concluded:
+    """Store the "not scored" verdict of bytes that were refused before any detector saw
+    them: no evidence either way, flagged when ``ensemble`` sends this rejection reason to
+    review. Same contract as :func:`conclude` (the caller holds the image's row lock)."""
+    decision = not_scored(rejection.reason.value, rejection.message, ensemble)
+    return _store(session, image_id, decision, ensemble, ensemble_id, actor=actor, active=active)
+
+
+def _store(
+    session: Session,
+    image_id: int,
+    decision: VerdictDecision,
+    ensemble: EnsembleConfig,
+    ensemble_id: int,
+    *,
+    actor: str,
+    active: bool,
+) -> Concluded:
     verdict, created = repository.save_verdict(
         session,
         image_id,

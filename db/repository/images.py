@@ -22,6 +22,7 @@ class ImageFacts:
     height: int | None = None
     frames: int | None = None
     mode: str | None = None
+    anomalies: tuple[str, ...] = ()
 
 
 def get_or_create_image(session: Session, facts: ImageFacts) -> Image:
@@ -37,6 +38,7 @@ def get_or_create_image(session: Session, facts: ImageFacts) -> Image:
             "height": facts.height,
             "frames": facts.frames,
             "mode": facts.mode,
+            "anomalies": list(facts.anomalies) or None,
             "first_seen_at": utcnow(),
         },
     )

@@ -28,8 +28,9 @@ class CliError(Exception):
 
 
 def load_runtime(settings: Settings, *, fleet: bool = False) -> Runtime:
-    """The runtime for this command; a malformed detector file, or with ``fleet`` a fleet
-    ensemble naming an unknown detector, is a usage error."""
+    """The runtime for this command; a malformed detector file, a value the settings cannot
+    check alone, or with ``fleet`` a fleet ensemble naming an unknown detector, is a usage
+    error."""
     from synthsentry.runtime import Runtime
     from workers.detectors.registry import SpecError
 
@@ -37,12 +38,18 @@ def load_runtime(settings: Settings, *, fleet: bool = False) -> Runtime:
         runtime = Runtime.from_settings(settings)
         if fleet:
             _ = runtime.fleet_ensemble
-    except SpecError as exc:
+    except (SpecError, ValueError) as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
     return runtime
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
+    from workers.names import is_clean, printable
+
+    if not is_clean(uri):  # an argument in another encoding: S3 keys are UTF-8 text
+        raise CliError(
+            f"'{printable(uri)}' is not valid UTF-8 (S3 object keys are UTF-8 text)", EXIT_USAGE
+        )
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     if not uri.startswith("s3://") or not bucket or not key:
         raise CliError(f"expected s3://BUCKET/KEY, got {uri!r}", EXIT_USAGE)

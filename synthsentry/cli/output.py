@@ -61,7 +61,8 @@ def print_table(outcomes: Sequence[ScanOutcome], out: TextIO) -> None:
     flagged = sum(1 for o in outcomes if o.flagged)
     rejected = sum(1 for o in outcomes if o.status == SourceStatus.REJECTED)
     print(
-        f"\n{len(outcomes)} files: {flagged} flagged for review (*), {rejected} rejected.",
+        f"\n{len(outcomes)} files: {flagged} flagged for review (*), {rejected} rejected "
+        "(not scored).",
         file=out,
     )
     print(POLICY, file=out)
