@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import SecretStr
 
 from synthsentry.settings import Settings, check_device, get_settings
+from workers.budget import MemoryBudget
 from workers.detectors.base import Detector, DetectorSpec
 from workers.detectors.registry import (
     Catalog,
@@ -63,6 +64,7 @@ class Runtime:
     batch_size: int
     batch_wait_s: float
     intake_threads: int
+    intake_memory_bytes: int
     threshold: float
     weights: Mapping[str, float]
     calibrations: Mapping[str, Calibration]
@@ -109,6 +111,7 @@ class Runtime:
             batch_size=settings.batch_size,
             batch_wait_s=settings.batch_wait_ms / 1000,
             intake_threads=settings.intake_threads,
+            intake_memory_bytes=settings.intake_memory_mb * 1024 * 1024,
             threshold=settings.flag_threshold,
             weights=dict(settings.ensemble_weights),
             calibrations={
@@ -222,6 +225,7 @@ class Runtime:
             session_factory=self.session_factory(pool_size=max(5, threads)),
             s3=lambda: client,
             limits=self.limits,
+            memory=MemoryBudget(self.intake_memory_bytes),
             ensemble=self.fleet_ensemble,
             detectors=list(self.fleet_detectors),
             max_attempts=self.max_detect_attempts,

@@ -86,6 +86,13 @@ class Settings(BaseSettings):
         ge=1,
         description="Threads that read, decode and preprocess images while the models run.",
     )
+    intake_memory_mb: int = Field(
+        2048,
+        ge=64,
+        description="Memory for decoded images held at once by one scan or one worker "
+        "process (pixels x 8 bytes plus the file, reserved from the header before decoding): "
+        "a decode that does not fit waits, so peak memory does not grow with the inputs.",
+    )
     detector_config: Path | None = Field(
         None,
         description="TOML file with extra or overriding detector specs (docs/detectors.md).",

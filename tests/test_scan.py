@@ -58,10 +58,10 @@ def test_file_deleted_after_listing_is_rejected_as_missing(
     paths = _pictures(tmp_path / "in", 3)
 
     def listing() -> Iterator[Path]:
-        # The second file disappears after it was listed, before the chunk reads it.
+        # The second file disappears after the folder was listed, before it is read.
         yield paths[0]
-        yield paths[1]
         paths[1].unlink()
+        yield paths[1]
         yield paths[2]
 
     scanner = Scanner([mj5], sessions, LIMITS, EnsembleConfig(), batch_size=8)
@@ -74,13 +74,10 @@ def test_file_deleted_after_listing_is_rejected_as_missing(
 
 
 @dataclass
-class FailsOnWideImages:
-    """Wraps a real detector and raises for images wider than ``limit`` pixels, the way a
-    model can fail on one input (out of memory, a bad tensor shape)."""
+class Wrapped:
+    """A real detector, seen through a wrapper that changes what ``detect_batch`` does."""
 
     inner: Detector
-    limit: int
-    fail: bool = True
 
     @property
     def spec(self) -> DetectorSpec:
@@ -93,6 +90,15 @@ class FailsOnWideImages:
     @property
     def weights_sha256(self) -> str | None:
         return self.inner.weights_sha256
+
+
+@dataclass
+class FailsOnWideImages(Wrapped):
+    """Raises for images wider than ``limit`` pixels, the way a model can fail on one input
+    (out of memory, a bad tensor shape)."""
+
+    limit: int
+    fail: bool = True
 
     def detect_batch(
         self, images: Sequence[Image.Image], raw: Sequence[bytes]
@@ -242,3 +248,47 @@ def test_walk_does_not_follow_folder_links(tmp_path: Path) -> None:
     # The link to a file is a file; the link to a folder (a loop here) is listed as an
     # entry, not walked: the scan reports it as an unreadable file.
     assert found == ["link.png", "a/loop", "a/x.png"]
+
+
+@dataclass
+class RecordsBatches(Wrapped):
+    """Records the size of every batch the detector is given."""
+
+    sizes: list[int]
+
+    def detect_batch(
+        self, images: Sequence[Image.Image], raw: Sequence[bytes]
+    ) -> list[DetectorOutput]:
+        self.sizes.append(len(images))
+        return self.inner.detect_batch(images, raw)
+
+
+@pytest.mark.parametrize("images_that_fit", [100, 2, 0])
+def test_the_memory_budget_bounds_the_images_held_and_loses_none(
+    tmp_path: Path, sessions: sessionmaker[Session], mj5: Detector, images_that_fit: int
+) -> None:
+    """With room for all, the files are one batch; with room for two of the largest, no
+    more than the budget is held at once and chunks shrink to fit; with room for none,
+    each image is admitted alone. Every file gets its result, in
+    input order, whatever the budget."""
+    from workers.budget import image_cost
+
+    paths = _pictures(tmp_path / "in", 7)
+    largest = max(image_cost(64 + 8 * i, 48, p.stat().st_size) for i, p in enumerate(paths))
+    budget = max(1, images_that_fit * largest)
+    recorder = RecordsBatches(mj5, [])
+    scanner = Scanner(
+        [recorder], sessions, LIMITS, EnsembleConfig(), batch_size=16, memory_budget=budget
+    )
+    outcomes = list(scanner.scan(paths))
+    assert [o.path for o in outcomes] == [str(p) for p in paths]
+    assert all(o.status == SourceStatus.SCORED for o in outcomes)
+    assert sum(recorder.sizes) == 7
+    if images_that_fit >= 7:
+        assert recorder.sizes == [7]
+    elif images_that_fit == 0:
+        assert recorder.sizes == [1] * 7
+        assert scanner.peak_reserved <= largest
+    else:
+        assert len(recorder.sizes) > 1 and max(recorder.sizes) < 7
+        assert scanner.peak_reserved <= budget

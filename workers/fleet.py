@@ -30,6 +30,7 @@ from db import repository
 from db.models import SourceKind, SourceStatus, Verdict, utcnow
 from db.session import transaction
 from workers import scoring
+from workers.budget import DEFAULT_MEMORY_BUDGET, MemoryBudget, Reservation, image_cost
 from workers.detectors.base import Detector
 from workers.engine import (
     BatchObserver,
@@ -73,6 +74,8 @@ class FleetContext:
     ensemble: EnsembleConfig  # the active configuration: its verdicts move review cases
     detectors: Sequence[str]  # the ensemble: every image waits for all of these
     max_attempts: int = 3
+    # Decoded images this process holds at once, across its task threads.
+    memory: MemoryBudget = field(default_factory=lambda: MemoryBudget(DEFAULT_MEMORY_BUDGET))
     _ensemble_id: int | None = field(default=None, init=False, repr=False)
     _registering: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -312,15 +315,27 @@ def _attempt(
             "without a result (the worker was killed or the task timed out)"
         )
         return _store(ctx, detector, image_id, DetectorResult.failed(gave_up))
+    # The decoded image is held until its detection is stored: reserved from the process's
+    # budget once the header says how large it is (a batch closes on its own deadline, so
+    # a message waiting for memory never holds up the ones that hold it).
+    held: list[Reservation] = []
+
+    def admit(width: int, height: int, file_bytes: int) -> None:
+        held.append(ctx.memory.reserve(image_cost(width, height, file_bytes)))
+
     try:
-        data = _bytes_of(ctx, image_id)
-        with decoding or nullcontext():
-            decoded = decode(data, ctx.limits)
-            prepared = prepare(decoded.image, data, [detector])
-    except Rejected as exc:
-        failed = DetectorResult.failed(f"{exc.reason.value}: {exc.message}")
-        return _store(ctx, detector, image_id, failed)
-    return _store(ctx, detector, image_id, score(prepared))
+        try:
+            data = _bytes_of(ctx, image_id)
+            with decoding or nullcontext():
+                decoded = decode(data, ctx.limits, admit=admit)
+                prepared = prepare(decoded.image, data, [detector])
+        except Rejected as exc:
+            failed = DetectorResult.failed(f"{exc.reason.value}: {exc.message}")
+            return _store(ctx, detector, image_id, failed)
+        return _store(ctx, detector, image_id, score(prepared))
+    finally:
+        for reservation in held:
+            ctx.memory.release(reservation)
 
 
 def _bytes_of(ctx: FleetContext, image_id: int) -> bytes:

@@ -10,11 +10,14 @@ never stop the run.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,6 +26,7 @@ from db import repository
 from db.models import Detection, SourceKind
 from db.session import transaction
 from workers import scoring
+from workers.budget import DEFAULT_MEMORY_BUDGET, MemoryBudget, Reservation, image_cost
 from workers.detectors.base import Detector
 from workers.engine import DetectorResult, Prepared, prepare, run_detector
 from workers.ensemble import EnsembleConfig
@@ -33,6 +37,7 @@ from workers.results import (
     ScanOutcome,
     image_summary,
     rejected_outcome,
+    review_of,
     scored_outcome,
 )
 
@@ -78,6 +83,11 @@ def iter_image_paths(paths: Iterable[Path]) -> Iterator[Path]:
             stack.extend(reversed(subfolders))
 
 
+def _ready_or_starved(future: Future[_Item], budget: MemoryBudget, ticket: int) -> bool:
+    """The file is taken in, or it waits for memory (see ``Scanner.scan``)."""
+    return future.done() or budget.starved(ticket)
+
+
 def _is_folder(entry: os.DirEntry[str]) -> bool:
     try:
         return entry.is_dir(follow_symlinks=False)
@@ -94,19 +104,38 @@ class _Item:
     image_id: int | None = None
     reused: dict[str, Detection] = field(default_factory=dict)
     fresh: dict[str, DetectorResult] = field(default_factory=dict)
+    reservation: Reservation = field(default_factory=Reservation)
 
 
-def _take_in(path: Path, limits: IntakeLimits, detectors: Sequence[Detector]) -> _Item:
-    """Read, hash, decode and preprocess one file (runs in an intake thread)."""
+def _take_in(
+    path: Path,
+    limits: IntakeLimits,
+    detectors: Sequence[Detector],
+    budget: MemoryBudget,
+    ticket: int,
+) -> _Item:
+    """Read, hash, decode and preprocess one file (runs in an intake thread). The pixels
+    are reserved from ``budget`` in ticket order, once the header has said how many."""
+    reservation: Reservation | None = None
+
+    def admit(width: int, height: int, file_bytes: int) -> None:
+        nonlocal reservation
+        reservation = budget.reserve(image_cost(width, height, file_bytes), ticket=ticket)
+
     try:
-        intake = scoring.take_in(lambda: read_local(path, limits), limits)
+        intake = scoring.take_in(lambda: read_local(path, limits), limits, admit=admit)
     except scoring.TransientError as exc:  # one file must not end the run: scan it again
         log.warning(
             "intake failed for now", extra={"path": printable(path), "error": printable(str(exc))}
         )
         why = Rejected(RejectReason.DECODE_ERROR, f"{exc}; scan the file again")
         intake = scoring.Intake.refused(why)
-    item = _Item(path=path, intake=intake)
+    finally:
+        if reservation is None:  # refused before its pixels: let the next file go
+            budget.pass_ticket(ticket)
+    item = _Item(path=path, intake=intake, reservation=reservation or Reservation())
+    if intake.decoded is None:  # a refusal keeps no pixels
+        budget.release(item.reservation)
     if item.intake.decoded is not None:
         try:
             item.prepared = prepare(item.intake.decoded.image, item.intake.data, detectors)
@@ -127,11 +156,13 @@ class Scanner:
         *,
         batch_size: int = 16,
         decode_threads: int = 2,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
         actor: str = "cli",
         active: bool = True,
     ) -> None:
         """``batch_size``: files taken in per step, and the largest batch a model sees.
-        ``decode_threads``: intake threads (read, decode, preprocess). ``active``: the
+        ``decode_threads``: intake threads (read, decode, preprocess). ``memory_budget``:
+        bytes of decoded images held at once (see ``workers.budget``). ``active``: the
         ensemble is the active configuration, whose verdicts may withdraw review cases; an
         ad-hoc one (a scan with its own threshold or detectors) may only open them."""
         self.detectors = list(detectors)
@@ -140,6 +171,8 @@ class Scanner:
         self.ensemble = ensemble
         self.batch_size = max(1, batch_size)
         self.decode_threads = max(1, decode_threads)
+        self.memory_budget = memory_budget
+        self.peak_reserved = 0  # the most bytes of images held at once in the last scan
         self.actor = actor
         self.active = active
         self.versions = {d.spec.name: d.version for d in self.detectors}
@@ -147,19 +180,48 @@ class Scanner:
 
     def scan(self, paths: Iterable[Path]) -> Iterator[ScanOutcome]:
         """Results in input order. While the detectors work on one chunk, the intake threads
-        already read, decode and preprocess the next."""
+        already read, decode and preprocess the files after it, as far as the memory budget
+        allows: a chunk is ``batch_size`` files, or fewer when the next file's pixels do not
+        fit beside the ones already held (the chunk is scored and freed first)."""
         self._ensemble_id = scoring.register_ensemble(self.session_factory, self.ensemble)
-        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="intake") as pool:
-            previous: list[Future[_Item]] | None = None
-            for chunk in _chunks(paths, self.batch_size):
-                submitted = [pool.submit(_take_in, p, self.limits, self.detectors) for p in chunk]
-                if previous is not None:
-                    yield from self._finish([f.result() for f in previous])
-                previous = submitted
-            if previous is not None:
-                yield from self._finish([f.result() for f in previous])
+        budget = MemoryBudget(self.memory_budget)
+        todo = iter(paths)
+        tickets = itertools.count()
+        pending: deque[tuple[int, Future[_Item]]] = deque()
 
-    def _finish(self, items: list[_Item]) -> list[ScanOutcome]:
+        def wake(_: Future[_Item]) -> None:
+            budget.notify()  # a file is ready: the chunk being formed may take it
+
+        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="intake") as pool:
+
+            def top_up() -> None:
+                while len(pending) < 2 * self.batch_size:
+                    path = next(todo, None)
+                    if path is None:
+                        return
+                    ticket = next(tickets)
+                    future = pool.submit(
+                        _take_in, path, self.limits, self.detectors, budget, ticket
+                    )
+                    future.add_done_callback(wake)
+                    pending.append((ticket, future))
+
+            top_up()
+            while pending:
+                chunk: list[_Item] = []
+                while pending and len(chunk) < self.batch_size:
+                    ticket, future = pending[0]
+                    if chunk:
+                        budget.wait_until(partial(_ready_or_starved, future, budget, ticket))
+                        if not future.done():
+                            break  # it waits for memory this chunk holds: score these first
+                    pending.popleft()
+                    chunk.append(future.result())
+                    top_up()
+                yield from self._finish(chunk, budget)
+        self.peak_reserved = budget.peak
+
+    def _finish(self, items: list[_Item], budget: MemoryBudget) -> list[ScanOutcome]:
         with transaction(self.session_factory) as session:
             for item in items:
                 self._register(session, item)
@@ -172,6 +234,7 @@ class Scanner:
         for item in items:  # free bytes, pixels and tensors before the next chunk
             item.intake = item.intake.released()
             item.prepared = None
+            budget.release(item.reservation)
         return outcomes
 
     def _register(self, session: Session, item: _Item) -> None:
@@ -188,7 +251,7 @@ class Scanner:
         )
         item.source_id = source.id
         item.image_id = scoring.record_intake(session, source.id, item.intake)
-        if item.image_id is not None:
+        if item.image_id is not None and item.intake.rejection is None:
             item.reused = repository.reusable_detections(session, item.image_id, self.versions)
 
     def _detect(self, items: list[_Item]) -> None:
@@ -203,17 +266,11 @@ class Scanner:
 
     def _conclude(self, session: Session, item: _Item) -> ScanOutcome:
         rejection = item.intake.rejection
-        if item.image_id is None or item.source_id is None or rejection is not None:
-            assert rejection is not None  # record_intake scores every accepted upload
+        if rejection is not None:
             return replace(
-                rejected_outcome(
-                    printable(item.path),
-                    item.intake.sha256,
-                    rejection.reason.value,
-                    rejection.message,
-                ),
-                path_bytes=raw_base64(item.path),
+                self._not_scored(session, item, rejection), path_bytes=raw_base64(item.path)
             )
+        assert item.image_id is not None and item.source_id is not None
         rows: dict[str, Detection] = {}
         reports: list[DetectorReport] = []
         for detector in self.detectors:
@@ -244,18 +301,32 @@ class Scanner:
             item.intake.sha256,
             concluded.verdict,
             reports,
-            image=image_summary(decoded.format, decoded.width, decoded.height),
+            image=image_summary(decoded.format, decoded.width, decoded.height, decoded.anomalies),
             active_ensemble=self.ensemble.version,
         )
         return replace(outcome, path_bytes=raw_base64(item.path))
 
-
-def _chunks(paths: Iterable[Path], size: int) -> Iterator[list[Path]]:
-    chunk: list[Path] = []
-    for path in paths:
-        chunk.append(path)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+    def _not_scored(self, session: Session, item: _Item, rejection: Rejected) -> ScanOutcome:
+        """A refused file's outcome; bytes that were read also get their "not scored"
+        verdict, which opens a review case for the reasons the ensemble sends to review."""
+        verdict = review = None
+        if item.image_id is not None:
+            assert self._ensemble_id is not None  # registered when the scan started
+            verdict = scoring.conclude_unscored(
+                session,
+                item.image_id,
+                rejection,
+                self.ensemble,
+                ensemble_id=self._ensemble_id,
+                actor=self.actor,
+                active=self.active,
+            ).verdict
+            review = review_of(session, item.image_id, active_ensemble=self.ensemble.version)
+        return rejected_outcome(
+            printable(item.path),
+            item.intake.sha256,
+            rejection.reason.value,
+            rejection.message,
+            verdict=verdict,
+            review=review,
+        )

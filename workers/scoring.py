@@ -83,17 +83,20 @@ def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def take_in(read: Callable[[], bytes], limits: IntakeLimits) -> Intake:
+def take_in(
+    read: Callable[[], bytes], limits: IntakeLimits, *, admit: Admit | None = None
+) -> Intake:
     """Read, hash and decode one upload. A refusal (:class:`Rejected`) is an outcome, not an
     error; trouble that may pass (:class:`TransientError`: storage unreachable, this
-    process out of memory) propagates, so that the caller can try again later."""
+    process out of memory) propagates, so that the caller can try again later. ``admit``
+    is called with the declared size before any pixel is decoded (see ``decode``)."""
     try:
         data = read()
     except Rejected as rejection:
         return Intake.refused(rejection)
     sha256 = sha256_of(data)
     try:
-        decoded = decode(data, limits)
+        decoded = decode(data, limits, admit=admit)
     except Rejected as rejection:
         return Intake.refused(rejection, data)
     except MemoryError as exc:  # this process was short of memory, not the upload bad

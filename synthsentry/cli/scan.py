@@ -70,6 +70,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         runtime.ensemble(d.spec for d in detectors),
         batch_size=runtime.batch_size,
         decode_threads=runtime.intake_threads,
+        memory_budget=runtime.intake_memory_bytes,
         # With its own threshold or detectors a scan is ad hoc: its verdicts are stored and
         # may open review cases, but only the configured ensemble's verdicts withdraw one.
         active=args.threshold is None and not args.detector,

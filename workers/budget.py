@@ -1,0 +1,106 @@
+"""A memory budget for intake: how many bytes of decoded pixels may be held at once.
+
+A decoded image costs memory in proportion to its pixel count, not its file size (a 2 MB
+PNG can be 100 Mpx); a scan that decodes ahead and a worker that holds several messages
+at once would otherwise need memory in proportion to how many large images arrive
+together. Every decode first reserves what the image will cost, from its declared size,
+and gives it back once the image is scored and freed; a decode that does not fit waits.
+
+One image larger than the whole budget is admitted when nothing else is held, so it runs
+alone rather than never. Reservations can be taken in a fixed order (tickets): the scanner
+hands tickets out in input order, so the next file to report is always the next to be
+admitted, and it can tell when that file waits for memory its own chunk holds (then it
+scores the chunk it has rather than wait forever).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# Bytes held per pixel while an image is decoded and prepared: the decoder's buffer (up to
+# 4 bytes for RGBA or CMYK), the RGB copy the detectors read (3), with room for the
+# orientation and resize copies. Measured figures are in docs/performance.md.
+BYTES_PER_PIXEL = 8
+# 2 GiB: twenty 12-megapixel photos, or two images at the default 100 Mpx limit, at once.
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+
+
+def image_cost(width: int, height: int, file_bytes: int) -> int:
+    """What decoding and holding one image costs, in bytes: its pixels and its file."""
+    return width * height * BYTES_PER_PIXEL + file_bytes
+
+
+@dataclass
+class Reservation:
+    """Bytes held for one image; give them back with :meth:`MemoryBudget.release`."""
+
+    nbytes: int = 0
+
+
+class MemoryBudget:
+    """At most ``capacity`` bytes reserved at once (see the module docstring)."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity <= 0:
+            raise ValueError(f"the intake memory budget must be positive, got {capacity}")
+        self.capacity = capacity
+        self._held = 0
+        self._next_ticket = 0  # tickets are admitted in this order
+        self._waiting: set[int] = set()  # tickets blocked on memory
+        self._changed = threading.Condition()
+        self.peak = 0  # the most bytes held at once, for benchmarks and logs
+
+    @property
+    def held(self) -> int:
+        with self._changed:
+            return self._held
+
+    def reserve(self, nbytes: int, *, ticket: int | None = None) -> Reservation:
+        """Wait until ``nbytes`` fit (or nothing is held), then hold them. With ``ticket``,
+        also wait until every earlier ticket has been admitted or passed."""
+        with self._changed:
+            if ticket is not None:
+                self._changed.wait_for(lambda: self._next_ticket == ticket)
+            if not self._fits(nbytes):
+                if ticket is not None:
+                    self._waiting.add(ticket)
+                    self._changed.notify_all()
+                self._changed.wait_for(lambda: self._fits(nbytes))
+                self._waiting.discard(ticket if ticket is not None else -1)
+            self._held += nbytes
+            self.peak = max(self.peak, self._held)
+            if ticket is not None:
+                self._next_ticket += 1
+            self._changed.notify_all()
+        return Reservation(nbytes)
+
+    def pass_ticket(self, ticket: int) -> None:
+        """Let the tickets after ``ticket`` go: its file needs no pixels (it was refused
+        before decoding). Waits for its turn like a reservation."""
+        self.reserve(0, ticket=ticket)
+
+    def release(self, reservation: Reservation) -> None:
+        with self._changed:
+            self._held -= reservation.nbytes
+            reservation.nbytes = 0
+            self._changed.notify_all()
+
+    def wait_until(self, ready: Callable[[], bool]) -> None:
+        """Block until ``ready()`` holds; it is checked whenever the budget changes or
+        :meth:`notify` is called (a scanner calls it as each decode finishes)."""
+        with self._changed:
+            self._changed.wait_for(ready)
+
+    def notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def starved(self, ticket: int) -> bool:
+        """Whether ``ticket`` is waiting for memory that others hold."""
+        with self._changed:
+            return ticket in self._waiting
+
+    def _fits(self, nbytes: int) -> bool:
+        return self._held == 0 or self._held + nbytes <= self.capacity
