@@ -316,3 +316,30 @@ def test_jpeg_scans_are_counted_in_the_first_image_only() -> None:
     first = jpeg_with_extra_scans((64, 48), 100)
     data = first + jpeg_with_extra_scans((64, 48), MAX_JPEG_SCANS)
     assert decoded_quietly(data).image.size == (64, 48)
+
+
+def test_a_long_run_of_fill_bytes_is_walked_in_linear_time() -> None:
+    """JPEG markers may be padded with any number of 0xFF fill bytes. Searching for the
+    next marker must not start over from every byte of such a run: 4 MiB of 0xFF took
+    hours that way, in one regex call no deadline could interrupt. Run in a child with a
+    gross bound (linear: well under a second), so a regression fails instead of hanging."""
+    code = textwrap.dedent(
+        """
+        from workers.intake import IntakeLimits, Rejected, decode
+        limits = IntakeLimits(max_bytes=8 << 20, max_pixels=10**8, decode_timeout_s=20)
+        try:
+            decode(b"\\xff\\xd8" + b"\\xff" * (4 << 20) + b"\\x00", limits)
+        except Rejected as exc:
+            print(exc.reason.value)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() in {"truncated", "decode_error"}

@@ -804,8 +804,10 @@ MAX_JPEG_SCANS = 500
 # 100 Mpx, 500 at 8 Mpx.
 JPEG_SCAN_PIXELS_PER_SECOND = 200_000_000
 _JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-# The next marker: 0xFF (any fill bytes) then neither a stuffed zero nor a restart marker.
-_JPEG_NEXT_MARKER = re.compile(rb"\xff+([^\x00\xd0-\xd7\xff])")
+# The next marker: 0xFF (the last of any fill bytes) then neither a stuffed zero nor a
+# restart marker. One 0xFF, not "0xFF+": a run of fill bytes would be matched again from
+# each of its bytes, quadratic in its length (a file of 0xFF bytes would take hours).
+_JPEG_NEXT_MARKER = re.compile(rb"\xff([^\x00\xd0-\xd7\xff])")
 
 
 def _jpeg_scans(data: bytes, deadline: float) -> tuple[int, int, int]:
