@@ -121,6 +121,8 @@ def test_upload_to_verdict_once_whatever_is_repeated(
     assert again is not None and again.id == verdict.id
     assert (_count(sessions, Detection), _count(sessions, Verdict)) == (2, 1)
     assert _count(sessions, ReviewCase) == 1
+    # Every decode reserved its image from the process's budget and gave it back.
+    assert ctx.memory.held == 0 and ctx.memory.peak > 0
     assert fleet.record_upload(ctx, upload) is None  # a duplicate event of a finished scan
     with sessions() as session:
         (outcome,) = status_of(session, BUCKET, "a b/one.png", active_ensemble=ctx.ensemble.version)

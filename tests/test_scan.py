@@ -292,3 +292,43 @@ def test_the_memory_budget_bounds_the_images_held_and_loses_none(
     else:
         assert len(recorder.sizes) > 1 and max(recorder.sizes) < 7
         assert scanner.peak_reserved <= budget
+
+
+def test_an_abandoned_scan_stops_its_intake_threads(
+    tmp_path: Path, sessions: sessionmaker[Session], mj5: Detector
+) -> None:
+    """A reader that stops reading (``scan --json | head``), an error or Ctrl-C closes the
+    scan while files decoded ahead hold the memory others wait for: nothing may hang."""
+    import threading
+
+    paths = _pictures(tmp_path / "in", 6)
+    scanner = Scanner([mj5], sessions, LIMITS, EnsembleConfig(), batch_size=4, memory_budget=1)
+    outcomes = scanner.scan(paths)
+    assert next(outcomes).status == SourceStatus.SCORED
+    closing = threading.Thread(target=outcomes.close, daemon=True)
+    closing.start()
+    closing.join(60)
+    assert not closing.is_alive(), "closing the scan waited for memory nobody would free"
+
+
+def test_a_refusal_does_not_hide_the_score_the_same_bytes_earned(
+    tmp_path: Path, sessions: sessionmaker[Session], mj5: Detector
+) -> None:
+    """The same bytes scored once, then refused under a lower pixel limit (a refusal that
+    can vary): no "not scored" verdict is stored over the score; bytes never scored get one."""
+    ensemble = EnsembleConfig(review_unscored=frozenset({"too_many_pixels"}))
+    (scored,) = _pictures(tmp_path / "first", 1)
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(scored.read_bytes())
+    (first,) = Scanner([mj5], sessions, LIMITS, ensemble).scan([scored])
+    assert first.status == SourceStatus.SCORED
+    tight = IntakeLimits(max_bytes=LIMITS.max_bytes, max_pixels=100, decode_timeout_s=10.0)
+    fresh = tmp_path / "fresh.png"
+    sample_picture((33, 33)).save(fresh)
+    refused, unscored = Scanner([mj5], sessions, tight, ensemble).scan([copy, fresh])
+    assert (refused.status, refused.reason) == (SourceStatus.REJECTED, "too_many_pixels")
+    assert refused.verdict == "not_scored" and not refused.flagged
+    assert unscored.verdict == "not_scored" and unscored.flagged  # sent to review
+    with sessions() as session:
+        labels = sorted(v.label.value for v in session.query(Verdict))
+    assert labels == [first.verdict, "not_scored"]

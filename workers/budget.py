@@ -15,8 +15,9 @@ scores the chunk it has rather than wait forever).
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 # Bytes held per pixel while an image is decoded and prepared: the decoder's buffer (up to
@@ -32,11 +33,31 @@ def image_cost(width: int, height: int, file_bytes: int) -> int:
     return width * height * BYTES_PER_PIXEL + file_bytes
 
 
+class BudgetClosed(RuntimeError):
+    """The budget's owner stopped (a scan abandoned or failed): no more reservations."""
+
+
 @dataclass
 class Reservation:
     """Bytes held for one image; give them back with :meth:`MemoryBudget.release`."""
 
     nbytes: int = 0
+
+
+@contextlib.contextmanager
+def reserving(budget: MemoryBudget) -> Iterator[Callable[[int, int, int], None]]:
+    """An ``admit`` callback for ``decode`` that reserves the image from ``budget`` (without
+    a ticket), and gives back whatever it reserved when the block ends, however it ends."""
+    held: list[Reservation] = []
+
+    def admit(width: int, height: int, file_bytes: int) -> None:
+        held.append(budget.reserve(image_cost(width, height, file_bytes)))
+
+    try:
+        yield admit
+    finally:
+        for reservation in held:
+            budget.release(reservation)
 
 
 class MemoryBudget:
@@ -50,6 +71,7 @@ class MemoryBudget:
         self._next_ticket = 0  # tickets are admitted in this order
         self._waiting: set[int] = set()  # tickets blocked on memory
         self._changed = threading.Condition()
+        self._closed = False
         self.peak = 0  # the most bytes held at once, for benchmarks and logs
 
     @property
@@ -59,16 +81,19 @@ class MemoryBudget:
 
     def reserve(self, nbytes: int, *, ticket: int | None = None) -> Reservation:
         """Wait until ``nbytes`` fit (or nothing is held), then hold them. With ``ticket``,
-        also wait until every earlier ticket has been admitted or passed."""
+        also wait until every earlier ticket has been admitted or passed. Raises
+        :class:`BudgetClosed` once the budget is closed, waiting or not."""
         with self._changed:
             if ticket is not None:
-                self._changed.wait_for(lambda: self._next_ticket == ticket)
-            if not self._fits(nbytes):
+                self._changed.wait_for(lambda: self._closed or self._next_ticket == ticket)
+            if not self._closed and not self._fits(nbytes):
                 if ticket is not None:
                     self._waiting.add(ticket)
                     self._changed.notify_all()
-                self._changed.wait_for(lambda: self._fits(nbytes))
+                self._changed.wait_for(lambda: self._closed or self._fits(nbytes))
                 self._waiting.discard(ticket if ticket is not None else -1)
+            if self._closed:
+                raise BudgetClosed("the intake memory budget was closed")
             self._held += nbytes
             self.peak = max(self.peak, self._held)
             if ticket is not None:
@@ -78,8 +103,16 @@ class MemoryBudget:
 
     def pass_ticket(self, ticket: int) -> None:
         """Let the tickets after ``ticket`` go: its file needs no pixels (it was refused
-        before decoding). Waits for its turn like a reservation."""
-        self.reserve(0, ticket=ticket)
+        before decoding). Waits for its turn like a reservation; nothing once closed."""
+        with contextlib.suppress(BudgetClosed):
+            self.reserve(0, ticket=ticket)
+
+    def close(self) -> None:
+        """Wake every waiting reservation with :class:`BudgetClosed`, and refuse new ones:
+        the owner stopped, and its threads must be able to finish."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
 
     def release(self, reservation: Reservation) -> None:
         with self._changed:

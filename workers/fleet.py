@@ -30,7 +30,7 @@ from db import repository
 from db.models import SourceKind, SourceStatus, Verdict, utcnow
 from db.session import transaction
 from workers import scoring
-from workers.budget import DEFAULT_MEMORY_BUDGET, MemoryBudget, Reservation, image_cost
+from workers.budget import DEFAULT_MEMORY_BUDGET, MemoryBudget, reserving
 from workers.detectors.base import Detector
 from workers.engine import (
     BatchObserver,
@@ -41,7 +41,7 @@ from workers.engine import (
     run_detector,
 )
 from workers.ensemble import EnsembleConfig
-from workers.intake import IntakeLimits, Rejected, RejectReason, decode
+from workers.intake import Admit, IntakeLimits, Rejected, RejectReason, decode
 from workers.scoring import TransientError
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,18 @@ def take_in(ctx: FleetContext, source_id: int) -> list[tuple[int, str]]:
         stored = repository.stored_object(session, source_id)
     if stored is None:
         raise LookupError(f"source {source_id} names no object to fetch")
-    intake = scoring.take_in(lambda: fetch_object(ctx.s3(), stored, ctx.limits), ctx.limits)
+    # Intake decodes to check the upload: its pixels are reserved from the process's budget
+    # like a detector's, and given back once what they say is stored.
+    with reserving(ctx.memory) as admit:
+        return _record(ctx, source_id, stored, admit)
+
+
+def _record(
+    ctx: FleetContext, source_id: int, stored: repository.StoredObject, admit: Admit
+) -> list[tuple[int, str]]:
+    intake = scoring.take_in(
+        lambda: fetch_object(ctx.s3(), stored, ctx.limits), ctx.limits, admit=admit
+    )
     ctx.ensemble_id()  # registered before a transaction that may lock the image
     with transaction(ctx.session_factory) as session:
         image_id = scoring.record_intake(session, source_id, intake)
@@ -318,12 +329,7 @@ def _attempt(
     # The decoded image is held until its detection is stored: reserved from the process's
     # budget once the header says how large it is (a batch closes on its own deadline, so
     # a message waiting for memory never holds up the ones that hold it).
-    held: list[Reservation] = []
-
-    def admit(width: int, height: int, file_bytes: int) -> None:
-        held.append(ctx.memory.reserve(image_cost(width, height, file_bytes)))
-
-    try:
+    with reserving(ctx.memory) as admit:
         try:
             data = _bytes_of(ctx, image_id)
             with decoding or nullcontext():
@@ -333,9 +339,6 @@ def _attempt(
             failed = DetectorResult.failed(f"{exc.reason.value}: {exc.message}")
             return _store(ctx, detector, image_id, failed)
         return _store(ctx, detector, image_id, score(prepared))
-    finally:
-        for reservation in held:
-            ctx.memory.release(reservation)
 
 
 def _bytes_of(ctx: FleetContext, image_id: int) -> bytes:

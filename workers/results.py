@@ -253,9 +253,13 @@ def status_of(
         if source.status == SourceStatus.REJECTED:
             unscored = None
             if image is not None:
-                unscored = repository.current_verdict(
+                found = repository.current_verdict(
                     session, image.id, ensemble_version=active_ensemble
                 ) or repository.latest_verdict(session, image.id)
+                # The "not scored" verdict of these bytes; a score another upload of the
+                # same bytes earned is that upload's, not this one's.
+                if found is not None and found.label == VerdictLabel.NOT_SCORED:
+                    unscored = found
             outcomes.append(
                 rejected_outcome(
                     path,

@@ -206,19 +206,25 @@ class Scanner:
                     future.add_done_callback(wake)
                     pending.append((ticket, future))
 
-            top_up()
-            while pending:
-                chunk: list[_Item] = []
-                while pending and len(chunk) < self.batch_size:
-                    ticket, future = pending[0]
-                    if chunk:
-                        budget.wait_until(partial(_ready_or_starved, future, budget, ticket))
-                        if not future.done():
-                            break  # it waits for memory this chunk holds: score these first
-                    pending.popleft()
-                    chunk.append(future.result())
-                    top_up()
-                yield from self._finish(chunk, budget)
+            try:
+                top_up()
+                while pending:
+                    chunk: list[_Item] = []
+                    while pending and len(chunk) < self.batch_size:
+                        ticket, future = pending[0]
+                        if chunk:
+                            budget.wait_until(partial(_ready_or_starved, future, budget, ticket))
+                            if not future.done():
+                                break  # it waits for memory this chunk holds: score these
+                        pending.popleft()
+                        chunk.append(future.result())
+                        top_up()
+                    yield from self._finish(chunk, budget)
+            finally:
+                # Stopped early (an error, Ctrl-C, a reader that stopped reading): threads
+                # waiting for memory that decoded files still hold must not wait forever.
+                budget.close()
+                pool.shutdown(wait=False, cancel_futures=True)
         self.peak_reserved = budget.peak
 
     def _finish(self, items: list[_Item], budget: MemoryBudget) -> list[ScanOutcome]:
@@ -312,7 +318,7 @@ class Scanner:
         verdict = review = None
         if item.image_id is not None:
             assert self._ensemble_id is not None  # registered when the scan started
-            verdict = scoring.conclude_unscored(
+            concluded = scoring.conclude_unscored(
                 session,
                 item.image_id,
                 rejection,
@@ -320,7 +326,8 @@ class Scanner:
                 ensemble_id=self._ensemble_id,
                 actor=self.actor,
                 active=self.active,
-            ).verdict
+            )
+            verdict = concluded.verdict if concluded is not None else None
             review = review_of(session, item.image_id, active_ensemble=self.ensemble.version)
         return rejected_outcome(
             printable(item.path),

@@ -216,10 +216,16 @@ def conclude_unscored(
     ensemble_id: int,
     actor: str,
     active: bool = True,
-) -> Concluded:
+) -> Concluded | None:
     """Store the "not scored" verdict of bytes that were refused before any detector saw
     them: no evidence either way, flagged when ``ensemble`` sends this rejection reason to
-    review. Same contract as :func:`conclude` (the caller holds the image's row lock)."""
+    review. Same contract as :func:`conclude` (the caller holds the image's row lock).
+
+    None, and nothing stored, when detectors already scored these bytes under ``ensemble``:
+    a refusal that can vary (a decode timeout under load, another pixel limit) must not
+    hide the evidence an earlier upload of the same bytes gave."""
+    if repository.has_scored_verdict(session, image_id, ensemble_version=ensemble.version):
+        return None
     decision = not_scored(rejection.reason.value, rejection.message, ensemble)
     return _store(session, image_id, decision, ensemble, ensemble_id, actor=actor, active=active)
 

@@ -131,6 +131,21 @@ def current_verdict(session: Session, image_id: int, *, ensemble_version: str) -
     ).scalar_one_or_none()
 
 
+def has_scored_verdict(session: Session, image_id: int, *, ensemble_version: str) -> bool:
+    """Whether detectors have scored this image under the configuration (a verdict other
+    than "not scored")."""
+    found = session.execute(
+        select(Verdict.id)
+        .where(
+            Verdict.image_id == image_id,
+            Verdict.ensemble_version == ensemble_version,
+            Verdict.label != VerdictLabel.NOT_SCORED,
+        )
+        .limit(1)
+    ).scalar_one_or_none()
+    return found is not None
+
+
 @dataclass(frozen=True)
 class CaseVerdicts:
     """A review case with the verdict that opened it and the image's current verdict (the
