@@ -255,8 +255,10 @@ def _storable(body: bytes) -> str:
 
 
 def _authorised(header: str, secret: str) -> bool:
-    token = header.removeprefix("Bearer ").strip()
-    return hmac.compare_digest(token.encode(), secret.encode())
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer":  # the bare secret is not accepted: it is a Bearer token
+        return False
+    return hmac.compare_digest(token.strip().encode(), secret.encode())
 
 
 def _json(

@@ -106,12 +106,12 @@ class Reply:
     headers: dict[str, str]
 
 
-def _post(url: str, body: bytes, token: str = SECRET) -> Reply:
+def _post(url: str, body: bytes, token: str = SECRET, *, scheme: str = "Bearer ") -> Reply:
     request = urllib.request.Request(
         url,
         data=body,
         method="POST",
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        headers={"Authorization": f"{scheme}{token}", "Content-Type": "application/json"},
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -172,6 +172,7 @@ def test_webhook_records_queues_and_refuses(webhook: Webhook, redis_url: str) ->
     event = _minio_event("uploads", "user+42/photo.jpg", "0123abcd")
 
     _assert_problem(_post(webhook.url, event, token="wrong"), 401, "unauthorised")
+    _assert_problem(_post(webhook.url, event, scheme=""), 401, "unauthorised")  # bare secret
     reply = _post(webhook.url, event)
     assert (reply.status, reply.content_type) == (200, "application/json")
     assert reply.body == {

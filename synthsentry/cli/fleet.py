@@ -313,7 +313,8 @@ def serve_webhook(args: argparse.Namespace, settings: Settings) -> int:
         cleanup_interval=max(1, min(30, runtime.webhook_timeout_s // 4)),
         # MinIO and S3 send a few hundred bytes of headers; waitress allows 256 KiB.
         max_request_header_size=32 * 1024,
-        max_request_body_size=MAX_BODY_BYTES,
+        # waitress refuses a body of this size or more; the app allows exactly 1 MiB.
+        max_request_body_size=MAX_BODY_BYTES + 1,
         ident="synthsentry",
     )
     log.info(
