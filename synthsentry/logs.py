@@ -28,8 +28,8 @@ class JsonFormatter(logging.Formatter):
                 # A path or key from outside may hold bytes no JSON reader accepts.
                 payload[key] = printable(value) if isinstance(value, str) else value
         if record.exc_info:
-            payload["exc"] = self.formatException(record.exc_info)
-        return json.dumps(payload, default=str)
+            payload["exc"] = printable(self.formatException(record.exc_info))
+        return json.dumps(payload, default=lambda value: printable(str(value)))
 
 
 def configure(level: str = "INFO", *, json_lines: bool = True) -> None:

@@ -166,3 +166,69 @@ def test_verdicts_stored_before_ensembles_were_recorded_name_a_legacy_config(
         state = connection.execute(sa.text("SELECT state FROM review_cases")).scalar_one()
     engine.dispose()
     assert state == "open"
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_downgrades_of_attempts_and_not_scored_verdicts_keep_what_they_can(
+    database: str, sqlite_url: str, committing_database: DatabaseFactory
+) -> None:
+    """0006 down: a case a "not scored" verdict opened keeps its moderator's work on the
+    image's other verdict, or goes when there is none. 0005 down: the deliveries of every
+    message of a detector task are added up into one row."""
+    url = sqlite_url if database == "sqlite" else committing_database("down", migrated=False)
+    migrate.upgrade(url)
+    engine = sa.create_engine(url)
+    with engine.begin() as connection:
+        for image in (1, 2):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO images (id, sha256, size_bytes, first_seen_at) "
+                    "VALUES (:id, :sha, 10, CURRENT_TIMESTAMP)"
+                ),
+                {"id": image, "sha": str(image) * 64},
+            )
+        for verdict, image, label in (
+            (1, 1, "likely_ai"),
+            (2, 1, "not_scored"),
+            (3, 2, "not_scored"),
+        ):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO verdicts (id, image_id, ensemble_version, detector_set_digest, "
+                    "detector_set, label, flagged, reason, created_at) VALUES (:id, :image, "
+                    "'v', :digest, '{}', :label, true, 'x', CURRENT_TIMESTAMP)"
+                ),
+                {"id": verdict, "image": image, "digest": str(verdict) * 64, "label": label},
+            )
+        for verdict, image in ((2, 1), (3, 2)):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO review_cases (verdict_id, image_id, state, decision, "
+                    "opened_at) VALUES (:verdict, :image, 'decided', 'unsure', CURRENT_TIMESTAMP)"
+                ),
+                {"verdict": verdict, "image": image},
+            )
+        for message, attempts in (("a", 2), ("b", 3)):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO detection_attempts (image_id, detector_name, message_id, "
+                    "attempts, updated_at) VALUES (1, 'mj5', :message, :attempts, "
+                    "CURRENT_TIMESTAMP)"
+                ),
+                {"message": message, "attempts": attempts},
+            )
+    engine.dispose()
+    migrate.downgrade(url, "0004")
+    engine = sa.create_engine(url)
+    with engine.connect() as connection:
+        cases = connection.execute(
+            sa.text("SELECT image_id, verdict_id, decision FROM review_cases")
+        ).all()
+        labels = connection.execute(sa.text("SELECT label FROM verdicts")).scalars().all()
+        attempts = connection.execute(
+            sa.text("SELECT image_id, detector_name, attempts FROM detection_attempts")
+        ).all()
+    engine.dispose()
+    assert [tuple(c) for c in cases] == [(1, 1, "unsure")]
+    assert labels == ["likely_ai"]
+    assert [tuple(a) for a in attempts] == [(1, "mj5", 5)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import sqlalchemy as sa
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -38,7 +39,7 @@ def get_or_create_image(session: Session, facts: ImageFacts) -> Image:
             "height": facts.height,
             "frames": facts.frames,
             "mode": facts.mode,
-            "anomalies": list(facts.anomalies) or None,
+            "anomalies": list(facts.anomalies) if facts.anomalies else sa.null(),
             "first_seen_at": utcnow(),
         },
     )

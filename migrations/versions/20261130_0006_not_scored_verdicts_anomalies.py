@@ -47,7 +47,16 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # A "not scored" verdict has no earlier meaning; the source keeps its rejection.
+    # A "not scored" verdict has no earlier meaning; the source keeps its rejection. A case
+    # it opened keeps its moderator's work, pointed at the image's newest other verdict; only
+    # a case with no other verdict to point at goes.
+    op.execute(
+        "UPDATE review_cases SET verdict_id = (SELECT max(v.id) FROM verdicts v "
+        "WHERE v.image_id = review_cases.image_id AND v.label <> 'not_scored') "
+        "WHERE verdict_id IN (SELECT id FROM verdicts WHERE label = 'not_scored') "
+        "AND EXISTS (SELECT 1 FROM verdicts v WHERE v.image_id = review_cases.image_id "
+        "AND v.label <> 'not_scored')"
+    )
     op.execute(
         "DELETE FROM review_cases WHERE verdict_id IN "
         "(SELECT id FROM verdicts WHERE label = 'not_scored')"
