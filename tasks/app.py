@@ -163,12 +163,20 @@ def broker_redis(broker_url: str | None = None) -> redis.Redis:
     )
 
 
+def broker_time(client: redis.Redis) -> float:
+    """The broker's clock (Unix seconds): heartbeats are written and read against it, so the
+    clocks of the workers and of the reconciler need not agree."""
+    seconds, microseconds = client.time()
+    return float(seconds) + microseconds / 1_000_000
+
+
 def write_heartbeat(
     client: redis.Redis, worker: str, queues: list[str], now: float | None = None
 ) -> None:
-    """Record that ``worker`` consumes ``queues`` now; heartbeats of workers gone an hour are
-    dropped, and so is a queue's whole set an hour after its last heartbeat."""
-    now = time.time() if now is None else now
+    """Record that ``worker`` consumes ``queues`` now (the broker's clock); heartbeats of
+    workers gone an hour are dropped, and so is a queue's whole set an hour after its last
+    heartbeat."""
+    now = broker_time(client) if now is None else now
     with client.pipeline(transaction=False) as pipe:
         for queue in queues:
             key = QUEUES.consumers(queue)

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from db.models import SourceKind
-from tasks.app import CONSUMER_GONE_S, SENT_AT_HEADER, broker_redis, send_detect, send_intake
+from tasks.app import (
+    CONSUMER_GONE_S,
+    SENT_AT_HEADER,
+    broker_redis,
+    broker_time,
+    send_detect,
+    send_intake,
+)
 from tasks.queues import QUEUES
 from workers.events import UploadRecord
 from workers.fleet import FleetContext, Upload, record_upload, resend_stalled
@@ -61,7 +67,9 @@ class QueueState:
 
 
 def read_queue(client: redis.Redis, queue: str, now: float | None = None) -> QueueState:
-    now = time.time() if now is None else now
+    """The queue's length, its oldest message's age (from the sent-at header, so against the
+    sender's clock) and its live consumers (heartbeats, on the broker's clock)."""
+    now = broker_time(client) if now is None else now
     with client.pipeline(transaction=False) as pipe:
         pipe.llen(queue)
         pipe.lindex(queue, -1)  # kombu LPUSHes and BRPOPs: the right end is the oldest
