@@ -78,3 +78,26 @@ def test_closing_frees_every_waiter_and_refuses_new_reservations() -> None:
 def test_a_budget_must_hold_something() -> None:
     with pytest.raises(ValueError, match="positive"):
         MemoryBudget(0)
+
+
+def test_without_tickets_reservations_are_admitted_in_the_order_they_asked() -> None:
+    """A large image that does not fit yet is not passed over by a small one asking after
+    it, although the small one would fit: a busy worker cannot starve it."""
+    budget = MemoryBudget(10)
+    held = budget.reserve(5)
+    order: list[str] = []
+
+    def take(name: str, nbytes: int) -> Reservation:
+        reservation = budget.reserve(nbytes)
+        order.append(name)
+        return reservation
+
+    large, _ = _in_thread(lambda: take("large", 8))
+    budget.wait_until(lambda: budget.asking == 1)
+    small, _ = _in_thread(lambda: take("small", 2))
+    budget.wait_until(lambda: budget.asking == 2)  # 5 + 2 fits, yet the small one waits
+    assert order == []
+    budget.release(held)
+    large.join(10)
+    small.join(10)
+    assert order == ["large", "small"] and budget.held == 10

@@ -69,6 +69,9 @@ class MemoryBudget:
         self.capacity = capacity
         self._held = 0
         self._next_ticket = 0  # tickets are admitted in this order
+        self._arrivals = 0  # reservations without a ticket, numbered as they ask
+        self._serving = 0  # ... and admitted in that order
+        self._asking = 0  # reservations not yet admitted
         self._waiting: set[int] = set()  # tickets blocked on memory
         self._changed = threading.Condition()
         self._closed = False
@@ -79,13 +82,35 @@ class MemoryBudget:
         with self._changed:
             return self._held
 
+    @property
+    def asking(self) -> int:
+        """Reservations asked for and not yet admitted (waiting for their turn or memory)."""
+        with self._changed:
+            return self._asking
+
     def reserve(self, nbytes: int, *, ticket: int | None = None) -> Reservation:
-        """Wait until ``nbytes`` fit (or nothing is held), then hold them. With ``ticket``,
-        also wait until every earlier ticket has been admitted or passed. Raises
-        :class:`BudgetClosed` once the budget is closed, waiting or not."""
+        """Wait for this reservation's turn, then until ``nbytes`` fit (or nothing is held),
+        then hold them. With ``ticket`` the turn comes once every earlier ticket has been
+        admitted or passed; without one, reservations are admitted in the order they
+        asked, so a large image is not passed over for ever by smaller ones arriving
+        after it. Raises :class:`BudgetClosed` once the budget is closed, waiting or not."""
+        with self._changed:
+            self._asking += 1
+            self._changed.notify_all()
+            try:
+                return self._admit(nbytes, ticket)
+            finally:
+                self._asking -= 1
+                self._changed.notify_all()
+
+    def _admit(self, nbytes: int, ticket: int | None) -> Reservation:
         with self._changed:
             if ticket is not None:
                 self._changed.wait_for(lambda: self._closed or self._next_ticket == ticket)
+            else:
+                arrival = self._arrivals
+                self._arrivals += 1
+                self._changed.wait_for(lambda: self._closed or self._serving == arrival)
             if not self._closed and not self._fits(nbytes):
                 if ticket is not None:
                     self._waiting.add(ticket)
@@ -98,6 +123,8 @@ class MemoryBudget:
             self.peak = max(self.peak, self._held)
             if ticket is not None:
                 self._next_ticket += 1
+            else:
+                self._serving += 1
             self._changed.notify_all()
         return Reservation(nbytes)
 
