@@ -376,8 +376,17 @@ def submit_objects(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def reconcile_stalled(args: argparse.Namespace, settings: Settings) -> int:
+    from kombu.exceptions import OperationalError as BrokerError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+    from sqlalchemy.exc import OperationalError as DatabaseError
+
     from tasks.app import configure
     from tasks.submit import resend_lost
+
+    # The database or the broker is away: one line per check until it is back (a traceback
+    # at every check of an outage says nothing more). Anything else is logged in full.
+    away = (BrokerError, RedisConnectionError, RedisTimeoutError, DatabaseError)
 
     runtime = load_runtime(settings, fleet=True)
     after = args.after
@@ -392,8 +401,13 @@ def reconcile_stalled(args: argparse.Namespace, settings: Settings) -> int:
     while True:
         try:
             sent = resend_lost(context, after_s=after)
-        except Exception:  # the database or broker is away: try again at the next check
-            log.exception("reconcile check failed")
+        except Exception as exc:  # try again at the next check
+            if isinstance(exc, away):
+                log.warning(
+                    "reconcile check failed: %s", type(exc).__name__, extra={"error": str(exc)}
+                )
+            else:
+                log.exception("reconcile check failed")
             if args.once:
                 return EXIT_FAILURE
         else:
