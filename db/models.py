@@ -97,6 +97,12 @@ class ReviewState(enum.StrEnum):
     WITHDRAWN = "withdrawn"
 
 
+class TokenRole(enum.StrEnum):
+    PLATFORM = "platform"  # an upload hook: submits scans, reads its own verdicts
+    MODERATOR = "moderator"  # reads the review queue, claims and decides cases
+    ADMIN = "admin"  # operators: tokens, re-scans, everything a moderator may do
+
+
 class ReviewDecision(enum.StrEnum):
     AI_GENERATED = "ai_generated"
     NOT_AI_GENERATED = "not_ai_generated"
@@ -321,3 +327,24 @@ class DeadLetter(Base):
     channel: Mapped[str] = mapped_column(String(64))
     reason: Mapped[str] = mapped_column(Text)
     body: Mapped[str] = mapped_column(Text)
+
+
+class ApiToken(Base):
+    """A credential for the HTTP API: a role, a name for people, and the sha256 of its
+    secret (the token itself is shown once, when it is made, and never stored).
+
+    The secret is 32 random bytes, so a fast hash is as safe as a slow one (nothing to
+    guess); ``public_id`` is the part of the token that finds the row, so a presented token
+    is checked with one indexed lookup and one constant-time comparison.
+    """
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    public_id: Mapped[str] = mapped_column(String(32), unique=True)
+    name: Mapped[str] = mapped_column(String(255))
+    role: Mapped[TokenRole] = mapped_column(_enum(TokenRole, "token_role"))
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_by: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]

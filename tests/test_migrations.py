@@ -23,6 +23,7 @@ TABLES = {
     "detection_attempts",
     "dead_letters",
     "ensembles",
+    "api_tokens",
 }
 
 

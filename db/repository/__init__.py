@@ -51,6 +51,13 @@ from db.repository.sources import (
     stalled_sources,
     stored_object,
 )
+from db.repository.tokens import (
+    TokenRecord,
+    add_token,
+    list_tokens,
+    revoke_token,
+    token_by_public_id,
+)
 from db.repository.verdicts import (
     CaseVerdicts,
     EnsembleRecord,
@@ -72,7 +79,9 @@ __all__ = [
     "ImageFacts",
     "SourceRef",
     "StoredObject",
+    "TokenRecord",
     "VerdictRecord",
+    "add_token",
     "append_audit",
     "attach_image",
     "attempts_so_far",
@@ -92,6 +101,7 @@ __all__ = [
     "image_by_sha256",
     "latest_detections",
     "latest_verdict",
+    "list_tokens",
     "lock_image",
     "lock_images",
     "mark_pending_sources_scored",
@@ -103,6 +113,7 @@ __all__ = [
     "record_source",
     "register_ensemble",
     "reusable_detections",
+    "revoke_token",
     "save_detection",
     "save_verdict",
     "source_by_ref",
@@ -110,5 +121,6 @@ __all__ = [
     "sources_for_image",
     "stalled_sources",
     "stored_object",
+    "token_by_public_id",
     "with_verdicts",
 ]

@@ -5,6 +5,7 @@ its own beyond parsing, wiring and printing; each command group is a module here
     detectors   the detector catalog: list, verify
     fleet       worker, ingest, webhook, submit, reconcile, status
     database    db upgrade | current
+    tokens      API tokens: create, list, revoke
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from synthsentry.cli import database, detectors, fleet, scan
+from synthsentry.cli import database, detectors, fleet, scan, tokens
 from synthsentry.cli.common import EXIT_USAGE, CliError
 from synthsentry.cli.output import POLICY
 from synthsentry.settings import get_settings
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         "human review. " + POLICY,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (scan, detectors, fleet, database):
+    for group in (scan, detectors, fleet, database, tokens):
         group.register(commands)
     return parser
 
