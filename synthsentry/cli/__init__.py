@@ -6,6 +6,7 @@ its own beyond parsing, wiring and printing; each command group is a module here
     fleet       worker, ingest, webhook, submit, reconcile, status
     database    db upgrade | current
     tokens      API tokens: create, list, revoke
+    serve       the HTTP API
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from synthsentry.cli import database, detectors, fleet, scan, tokens
+from synthsentry.cli import database, detectors, fleet, scan, serve, tokens
 from synthsentry.cli.common import EXIT_USAGE, CliError
 from synthsentry.cli.output import POLICY
 from synthsentry.settings import get_settings
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         "human review. " + POLICY,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (scan, detectors, fleet, database, tokens):
+    for group in (scan, detectors, fleet, database, tokens, serve):
         group.register(commands)
     return parser
 
