@@ -250,16 +250,15 @@ def status_of(
     for source in repository.sources_by_object(session, bucket, key):
         image = repository.get_image(session, source.image_id) if source.image_id else None
         sha256 = image.sha256 if image is not None else None
+        verdict = None
+        if image is not None and source.status != SourceStatus.PENDING:
+            verdict = repository.current_verdict(
+                session, image.id, ensemble_version=active_ensemble
+            ) or repository.latest_verdict(session, image.id)
         if source.status == SourceStatus.REJECTED:
-            unscored = None
-            if image is not None:
-                found = repository.current_verdict(
-                    session, image.id, ensemble_version=active_ensemble
-                ) or repository.latest_verdict(session, image.id)
-                # The "not scored" verdict of these bytes; a score another upload of the
-                # same bytes earned is that upload's, not this one's.
-                if found is not None and found.label == VerdictLabel.NOT_SCORED:
-                    unscored = found
+            # The "not scored" verdict of these bytes; a score another upload of the same
+            # bytes earned is that upload's, not this one's.
+            unscored = verdict if verdict and verdict.label == VerdictLabel.NOT_SCORED else None
             outcomes.append(
                 rejected_outcome(
                     path,
@@ -273,11 +272,6 @@ def status_of(
                 )
             )
             continue
-        verdict = None
-        if image is not None and source.status == SourceStatus.SCORED:
-            verdict = repository.current_verdict(
-                session, image.id, ensemble_version=active_ensemble
-            ) or repository.latest_verdict(session, image.id)
         if image is None or verdict is None:
             outcomes.append(pending_outcome(path, sha256))
             continue
