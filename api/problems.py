@@ -30,16 +30,24 @@ class Problem(Exception):
         self.headers = headers or {}
 
 
+def problem_document(
+    status: int, kind: str, detail: str, *, title: str | None = None, **extensions: Any
+) -> dict[str, Any]:
+    """The body of a problem answer; ``title`` defaults to the status's phrase. Shared by
+    the API and the S3 event webhook, so both speak the same problem types."""
+    return {
+        "type": f"{PROBLEM_TYPE}{kind}",
+        "title": title or HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        **extensions,
+    }
+
+
 def problem_response(
     status: int, kind: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
-    body = {
-        "type": f"{PROBLEM_TYPE}{kind}",
-        "title": HTTPStatus(status).phrase,
-        "status": status,
-        "detail": detail,
-        **extra,
-    }
+    body = problem_document(status, kind, detail, **extra)
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 

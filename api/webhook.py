@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
+from api.problems import MEDIA_TYPE, problem_document
 from workers.events import (
     BucketPolicy,
     MalformedEvent,
@@ -49,8 +50,8 @@ MAX_BODY_BYTES = 1024 * 1024
 # S3 sends one record per event, MinIO a few; a bigger batch is someone else's traffic.
 DEFAULT_MAX_RECORDS = 100
 
-# RFC 9457 problem types (URNs: nothing serves a page for them) and their titles.
-_PROBLEM_TYPE = "urn:synthsentry:problem:"
+# RFC 9457 problem kinds (``api.problems``: URNs, nothing serves a page for them) and their
+# titles.
 _PROBLEM_TITLES = {
     "not-found": "No such endpoint",
     "method-not-allowed": "Method not allowed",
@@ -276,14 +277,10 @@ def _problem(
     headers: list[tuple[str, str]] | None = None,
     **extensions: Any,
 ) -> list[bytes]:
-    document = {
-        "type": f"{_PROBLEM_TYPE}{kind}",
-        "title": _PROBLEM_TITLES[kind],
-        "status": int(status),
-        "detail": detail,
-        **extensions,
-    }
-    return _reply(start_response, status, document, "application/problem+json", headers or [])
+    document = problem_document(
+        int(status), kind, detail, title=_PROBLEM_TITLES[kind], **extensions
+    )
+    return _reply(start_response, status, document, MEDIA_TYPE, headers or [])
 
 
 def _reply(
