@@ -116,7 +116,8 @@ class MemoryBudget:
                     self._waiting.add(ticket)
                     self._changed.notify_all()
                 self._changed.wait_for(lambda: self._closed or self._fits(nbytes))
-                self._waiting.discard(ticket if ticket is not None else -1)
+                if ticket is not None:
+                    self._waiting.discard(ticket)
             if self._closed:
                 raise BudgetClosed("the intake memory budget was closed")
             self._held += nbytes
