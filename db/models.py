@@ -103,6 +103,25 @@ class TokenRole(enum.StrEnum):
     ADMIN = "admin"  # operators: tokens, re-scans, everything a moderator may do
 
 
+class ScanPriority(enum.StrEnum):
+    NORMAL = "normal"  # live uploads: served first
+    LOW = "low"  # bulk work (re-scans, back-fills): queues of its own, served after uploads
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"  # due at next_attempt_at
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    FAILED = "failed"  # retried for the whole retry window, or refused for good
+    DISABLED = "disabled"  # its endpoint answered 410 Gone: nothing more is sent there
+
+
+class RescanState(enum.StrEnum):
+    LISTING = "listing"  # objects or images still being listed and queued
+    RUNNING = "running"  # everything is queued; waiting for the results
+    DONE = "done"
+    CANCELLED = "cancelled"
+
+
 class ReviewDecision(enum.StrEnum):
     AI_GENERATED = "ai_generated"
     NOT_AI_GENERATED = "not_ai_generated"
@@ -162,6 +181,8 @@ class Source(Base):
     reject_reason: Mapped[str | None] = mapped_column(String(32))
     reject_message: Mapped[str | None] = mapped_column(Text)
     submitted_by: Mapped[str | None] = mapped_column(String(255))
+    # The batch re-scan that listed this object or image (None: an upload, a hook, a scan).
+    rescan_id: Mapped[int | None] = mapped_column(ForeignKey("rescans.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
     seen_count: Mapped[int] = mapped_column(default=1)
@@ -348,3 +369,150 @@ class ApiToken(Base):
     created_by: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+
+
+# --- the platform API -------------------------------------------------------------------
+
+_ID = BigInteger().with_variant(Integer, "sqlite")
+
+
+class Scan(Base):
+    """One object a platform (or an operator) asked the API to scan: its own source row, the
+    caller's token, and what the caller attached to it (its own id, a callback URL)."""
+
+    __tablename__ = "scans"
+    __table_args__ = (Index(None, "token_id", "external_id"),)
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True)
+    public_id: Mapped[str] = mapped_column(String(40), unique=True)
+    token_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id"))
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"), unique=True)
+    external_id: Mapped[str | None] = mapped_column(String(255))
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    priority: Mapped[ScanPriority] = mapped_column(
+        _enum(ScanPriority, "scan_priority"), default=ScanPriority.NORMAL
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """A request made with an ``Idempotency-Key``: the same key and body from the same token
+    answer with the scans the first request made; the same key with another body is refused."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("token_id", "key"),)
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True)
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id"))
+    key: Mapped[str] = mapped_column(String(255))
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    scan_ids: Mapped[list[str]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CallbackSecret(Base):
+    """A platform token's signing secret for callbacks, encrypted at rest (it must be read
+    back to sign). During a rotation the old one signs beside the new one until
+    ``expires_at``."""
+
+    __tablename__ = "callback_secrets"
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True)
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id"), index=True)
+    secret_encrypted: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None]
+
+
+class CallbackHost(Base):
+    """A host a platform token's callbacks may go to (the allow-list)."""
+
+    __tablename__ = "callback_hosts"
+    __table_args__ = (UniqueConstraint("token_id", "host"),)
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True)
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id"))
+    host: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CallbackEndpoint(Base):
+    """A callback URL of a token; one that answered 410 Gone is disabled."""
+
+    __tablename__ = "callback_endpoints"
+    __table_args__ = (UniqueConstraint("token_id", "url_sha256"),)
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True)
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id"))
+    url: Mapped[str] = mapped_column(Text)
+    url_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    disabled_at: Mapped[datetime | None]
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class CallbackDelivery(Base):
+    """One event owed to one endpoint (the outbox): written in the transaction that made the
+    event happen, sent by the callback sender, retried until ``next_attempt_at`` passes the
+    retry window."""
+
+    __tablename__ = "callback_deliveries"
+    __table_args__ = (
+        UniqueConstraint("endpoint_id", "event_key"),
+        Index(None, "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True)
+    public_id: Mapped[str] = mapped_column(String(40), unique=True)  # the webhook-id header
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id"), index=True)
+    endpoint_id: Mapped[int] = mapped_column(ForeignKey("callback_endpoints.id"))
+    scan_id: Mapped[int | None] = mapped_column(ForeignKey("scans.id"), index=True)
+    event_type: Mapped[str] = mapped_column(String(64))
+    event_key: Mapped[str] = mapped_column(String(128))  # one delivery per event and endpoint
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[DeliveryState] = mapped_column(
+        _enum(DeliveryState, "delivery_state"), default=DeliveryState.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    last_status: Mapped[int | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class CallbackAttempt(Base):
+    """One try at a delivery: when, what the receiver answered (or why nothing did)."""
+
+    __tablename__ = "callback_attempts"
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("callback_deliveries.id"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    status_code: Mapped[int | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[float | None] = mapped_column(Float)
+
+
+class Rescan(Base):
+    """An operator's batch re-scan: what it selects, where its listing stands (``cursor``,
+    committed with each page, so a restarted lister goes on from there) and its counts."""
+
+    __tablename__ = "rescans"
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True)
+    public_id: Mapped[str] = mapped_column(String(40), unique=True)
+    token_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id"))
+    created_by: Mapped[str] = mapped_column(String(255))
+    selection: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[RescanState] = mapped_column(
+        _enum(RescanState, "rescan_state"), default=RescanState.LISTING
+    )
+    cursor: Mapped[str | None] = mapped_column(Text)
+    listed: Mapped[int] = mapped_column(default=0)
+    queued: Mapped[int] = mapped_column(default=0)
+    reused: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    listed_at: Mapped[datetime | None]  # when the listing finished
+    finished_at: Mapped[datetime | None]

@@ -172,21 +172,18 @@ class Settings(BaseSettings):
         SecretStr(""),
         description="Shared secret the upload webhook expects as 'Authorization: Bearer ...'.",
     )
-    webhook_timeout_seconds: int = Field(
+    api_read_timeout_seconds: int = Field(
         30,
         ge=1,
         le=3600,
-        description="The upload webhook closes a connection idle this long, a request half sent "
-        "included.",
+        description="The API answers 408 and closes a connection whose request body stops "
+        "arriving for this long (uvicorn has no read timeout of its own).",
     )
-    webhook_connection_limit: int = Field(
-        100,
+    api_connection_limit: int = Field(
+        200,
         ge=1,
-        description="Connections the upload webhook holds open at once; past it, new ones wait "
-        "in the listen backlog.",
-    )
-    webhook_threads: int = Field(
-        8, ge=1, le=256, description="Requests the upload webhook handles at once."
+        description="Requests and connections `synthsentry serve` handles at once; past it, "
+        "new ones are answered 503.",
     )
     webhook_max_records: int = Field(
         100,
@@ -194,6 +191,71 @@ class Settings(BaseSettings):
         le=10_000,
         description="Most records the upload webhook takes from one event; more is answered "
         "413, queues nothing and is kept as a dead letter.",
+    )
+
+    # --- the platform API (``synthsentry serve``) -------------------------------------------
+    api_mode: Literal["auto", "embedded", "fleet"] = Field(
+        "auto",
+        description="embedded: scans run in the API process on a local object store (no "
+        "broker, no S3); fleet: the API records and enqueues for the workers. auto: embedded "
+        "with the SQLite default database, fleet with a server database.",
+    )
+    api_max_body_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Largest JSON request body the API reads; a bigger one is answered 413 "
+        "before it is read. Multipart uploads may be as large as SYNTHSENTRY_MAX_IMAGE_BYTES "
+        "plus 64 KiB of form overhead.",
+    )
+    upload_bucket: str = Field(
+        "uploads",
+        min_length=3,
+        max_length=63,
+        description="Bucket that image bytes posted to /v1/scans are stored in before they are "
+        "scanned (in the embedded mode: a folder of the local object store).",
+    )
+    upload_prefix: str = Field(
+        "api/", max_length=255, description="Key prefix of the bytes posted to /v1/scans."
+    )
+    object_store_dir: Path | None = Field(
+        None,
+        description="Embedded mode only: the folder that serves as the object store (one "
+        "sub-folder per bucket). Default: <data_dir>/objects.",
+    )
+    embedded_queue_size: int = Field(
+        256,
+        ge=1,
+        description="Embedded mode: work items the in-process worker holds in memory; more "
+        "wait in the database and are picked up by its sweep.",
+    )
+    secret_key: SecretStr = Field(
+        SecretStr(""),
+        description="Key that encrypts callback signing secrets at rest (any long random "
+        "string). Required in production; in development one is generated into "
+        "<data_dir>/secret.key.",
+    )
+    callback_timeout_seconds: float = Field(
+        15.0, gt=0, le=60, description="Connect and read timeout of one callback delivery."
+    )
+    callback_retry_hours: float = Field(
+        24.0,
+        ge=24.0,
+        description="How long a failing callback is retried (exponential backoff with jitter) "
+        "before its delivery is marked failed.",
+    )
+    callback_allow_private_addresses: bool = Field(
+        False,
+        description="Let callbacks reach private, loopback and link-local addresses (local "
+        "development only; refused in production).",
+    )
+    rescan_page_size: int = Field(
+        1000, ge=1, le=1000, description="Objects listed per page of a batch re-scan."
+    )
+    rescan_max_in_flight: int = Field(
+        5000,
+        ge=1,
+        description="Re-scan work queued but not finished, per re-scan; its listing waits "
+        "while there is more (bounded queues, bounded memory).",
     )
 
     log_level: str = Field("INFO", description="Root log level.")
@@ -228,6 +290,16 @@ class Settings(BaseSettings):
                 f"SYNTHSENTRY_VISIBILITY_TIMEOUT_SECONDS ({self.visibility_timeout_seconds}) must "
                 f"exceed twice SYNTHSENTRY_TASK_TIME_LIMIT_SECONDS plus the batch wait ({held:g})"
             )
+        if self.environment == "production":
+            key = self.secret_key.get_secret_value()
+            if not key or _looks_like_placeholder(key):
+                raise ValueError(
+                    "SYNTHSENTRY_SECRET_KEY must be set to a real secret in production"
+                )
+            if self.callback_allow_private_addresses:
+                raise ValueError(
+                    "SYNTHSENTRY_CALLBACK_ALLOW_PRIVATE_ADDRESSES is for local development only"
+                )
         secret = self.webhook_secret.get_secret_value()
         if self.environment == "production" and secret and _looks_like_placeholder(secret):
             raise ValueError("SYNTHSENTRY_WEBHOOK_SECRET is a placeholder; set a real secret")
@@ -237,6 +309,10 @@ class Settings(BaseSettings):
     def weights_dir(self) -> Path:
         """Where weights fetched from s3:// are cached (hf:// uses huggingface_hub's cache)."""
         return self.data_dir / "weights"
+
+    @property
+    def resolved_object_store_dir(self) -> Path:
+        return self.object_store_dir or self.data_dir / "objects"
 
     @property
     def resolved_database_url(self) -> str:

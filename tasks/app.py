@@ -101,6 +101,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # looks every 100 s); each look is one indexed range query on Redis.
             "unacked_restore_interval": restore_interval(settings.visibility_timeout_seconds),
             "unacked_restore_throttle": 1,
+            # A worker consumes its upload queue first and that queue's bulk twin after it
+            # (`synthsentry worker`: ``--queues intake,bulk.intake``). kombu polls all of a
+            # worker's queues with one BRPOP, whose keys Redis tries in the order given and
+            # pops from the first that is not empty; "priority" keeps that order as the
+            # queues were named (kombu's default, "round_robin", moves the queue just read
+            # to the end, so a bulk queue would get every other message).
+            "queue_order_strategy": "priority",
             # A broker host that vanishes without closing its sockets must fail a call, not
             # hang it (kombu passes no timeout to redis-py by default), and an idle pooled
             # connection is checked before it is used again.
@@ -135,20 +142,22 @@ def configure(settings: Settings | None = None) -> Celery:
     return app
 
 
-def send_intake(source_id: int) -> None:
+def send_intake(source_id: int, *, bulk: bool = False) -> None:
+    """Queue the intake of a recorded upload; ``bulk``: on the low-priority queue."""
     app.send_task(
         INTAKE_TASK,
         args=(source_id,),
-        queue=QUEUES.intake,
+        kwargs={"bulk": True} if bulk else {},
+        queue=QUEUES.intake_queue(bulk=bulk),
         headers={SENT_AT_HEADER: time.time()},
     )
 
 
-def send_detect(image_id: int, detector: str) -> None:
+def send_detect(image_id: int, detector: str, *, bulk: bool = False) -> None:
     app.send_task(
         DETECT_TASK,
         args=(image_id, detector),
-        queue=QUEUES.detect(detector),
+        queue=QUEUES.detect(detector, bulk=bulk),
         headers={SENT_AT_HEADER: time.time()},
     )
 

@@ -29,13 +29,14 @@ log = logging.getLogger(__name__)
 
 
 @app.task(name=INTAKE_TASK, **DELIVERY)
-def intake(self: Any, source_id: int) -> None:
+def intake(self: Any, source_id: int, bulk: bool = False) -> None:
     from workers import fleet
 
     pending = fleet.take_in(worker.current().context(), source_id)
     for image_id, detector in pending:
-        # Sent after take_in's transaction committed: the worker will find the rows.
-        send_detect(image_id, detector)
+        # Sent after take_in's transaction committed: the worker will find the rows. Bulk
+        # work stays bulk all the way through.
+        send_detect(image_id, detector, bulk=bulk)
     log.info(
         "taken in",
         extra={"task_id": self.request.id, "source_id": source_id, "sent": len(pending)},

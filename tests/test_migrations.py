@@ -24,6 +24,14 @@ TABLES = {
     "dead_letters",
     "ensembles",
     "api_tokens",
+    "scans",
+    "idempotency_keys",
+    "callback_secrets",
+    "callback_hosts",
+    "callback_endpoints",
+    "callback_deliveries",
+    "callback_attempts",
+    "rescans",
 }
 
 

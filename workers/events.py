@@ -77,7 +77,7 @@ _EVENTBRIDGE_REASONS = {
 
 # General purpose bucket names: 3-63 lowercase letters, digits, dots and hyphens, starting
 # and ending with a letter or digit.
-_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+BUCKET_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 class MalformedEvent(ValueError):
@@ -382,7 +382,7 @@ def _is_unicode(value: str) -> bool:
 
 def _bucket_name(parent: Mapping[str, Any], name: str, where: str) -> str:
     bucket = _require_str(parent, name, where)
-    if not _BUCKET_NAME.fullmatch(bucket):
+    if not BUCKET_NAME_PATTERN.fullmatch(bucket):
         raise MalformedEvent(f"{where}.{name} is not a bucket name: {_brief(bucket)}")
     return bucket
 
@@ -468,7 +468,7 @@ class BucketPolicy:
                 continue
             bucket, sep, prefix = entry.partition(":")
             bucket = bucket.strip()
-            if not _BUCKET_NAME.fullmatch(bucket):
+            if not BUCKET_NAME_PATTERN.fullmatch(bucket):
                 raise ValueError(f"bucket policy entry {entry!r}: {bucket!r} is not a bucket name")
             if sep and not prefix:
                 raise ValueError(
@@ -481,10 +481,10 @@ class BucketPolicy:
         return cls(frozenset(rules))
 
     def allows(self, record: UploadRecord) -> bool:
-        return any(
-            record.bucket == bucket and record.key.startswith(prefix)
-            for bucket, prefix in self.rules
-        )
+        return self.permits(record.bucket, record.key)
+
+    def permits(self, bucket: str, key: str) -> bool:
+        return any(bucket == allowed and key.startswith(prefix) for allowed, prefix in self.rules)
 
     def __str__(self) -> str:
         return ",".join(

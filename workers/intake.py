@@ -114,6 +114,7 @@ _MIME_TYPES = {
     "HEIF": "image/heif",
     "AVIF": "image/avif",
 }
+SUPPORTED_FORMATS = frozenset(_MIME_TYPES)
 _SUPPORTED_LIST = "JPEG, PNG, WebP, GIF, TIFF, BMP, HEIF/HEIC and AVIF"
 
 # Formats sniff() recognises but we refuse: documents, vector drawings, layered editor

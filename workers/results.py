@@ -19,6 +19,7 @@ from db.models import (
     Detection,
     ReviewDecision,
     ReviewState,
+    Source,
     SourceStatus,
     Verdict,
     VerdictLabel,
@@ -245,48 +246,49 @@ def status_of(
     """Every recorded upload of ``s3://bucket/key``. A scored one shows the image's current
     verdict (the newest under ``active_ensemble``, a version), or, when the image was never
     scored under that configuration, the newest verdict it has, whose version says so."""
-    outcomes = []
     path = f"s3://{bucket}/{key}"
-    for source in repository.sources_by_object(session, bucket, key):
-        image = repository.get_image(session, source.image_id) if source.image_id else None
-        sha256 = image.sha256 if image is not None else None
-        verdict = None
-        if image is not None and source.status != SourceStatus.PENDING:
-            verdict = repository.current_verdict(
-                session, image.id, ensemble_version=active_ensemble
-            ) or repository.latest_verdict(session, image.id)
-        if source.status == SourceStatus.REJECTED:
-            # The "not scored" verdict of these bytes; a score another upload of the same
-            # bytes earned is that upload's, not this one's.
-            unscored = verdict if verdict and verdict.label == VerdictLabel.NOT_SCORED else None
-            outcomes.append(
-                rejected_outcome(
-                    path,
-                    sha256,
-                    source.reject_reason or "",
-                    source.reject_message or "",
-                    verdict=unscored,
-                    review=review_of(session, image.id, active_ensemble=active_ensemble)
-                    if image is not None
-                    else None,
-                )
-            )
-            continue
-        if image is None or verdict is None:
-            outcomes.append(pending_outcome(path, sha256))
-            continue
-        versions = {d["name"]: d["version"] for d in verdict.detector_set.get("detectors", [])}
-        rows = repository.detections_by_version(session, image.id, versions)
-        reports = [DetectorReport.from_row(rows[name], reused=False) for name in sorted(rows)]
-        outcomes.append(
-            scored_outcome(
-                session,
-                path,
-                image.sha256,
-                verdict,
-                reports,
-                image=image_summary(image.format, image.width, image.height, image.anomalies),
-                active_ensemble=active_ensemble,
-            )
+    return [
+        source_outcome(session, source, path, active_ensemble=active_ensemble)
+        for source in repository.sources_by_object(session, bucket, key)
+    ]
+
+
+def source_outcome(
+    session: Session, source: Source, path: str, *, active_ensemble: str
+) -> ScanOutcome:
+    """What became of one recorded upload (see ``status_of``)."""
+    image = repository.get_image(session, source.image_id) if source.image_id else None
+    sha256 = image.sha256 if image is not None else None
+    verdict = None
+    if image is not None and source.status != SourceStatus.PENDING:
+        verdict = repository.current_verdict(
+            session, image.id, ensemble_version=active_ensemble
+        ) or repository.latest_verdict(session, image.id)
+    if source.status == SourceStatus.REJECTED:
+        # The "not scored" verdict of these bytes; a score another upload of the same
+        # bytes earned is that upload's, not this one's.
+        unscored = verdict if verdict and verdict.label == VerdictLabel.NOT_SCORED else None
+        return rejected_outcome(
+            path,
+            sha256,
+            source.reject_reason or "",
+            source.reject_message or "",
+            verdict=unscored,
+            review=review_of(session, image.id, active_ensemble=active_ensemble)
+            if image is not None
+            else None,
         )
-    return outcomes
+    if image is None or verdict is None:
+        return pending_outcome(path, sha256)
+    versions = {d["name"]: d["version"] for d in verdict.detector_set.get("detectors", [])}
+    rows = repository.detections_by_version(session, image.id, versions)
+    reports = [DetectorReport.from_row(rows[name], reused=False) for name in sorted(rows)]
+    return scored_outcome(
+        session,
+        path,
+        image.sha256,
+        verdict,
+        reports,
+        image=image_summary(image.format, image.width, image.height, image.anomalies),
+        active_ensemble=active_ensemble,
+    )
