@@ -1,25 +1,26 @@
-"""HTTP endpoint for S3-style upload notifications (MinIO's webhook target, or anything that
-POSTs the S3 event JSON). A plain WSGI application: ``synthsentry webhook`` serves it with
-waitress, which hands it only whole requests (see ``serve_webhook`` for the connection
-limits); any WSGI server will do.
+"""``POST /s3-events``: S3-style upload notifications (MinIO's webhook target, or anything
+that POSTs the S3 event JSON). A route of the API (``api.app``), outside ``/v1``: its
+caller is a storage server, which holds no API token, so it is authenticated by the shared
+secret ``SYNTHSENTRY_WEBHOOK_SECRET`` as a Bearer token instead (compared in constant time;
+with no secret configured every call is refused).
 
     POST /s3-events   Authorization: Bearer <SYNTHSENTRY_WEBHOOK_SECRET>   body: S3 event JSON
-    GET  /healthz
 
 Every record of an event has its own outcome, and the answer lists them:
 
-- 200 with counts: ``accepted`` (recorded and queued), ``duplicates`` (recorded before, by an
-  earlier delivery or a retry: nothing is queued again), ``ignored`` (records that announce
-  no upload), ``refused`` and ``refusals``: the ``index`` in ``Records``, a ``status`` and the
-  ``reason`` of each record not taken (403: its bucket is not scanned here; 400: no retry can
-  make it usable, and it is kept as a dead letter).
-- 400 when nothing in the body can be used (not an S3 event, JSON nested too deep, every
-  record invalid), 413 for a body over :data:`MAX_BODY_BYTES` or more records than the cap:
-  nothing is queued, and the body is kept as a dead letter (one over the size limit is not
-  read). 401 for a wrong secret.
-- 503 only when the database or the broker is down, so that the sender retries. The records
-  taken before the failure are duplicates on the retry and queue nothing twice; an intake
-  whose send failed after its upload was recorded is sent by ``synthsentry reconcile``.
+- 200 with counts: ``accepted`` (recorded and dispatched), ``duplicates`` (recorded before,
+  by an earlier delivery or a retry: nothing is dispatched again), ``ignored`` (records that
+  announce no upload), ``refused`` and ``refusals``: the ``index`` in ``Records``, a
+  ``status`` and the ``reason`` of each record not taken (403: its bucket is not scanned
+  here; 400: no retry can make it usable, and it is kept as a dead letter).
+- 400 when nothing in the body can be used (empty, not an S3 event, JSON nested too deep,
+  every record invalid), 413 for a body over :data:`MAX_BODY_BYTES` (``api.limits`` refuses
+  it unread) or more records than ``ApiContext.webhook_max_records``: nothing is dispatched,
+  and an event that was read is kept as a dead letter. 401 for a wrong secret.
+- 503 only when the database or the dispatch (the broker, the embedded worker) fails, so
+  that the sender retries. The records taken before the failure are duplicates on the retry
+  and dispatch nothing twice; an intake whose dispatch failed after its upload was recorded
+  is dispatched by the sweep (``synthsentry reconcile``, or the embedded worker's own).
 
 Answers other than 200 are RFC 9457 problem documents (``application/problem+json``).
 """
@@ -29,33 +30,30 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Annotated, Any
 
-from api.problems import MEDIA_TYPE, problem_document
-from workers.events import (
-    BucketPolicy,
-    MalformedEvent,
-    S3Notification,
-    TooManyRecords,
-    UploadRecord,
-    parse_s3_notification,
-)
+from fastapi import APIRouter, Depends, Request, Response, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from api.context import ApiContext, ContextDep
+from api.problems import MEDIA_TYPE, Problem, problem_document
+from workers.events import MalformedEvent, S3Notification, TooManyRecords, parse_s3_notification
+from workers.uploads import keep_dead_letter, submit_upload
 
 log = logging.getLogger(__name__)
 
+PATH = "/s3-events"
 MAX_BODY_BYTES = 1024 * 1024
-# S3 sends one record per event, MinIO a few; a bigger batch is someone else's traffic.
-DEFAULT_MAX_RECORDS = 100
+DEAD_LETTER_CHANNEL = "webhook"
 
 # RFC 9457 problem kinds (``api.problems``: URNs, nothing serves a page for them) and their
 # titles.
 _PROBLEM_TITLES = {
-    "not-found": "No such endpoint",
-    "method-not-allowed": "Method not allowed",
-    "unauthorised": "Unauthorised",
     "bad-body": "Unusable request body",
     "malformed-event": "Not an S3 event notification",
     "too-many-records": "Too many records in one event",
@@ -63,14 +61,101 @@ _PROBLEM_TITLES = {
     "unavailable": "Database or broker unavailable",
 }
 
-Submit = Callable[[UploadRecord], int | None]
-DeadLetter = Callable[[str, str], None]
-StartResponse = Callable[[str, list[tuple[str, str]]], Any]
-WSGIApplication = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+_shared_secret = HTTPBearer(
+    scheme_name="S3EventSecret",
+    auto_error=False,
+    description="the shared secret SYNTHSENTRY_WEBHOOK_SECRET (not an API token)",
+)
+
+
+def require_shared_secret(
+    context: ContextDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_shared_secret)],
+) -> None:
+    """Let the call through only with the configured secret as its Bearer token."""
+    secret = context.webhook_secret.encode()
+    # The header's own bytes (the server decoded them as Latin-1). Both sides as bytes:
+    # compare_digest refuses non-ASCII str. An empty secret configured means the endpoint
+    # is closed, not that an empty token opens it.
+    offered = (
+        b"" if credentials is None else credentials.credentials.strip().encode("latin-1", "replace")
+    )
+    if not (secret and offered and hmac.compare_digest(offered, secret)):
+        log.warning("S3 event call with a wrong or missing secret")
+        raise Problem(
+            401, "unauthorised", "a wrong or missing bearer token", {"WWW-Authenticate": "Bearer"}
+        )
+
+
+SharedSecret = Annotated[None, Depends(require_shared_secret)]
+
+
+class Refusal(BaseModel):
+    index: int = Field(description="the record's place in Records")
+    status: int = Field(
+        description="403: its bucket is not scanned here; 400: no retry can make it usable "
+        "(kept as a dead letter)"
+    )
+    reason: str
+
+
+class EventOutcome(BaseModel):
+    accepted: int = Field(description="uploads recorded and dispatched by this call")
+    duplicates: int = Field(description="uploads recorded before: nothing dispatched again")
+    ignored: int = Field(description="records that announce no upload")
+    refused: int
+    refusals: list[Refusal]
+    test_event: bool = Field(description="the s3:TestEvent a bucket sends when subscribed")
+
+
+def _problem_doc(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {MEDIA_TYPE: {}}}
+
+
+router = APIRouter(tags=["s3 events"])
+
+
+@router.post(
+    PATH,
+    response_model=EventOutcome,
+    summary="Take an S3 event notification",
+    responses={
+        400: _problem_doc("nothing in the body can be used (see refusals, if any)"),
+        401: _problem_doc("a wrong or missing shared secret"),
+        408: _problem_doc("the body stopped arriving"),
+        413: _problem_doc("a body over 1 MiB, or more records than the cap"),
+        503: _problem_doc("the database or the broker is down: send the event again"),
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    },
+)
+async def take_s3_event(request: Request, context: ContextDep, _: SharedSecret) -> Response:
+    # Read here, after the secret was checked, and as bytes: a malformed event is an answer
+    # of this endpoint (and a dead letter), not a validation error.
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        return _problem(HTTPStatus.BAD_REQUEST, "bad-body", "the body ended before it was whole")
+    if not body:
+        return _problem(HTTPStatus.BAD_REQUEST, "bad-body", "the body is empty")
+    try:
+        # The database and the dispatch block: off the event loop.
+        return await run_in_threadpool(_take_event, context, body)
+    except _Unavailable:
+        return _problem(
+            HTTPStatus.SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the database or the broker is unavailable; send the event again",
+            headers={"Retry-After": "10"},
+        )
 
 
 class _Unavailable(Exception):
-    """The database or the broker failed: the sender should send the event again."""
+    """The database or the dispatch failed: the sender should send the event again."""
 
 
 @dataclass
@@ -95,205 +180,102 @@ class _Outcomes:
         }
 
 
-def make_app(
-    *,
-    secret: str,
-    policy: BucketPolicy,
-    submit: Submit,
-    dead_letter: DeadLetter,
-    max_records: int = DEFAULT_MAX_RECORDS,
-) -> WSGIApplication:
-    """The webhook as a WSGI application. ``submit`` records an upload and queues its scan
-    (None: recorded before); it and ``dead_letter`` raise only when the database or the
-    broker cannot be reached."""
-    if not secret:
-        raise ValueError("the webhook needs a shared secret")
-    if max_records < 1:
-        raise ValueError("the webhook must take at least one record per event")
-    return _Webhook(secret, policy, submit, dead_letter, max_records)
-
-
-@dataclass(frozen=True)
-class _Webhook:
-    secret: str = field(repr=False)
-    policy: BucketPolicy
-    submit: Submit
-    dead_letter: DeadLetter
-    max_records: int
-
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
-        method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "/")
-        if method == "GET" and path == "/healthz":
-            return _json(start_response, HTTPStatus.OK, {"ok": True})
-        if path != "/s3-events":
-            return _problem(start_response, HTTPStatus.NOT_FOUND, "not-found", "no such endpoint")
-        if method != "POST":
-            return _problem(
-                start_response,
-                HTTPStatus.METHOD_NOT_ALLOWED,
-                "method-not-allowed",
-                "events are POSTed",
-                headers=[("Allow", "POST")],
-            )
-        if not _authorised(environ.get("HTTP_AUTHORIZATION", ""), self.secret):
-            log.warning("webhook call with a wrong or missing secret")
-            return _problem(
-                start_response,
-                HTTPStatus.UNAUTHORIZED,
-                "unauthorised",
-                "a wrong or missing bearer token",
-                headers=[("WWW-Authenticate", "Bearer")],
-            )
-        body = _read_body(environ)
-        if isinstance(body, tuple):
-            status, detail = body
-            return _problem(start_response, status, "bad-body", detail)
-        try:
-            return self._take_event(body, start_response)
-        except _Unavailable:
-            return _problem(
-                start_response,
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                "unavailable",
-                "the database or the broker is unavailable; send the event again",
-                headers=[("Retry-After", "10")],
-            )
-
-    def _take_event(self, body: bytes, start_response: StartResponse) -> list[bytes]:
-        try:
-            notification = parse_s3_notification(body, max_records=self.max_records)
-        except TooManyRecords as exc:
-            log.warning("event over the record cap", extra={"records": exc.count})
-            self._keep(_storable(body), str(exc))
-            return _problem(
-                start_response, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "too-many-records", str(exc)
-            )
-        except MalformedEvent as exc:
-            log.warning("not an S3 event notification", extra={"reason": str(exc)})
-            self._keep(_storable(body), str(exc))
-            return _problem(start_response, HTTPStatus.BAD_REQUEST, "malformed-event", str(exc))
-
-        outcomes = self._take_uploads(notification)
-        # After the uploads: if keeping fails, the sender retries, and the uploads recorded
-        # meanwhile are then duplicates that queue nothing.
-        for invalid in notification.invalid_records:
-            log.warning(
-                "invalid record; kept as a dead letter",
-                extra={"index": invalid.index, "reason": invalid.reason},
-            )
-            self._keep(invalid.record, invalid.reason)
-            outcomes.refuse(invalid.index, HTTPStatus.BAD_REQUEST, invalid.reason)
-
-        summary = outcomes.summary()
-        if notification.invalid_records and not (
-            notification.uploads or notification.ignored_events
-        ):
-            return _problem(
-                start_response,
-                HTTPStatus.BAD_REQUEST,
-                "invalid-records",
-                "no record of the event can be used; see refusals",
-                **summary,
-            )
-        return _json(
-            start_response, HTTPStatus.OK, {**summary, "test_event": notification.is_test_event}
-        )
-
-    def _take_uploads(self, notification: S3Notification) -> _Outcomes:
-        outcomes = _Outcomes(ignored=len(notification.ignored_events))
-        for index, record in notification.numbered_uploads():
-            if not self.policy.allows(record):
-                log.warning(
-                    "upload refused by bucket policy",
-                    extra={"bucket": record.bucket, "index": index},
-                )
-                outcomes.refuse(
-                    index,
-                    HTTPStatus.FORBIDDEN,
-                    f"bucket {record.bucket!r} (or this key's prefix) is not scanned here",
-                )
-                continue
-            try:
-                source_id = self.submit(record)
-            except Exception as exc:
-                log.exception("could not record an upload; asking the sender to retry")
-                raise _Unavailable from exc
-            if source_id is None:
-                outcomes.duplicates += 1
-            else:
-                outcomes.accepted += 1
-        return outcomes
-
-    def _keep(self, body: str, reason: str) -> None:
-        try:
-            self.dead_letter(body, reason)
-        except Exception as exc:
-            log.exception("could not keep a dead letter; asking the sender to retry")
-            raise _Unavailable from exc
-
-
-def _read_body(environ: dict[str, Any]) -> bytes | tuple[HTTPStatus, str]:
-    declared = environ.get("CONTENT_LENGTH")
-    if not declared:
-        return HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required"
+def _take_event(context: ApiContext, body: bytes) -> Response:
     try:
-        length = int(declared)
-    except ValueError:
-        return HTTPStatus.BAD_REQUEST, "the Content-Length is not a number"
-    if length > MAX_BODY_BYTES:
-        return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is over {MAX_BODY_BYTES} bytes"
-    if length <= 0:
-        return HTTPStatus.BAD_REQUEST, "the body is empty"
-    body: bytes = environ["wsgi.input"].read(length)
-    if len(body) != length:
-        return HTTPStatus.BAD_REQUEST, "the body ended before its Content-Length"
-    return body
+        notification = parse_s3_notification(body, max_records=context.webhook_max_records)
+    except TooManyRecords as exc:
+        log.warning("event over the record cap", extra={"records": exc.count})
+        _keep(context, _storable(body), str(exc))
+        return _problem(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "too-many-records", str(exc))
+    except MalformedEvent as exc:
+        log.warning("not an S3 event notification", extra={"reason": str(exc)})
+        _keep(context, _storable(body), str(exc))
+        return _problem(HTTPStatus.BAD_REQUEST, "malformed-event", str(exc))
+
+    outcomes = _take_uploads(context, notification)
+    # After the uploads: if keeping fails, the sender retries, and the uploads recorded
+    # meanwhile are then duplicates that dispatch nothing.
+    for invalid in notification.invalid_records:
+        log.warning(
+            "invalid record; kept as a dead letter",
+            extra={"index": invalid.index, "reason": invalid.reason},
+        )
+        _keep(context, invalid.record, invalid.reason)
+        outcomes.refuse(invalid.index, HTTPStatus.BAD_REQUEST, invalid.reason)
+
+    summary = outcomes.summary()
+    if notification.invalid_records and not (notification.uploads or notification.ignored_events):
+        return _problem(
+            HTTPStatus.BAD_REQUEST,
+            "invalid-records",
+            "no record of the event can be used; see refusals",
+            **summary,
+        )
+    return _reply(
+        HTTPStatus.OK, {**summary, "test_event": notification.is_test_event}, "application/json"
+    )
+
+
+def _take_uploads(context: ApiContext, notification: S3Notification) -> _Outcomes:
+    outcomes = _Outcomes(ignored=len(notification.ignored_events))
+    policy = context.bucket_policy
+    for index, record in notification.numbered_uploads():
+        if policy is None or not policy.allows(record):
+            log.warning(
+                "upload refused by bucket policy", extra={"bucket": record.bucket, "index": index}
+            )
+            outcomes.refuse(
+                index,
+                HTTPStatus.FORBIDDEN,
+                f"bucket {record.bucket!r} (or this key's prefix) is not scanned here",
+            )
+            continue
+        try:
+            source_id = submit_upload(context.session_factory, context.dispatcher, record)
+        except Exception as exc:
+            log.exception("could not record or dispatch an upload; asking the sender to retry")
+            raise _Unavailable from exc
+        if source_id is None:
+            outcomes.duplicates += 1
+        else:
+            outcomes.accepted += 1
+    return outcomes
+
+
+def _keep(context: ApiContext, body: str, reason: str) -> None:
+    try:
+        keep_dead_letter(context.session_factory, DEAD_LETTER_CHANNEL, body, reason)
+    except Exception as exc:
+        log.exception("could not keep a dead letter; asking the sender to retry")
+        raise _Unavailable from exc
 
 
 def _storable(body: bytes) -> str:
-    # A dead letter is text in PostgreSQL: no invalid UTF-8, no NUL.
+    # A dead letter is text in the database: no invalid UTF-8, no NUL.
     return body.decode("utf-8", "replace").replace("\x00", "\ufffd")
 
 
-def _authorised(header: str, secret: str) -> bool:
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer":  # the bare secret is not accepted: it is a Bearer token
-        return False
-    return hmac.compare_digest(token.strip().encode(), secret.encode())
-
-
-def _json(
-    start_response: StartResponse, status: HTTPStatus, payload: dict[str, Any]
-) -> list[bytes]:
-    return _reply(start_response, status, payload, "application/json", [])
-
-
 def _problem(
-    start_response: StartResponse,
     status: HTTPStatus,
     kind: str,
     detail: str,
     *,
-    headers: list[tuple[str, str]] | None = None,
+    headers: dict[str, str] | None = None,
     **extensions: Any,
-) -> list[bytes]:
+) -> Response:
     document = problem_document(
         int(status), kind, detail, title=_PROBLEM_TITLES[kind], **extensions
     )
-    return _reply(start_response, status, document, MEDIA_TYPE, headers or [])
+    return _reply(status, document, MEDIA_TYPE, headers)
 
 
 def _reply(
-    start_response: StartResponse,
     status: HTTPStatus,
     payload: dict[str, Any],
-    content_type: str,
-    headers: list[tuple[str, str]],
-) -> list[bytes]:
-    # ensure_ascii: payload values (reasons quoting a key) can hold anything Unicode can.
+    media_type: str,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    # ensure_ascii: reasons quote keys, which can hold anything Unicode can, lone surrogates
+    # included, and those cannot be encoded as UTF-8.
     body = json.dumps(payload, ensure_ascii=True).encode()
-    start_response(
-        f"{int(status)} {status.phrase}",
-        [("Content-Type", content_type), ("Content-Length", str(len(body))), *headers],
-    )
-    return [body]
+    return Response(body, status_code=int(status), media_type=media_type, headers=headers)

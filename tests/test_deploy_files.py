@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import shlex
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
+from api import webhook
 from synthsentry.cli import build_parser
 from synthsentry.settings import Settings
 from tasks.queues import QUEUES
@@ -40,11 +43,26 @@ def _by_kind(kind: str) -> list[dict[str, Any]]:
     return [d for d in _k8s_documents() if d["kind"] == kind]
 
 
-def _queue_of(args: list[str]) -> str | None:
+def _queues_of(args: list[str]) -> list[str]:
+    """The queues a worker started with ``args`` consumes: its upload queue, then (unless
+    --no-bulk) its bulk twin; none for another command."""
     parsed = build_parser().parse_args(args)
     if parsed.command != "worker":
-        return None
-    return QUEUES.intake if parsed.intake else QUEUES.detect(parsed.detector)
+        return []
+    if parsed.intake:
+        queues = [QUEUES.intake, QUEUES.intake_queue(bulk=True)]
+    else:
+        queues = [QUEUES.detect(parsed.detector), QUEUES.detect(parsed.detector, bulk=True)]
+    return queues[:1] if parsed.no_bulk else queues
+
+
+def _fill_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The variables the secret (k8s/secret.example.yaml) holds, set as a real one sets them."""
+    example = yaml.safe_load((REPO / "k8s" / "secret.example.yaml").read_text(encoding="utf-8"))
+    assert set(example["stringData"]) <= SETTINGS_VARS
+    for name in example["stringData"]:
+        monkeypatch.setenv(name, secrets.token_hex(24))
+    monkeypatch.setenv("SYNTHSENTRY_DATABASE_URL", "postgresql+psycopg2://u:p@db:5432/s")
 
 
 def test_every_manifest_is_well_formed() -> None:
@@ -80,13 +98,14 @@ def test_configmap_and_env_only_name_real_settings(monkeypatch: pytest.MonkeyPat
     # The values parse as the settings they name (with the secret's variables filled in).
     for name, value in configmap["data"].items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("SYNTHSENTRY_DATABASE_URL", "postgresql+psycopg2://u:p@db:5432/s")
+    _fill_secret(monkeypatch)
     settings = Settings()
     # Every detector of the fleet's ensemble is known and has a worker on its queue: an
     # image waits for all of them.
     consumed = {
-        _queue_of(d["spec"]["template"]["spec"]["containers"][0]["args"])
+        queue
         for d in _by_kind("Deployment")
+        for queue in _queues_of(d["spec"]["template"]["spec"]["containers"][0]["args"])
     }
     assert settings.fleet_detectors
     for detector in settings.fleet_detectors:
@@ -105,13 +124,14 @@ def test_each_worker_scales_on_the_queue_it_consumes() -> None:
     for scaled_object in scaled:
         target = deployments[scaled_object["spec"]["scaleTargetRef"]["name"]]
         (container,) = target["spec"]["template"]["spec"]["containers"]
-        (trigger,) = scaled_object["spec"]["triggers"]
-        assert trigger["type"] == "redis"
-        assert trigger["metadata"]["listName"] == _queue_of(container["args"])
+        triggers = scaled_object["spec"]["triggers"]
+        assert {trigger["type"] for trigger in triggers} == {"redis"}
+        # Every queue it consumes, uploads and bulk work alike, counts towards its scale.
+        assert [t["metadata"]["listName"] for t in triggers] == _queues_of(container["args"])
     workers = [
         d
         for d in deployments.values()
-        if _queue_of(d["spec"]["template"]["spec"]["containers"][0]["args"])
+        if _queues_of(d["spec"]["template"]["spec"]["containers"][0]["args"])
     ]
     assert {d["metadata"]["name"] for d in workers} == {
         s["spec"]["scaleTargetRef"]["name"] for s in scaled
@@ -124,7 +144,7 @@ def test_model_workers_get_a_gpu_and_outlive_their_longest_task() -> None:
     for document in _by_kind("Deployment"):
         pod = document["spec"]["template"]["spec"]
         args = pod["containers"][0]["args"]
-        if _queue_of(args) is None:
+        if not _queues_of(args):
             continue
         assert pod["terminationGracePeriodSeconds"] > time_limit, document["metadata"]["name"]
         parsed = build_parser().parse_args(args)
@@ -145,7 +165,7 @@ def test_configured_limits_pass_the_settings_checks(monkeypatch: pytest.MonkeyPa
     (configmap,) = _by_kind("ConfigMap")
     for name, value in configmap["data"].items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("SYNTHSENTRY_DATABASE_URL", "postgresql://db/synthsentry")
+    _fill_secret(monkeypatch)
     parsed = Settings()
     assert parsed.visibility_timeout_seconds > 2 * parsed.task_time_limit_seconds
 
@@ -164,7 +184,7 @@ def test_compose_services_run_real_commands_with_real_settings() -> None:
     fleet = {
         name: s for name, s in compose["services"].items() if s.get("image") == "synthsentry:latest"
     }
-    assert {"migrate", "webhook", "intake", "provenance"} <= set(fleet)
+    assert {"migrate", "api", "intake", "provenance"} <= set(fleet)
     for name, service in fleet.items():
         parser.parse_args(service["command"])
         assert set(service["environment"]) <= SETTINGS_VARS | {
@@ -184,6 +204,31 @@ def test_compose_broker_keeps_messages_and_webhook_secret_is_required() -> None:
     assert "noeviction" in redis_command
     raw = (REPO / "docker" / "docker-compose.yml").read_text(encoding="utf-8")
     assert "SYNTHSENTRY_WEBHOOK_SECRET: ${SYNTHSENTRY_WEBHOOK_SECRET:?" in raw
+
+
+def test_minio_posts_its_events_to_the_api_route_with_the_shared_secret() -> None:
+    compose = _compose()
+    minio = compose["services"]["minio"]["environment"]
+    endpoint = urlsplit(minio["MINIO_NOTIFY_WEBHOOK_ENDPOINT_SYNTHSENTRY"])
+    assert endpoint.path == webhook.PATH
+    served = build_parser().parse_args(compose["services"][endpoint.hostname]["command"])
+    assert (served.command, served.port) == ("serve", endpoint.port)
+    assert minio["MINIO_NOTIFY_WEBHOOK_AUTH_TOKEN_SYNTHSENTRY"] == (
+        "placeholder-for-SYNTHSENTRY_WEBHOOK_SECRET"
+    )
+
+
+def test_the_k8s_api_serves_the_port_its_service_targets() -> None:
+    deployments = {d["metadata"]["name"]: d for d in _by_kind("Deployment")}
+    services = {s["metadata"]["name"]: s for s in _by_kind("Service")}
+    (container,) = deployments["synthsentry-api"]["spec"]["template"]["spec"]["containers"]
+    served = build_parser().parse_args(container["args"])
+    assert (served.command, served.host) == ("serve", "0.0.0.0")
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": served.port}
+    (port,) = services["synthsentry-api"]["spec"]["ports"]
+    assert port["targetPort"] == "http"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
 
 def test_dockerfile_runs_as_non_root_and_copies_what_exists() -> None:
