@@ -9,6 +9,7 @@ from fastapi import APIRouter, Path, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import AdminToken, SessionDep
+from api.context import ContextDep
 from api.problems import Problem
 from db.models import TokenRole
 from workers import tokens
@@ -21,6 +22,11 @@ class TokenRequest(BaseModel):
 
     role: TokenRole
     name: str = Field(min_length=1, max_length=255, description="who or what uses it")
+    callback_hosts: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description="platform tokens: hosts its callbacks may go to",
+    )
 
 
 class IssuedTokenOut(BaseModel):
@@ -28,6 +34,11 @@ class IssuedTokenOut(BaseModel):
     public_id: str
     name: str
     role: TokenRole
+    callback_secret: str | None = Field(
+        description="platform tokens: the callback signing secret (Standard Webhooks), shown "
+        "this once, never again"
+    )
+    callback_hosts: list[str]
 
 
 class TokenOut(BaseModel):
@@ -44,13 +55,27 @@ def _actor(caller: AdminToken) -> str:
 
 
 @router.post("", status_code=201, response_model=IssuedTokenOut)
-def create_token(body: TokenRequest, session: SessionDep, caller: AdminToken) -> IssuedTokenOut:
+def create_token(
+    body: TokenRequest, session: SessionDep, caller: AdminToken, context: ContextDep
+) -> IssuedTokenOut:
     try:
-        issued = tokens.issue_token(session, role=body.role, name=body.name, actor=_actor(caller))
+        issued = tokens.issue_token(
+            session,
+            role=body.role,
+            name=body.name,
+            actor=_actor(caller),
+            secret_box=context.callbacks.box,
+            callback_hosts=body.callback_hosts,
+        )
     except tokens.TokenError as exc:
         raise Problem(400, "invalid-token-request", str(exc)) from exc
     return IssuedTokenOut(
-        token=issued.token, public_id=issued.public_id, name=issued.name, role=issued.role
+        token=issued.token,
+        public_id=issued.public_id,
+        name=issued.name,
+        role=issued.role,
+        callback_secret=issued.callback_secret,
+        callback_hosts=list(issued.callback_hosts),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import ApiToken, AuditEvent, TokenRole
+from db.models import ApiToken, AuditEvent, CallbackSecret, TokenRole
 from workers import tokens
+from workers.callbacks import SecretBox
 
 
 def test_a_token_is_shown_once_stored_as_a_hash_and_checked(db_session: Session) -> None:
@@ -88,3 +90,51 @@ def test_tokens_through_the_cli(tmp_path: Path) -> None:
     assert unknown.returncode == 2 and "no token" in unknown.stderr
     bad_role = cli("create", "--role", "root", "--name", "x")
     assert bad_role.returncode == 2 and "invalid choice" in bad_role.stderr
+    assert issued["callback_secret"] is None and issued["callback_hosts"] == []
+    # A platform token comes with its callback signing secret (shown once, like the token)
+    # and the hosts its callbacks may go to; without a configured secret key, development
+    # keeps one in the data folder, readable by this user only.
+    platform = cli(
+        "create", "--role", "platform", "--name", "acme",
+        "--callback-host", "Hooks.Example.com", "--callback-host", "127.0.0.1",
+    )  # fmt: skip
+    assert platform.returncode == 0, platform.stderr
+    token, secret, notice, hosts = platform.stdout.splitlines()
+    assert token.startswith("sst_") and secret.startswith("callback signing secret: whsec_")
+    assert "they are shown this once" in notice
+    assert hosts == "callbacks may go to: 127.0.0.1, hooks.example.com"
+    assert stat.S_IMODE((tmp_path / "secret.key").stat().st_mode) == 0o600
+    listed = cli("list", "--json")
+    assert secret.split(": ")[1] not in listed.stdout
+    misplaced = cli("create", "--role", "moderator", "--name", "x", "--callback-host", "a.example")
+    assert misplaced.returncode == 2 and "for platform tokens" in misplaced.stderr
+
+
+def test_a_platform_token_gets_its_callback_secret_encrypted(db_session: Session) -> None:
+    box = SecretBox("a secret key for the token tests")
+    issued = tokens.issue_token(
+        db_session,
+        role=TokenRole.PLATFORM,
+        name="acme",
+        actor="test",
+        secret_box=box,
+        callback_hosts=["hooks.example.com"],
+    )
+    assert issued.callback_secret is not None and issued.callback_hosts == ("hooks.example.com",)
+    (stored,) = db_session.execute(select(CallbackSecret)).scalars().all()
+    assert issued.callback_secret not in stored.secret_encrypted
+    assert box.decrypt(stored.secret_encrypted) == issued.callback_secret
+    # Other roles get no secret; a bad host refuses the whole token.
+    moderator = tokens.issue_token(
+        db_session, role=TokenRole.MODERATOR, name="alice", actor="test", secret_box=box
+    )
+    assert moderator.callback_secret is None
+    with pytest.raises(tokens.TokenError, match="not a host name"):
+        tokens.issue_token(
+            db_session,
+            role=TokenRole.PLATFORM,
+            name="x",
+            actor="test",
+            secret_box=box,
+            callback_hosts=["not a host"],
+        )

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from db import repository
 from db.models import ApiToken, TokenRole
+from workers import callbacks
 
 PREFIX = "sst"
 _PUBLIC_ID_BYTES = 6  # 12 hex digits
@@ -32,12 +33,16 @@ class TokenError(ValueError):
 
 @dataclass(frozen=True)
 class IssuedToken:
-    """A new token: ``token`` is the credential, shown once and never stored."""
+    """A new token: ``token`` is the credential, shown once and never stored. A platform
+    token comes with its callback signing secret, shown once too (stored encrypted, to
+    sign), and the hosts its callbacks may go to."""
 
     token: str
     public_id: str
     name: str
     role: TokenRole
+    callback_secret: str | None = None
+    callback_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -67,21 +72,46 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode("ascii")).hexdigest()
 
 
-def issue_token(session: Session, *, role: TokenRole, name: str, actor: str) -> IssuedToken:
-    """Make a token for ``name`` (a person or a platform) with ``role``; audited."""
+def issue_token(
+    session: Session,
+    *,
+    role: TokenRole,
+    name: str,
+    actor: str,
+    secret_box: callbacks.SecretBox | None = None,
+    callback_hosts: Sequence[str] = (),
+) -> IssuedToken:
+    """Make a token for ``name`` (a person or a platform) with ``role``; audited. A platform
+    token gets a callback signing secret when ``secret_box`` is given (without one, the
+    platform makes it later: ``POST /v1/callbacks/secret``), and ``callback_hosts`` as its
+    callbacks' allow-list."""
     name = name.strip()
     if not name or len(name) > _MAX_NAME or not name.isprintable():
         raise TokenError(f"a token name is 1-{_MAX_NAME} printable characters")
+    if callback_hosts and role != TokenRole.PLATFORM:
+        raise TokenError("callback hosts are for platform tokens")
+    try:
+        hosts = callbacks.normalize_hosts(callback_hosts)
+    except callbacks.CallbackRefused as exc:
+        raise TokenError(str(exc)) from exc
     public_id = secrets.token_hex(_PUBLIC_ID_BYTES)
     secret = secrets.token_urlsafe(_SECRET_BYTES)
-    repository.add_token(
+    row = repository.add_token(
         session,
         repository.TokenRecord(
             public_id=public_id, name=name, role=role, secret_sha256=_digest(secret)
         ),
         actor=actor,
     )
-    return IssuedToken(f"{PREFIX}_{public_id}_{secret}", public_id, name, role)
+    callback_secret = None
+    if role == TokenRole.PLATFORM:
+        if secret_box is not None:
+            callback_secret = callbacks.create_secret(session, row.id, secret_box)
+        if hosts:
+            callbacks.replace_hosts(session, row, hosts, actor=actor)
+    return IssuedToken(
+        f"{PREFIX}_{public_id}_{secret}", public_id, name, role, callback_secret, tuple(hosts)
+    )
 
 
 def authenticate(session: Session, presented: str) -> ApiToken | None:

@@ -94,14 +94,16 @@ def mark_source_scored(session: Session, source_id: int) -> None:
     )
 
 
-def mark_pending_sources_scored(session: Session, image_id: int) -> int:
-    """Every source of this image still waiting for its verdict is scored; returns how many."""
-    result = session.execute(
+def mark_pending_sources_scored(session: Session, image_id: int) -> list[int]:
+    """Every source of this image still waiting for its verdict is scored; returns their ids
+    (the scans among them are complete)."""
+    marked = session.execute(
         update(Source)
         .where(Source.image_id == image_id, Source.status == SourceStatus.PENDING)
         .values(status=SourceStatus.SCORED, reject_reason=None, reject_message=None)
+        .returning(Source.id)
     )
-    return int(getattr(result, "rowcount", 0) or 0)
+    return sorted(marked.scalars())
 
 
 def mark_resent(session: Session, source_id: int, *, recheck_at: datetime) -> None:

@@ -14,6 +14,7 @@ from synthsentry.settings import Settings
 
 if TYPE_CHECKING:
     from synthsentry.cli.common import Commands
+    from workers.tokens import IssuedToken
 
 
 def register(commands: Commands) -> None:
@@ -29,6 +30,13 @@ def register(commands: Commands) -> None:
     create = sub.add_parser("create", help="make a token and print it once")
     create.add_argument("--role", required=True, choices=[role.value for role in TokenRole])
     create.add_argument("--name", required=True, help="who or what uses it (a person, a platform)")
+    create.add_argument(
+        "--callback-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="platform tokens: a host its callbacks may go to (repeatable)",
+    )
     create.add_argument("--json", action="store_true", help="print a JSON object")
     listing = sub.add_parser("list", help="every token, without its secret")
     listing.add_argument("--json", action="store_true", help="one JSON object per token")
@@ -48,8 +56,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         with transaction(session_factory) as session:
             if args.tokens_command == "create":
+                role = TokenRole(args.role)
                 issued = tokens.issue_token(
-                    session, role=TokenRole(args.role), name=args.name, actor=actor
+                    session,
+                    role=role,
+                    name=args.name,
+                    actor=actor,
+                    secret_box=(
+                        runtime.callback_policy().box if role == TokenRole.PLATFORM else None
+                    ),
+                    callback_hosts=args.callback_host,
                 )
             elif args.tokens_command == "revoke":
                 revoked = tokens.revoke(session, args.public_id, actor=actor)
@@ -58,14 +74,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except tokens.TokenError as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
     if args.tokens_command == "create":
-        if args.json:
-            print(json.dumps({**asdict(issued), "role": issued.role.value}))
-        else:
-            print(issued.token)
-            print(
-                f"token {issued.public_id} ({issued.role.value}) for {issued.name}: it is shown "
-                "this once; keep it in a secret store.",
-            )
+        _print_issued(issued, as_json=args.json)
     elif args.tokens_command == "revoke":
         print(f"token {args.public_id} {'revoked' if revoked else 'was revoked already'}")
     elif args.json:
@@ -79,3 +88,20 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 f"{info.revoked_at or '-':<26} {info.name}"
             )
     return EXIT_OK
+
+
+def _print_issued(issued: IssuedToken, *, as_json: bool) -> None:
+    """The new token, and a platform token's callback signing secret: shown this once."""
+    if as_json:
+        print(json.dumps({**asdict(issued), "role": issued.role.value}))
+        return
+    print(issued.token)
+    if issued.callback_secret is not None:
+        print(f"callback signing secret: {issued.callback_secret}")
+    they = ("they are", "them") if issued.callback_secret is not None else ("it is", "it")
+    print(
+        f"token {issued.public_id} ({issued.role.value}) for {issued.name}: {they[0]} "
+        f"shown this once; keep {they[1]} in a secret store.",
+    )
+    if issued.callback_hosts:
+        print(f"callbacks may go to: {', '.join(issued.callback_hosts)}")
