@@ -23,8 +23,9 @@ from tasks.app import (
     send_intake,
 )
 from tasks.queues import QUEUES
+from workers import uploads
 from workers.events import UploadRecord
-from workers.fleet import FleetContext, Upload, record_upload, resend_stalled
+from workers.fleet import FleetContext, resend_stalled
 
 if TYPE_CHECKING:
     import redis
@@ -35,25 +36,11 @@ log = logging.getLogger(__name__)
 def submit_upload(
     ctx: FleetContext, record: UploadRecord, *, kind: SourceKind = SourceKind.UPLOAD_EVENT
 ) -> int | None:
-    """Record the upload and queue its intake; returns the source id, or None for an upload
-    recorded before (nothing is sent). Raises if the database or the broker cannot be reached
-    (the caller keeps the event and tries again)."""
-    source_id = record_upload(
-        ctx,
-        Upload(
-            bucket=record.bucket,
-            key=record.key,
-            ref_key=record.ref_key(),
-            version_id=record.version_id,
-            etag=record.etag,
-        ),
-        kind=kind,
-    )
-    if source_id is None:
-        log.info("upload recorded before; nothing sent", extra={"ref": record.ref_key()})
-        return None
-    send_intake(source_id)
-    return source_id
+    """Record the upload and queue its intake (``workers.uploads.submit_upload`` with the
+    fleet's queues); returns the source id, or None for an upload recorded before (nothing is
+    sent). Raises if the database or the broker cannot be reached (the caller keeps the event
+    and tries again)."""
+    return uploads.submit_upload(ctx.session_factory, CeleryDispatcher(), record, kind=kind)
 
 
 @dataclass(frozen=True)
@@ -101,6 +88,10 @@ class BrokerBacklog:
     - messages and no live consumer: nobody drains the queue, and sending more into it
       cannot help; leave it, and warn at every check until a worker consumes it again (a
       supervisor must start one: that is not the reconciler's to do).
+
+    A low-priority (bulk) queue is served only when the upload queues are empty, so its
+    oldest message may wait any time behind a busy day of uploads: lost bulk work is sent
+    again once its queue drains, never because the queue is behind.
     """
 
     def __init__(self, client: redis.Redis, *, window_s: float) -> None:
@@ -123,21 +114,21 @@ class BrokerBacklog:
             }
             if not state.consumers:
                 log.warning("work waits in a queue that no worker consumes", extra=facts)
-            elif self._behind(state):
+            elif self._behind(state) and not state.queue.startswith(QUEUES.bulk_prefix):
                 log.warning("a queue is behind by more than the reconcile window", extra=facts)
         return states
 
-    def intake_waiting(self) -> bool:
-        return self._leave(QUEUES.intake)
+    def intake_waiting(self, *, bulk: bool = False) -> bool:
+        return self._leave(QUEUES.intake_queue(bulk=bulk), patient=bulk)
 
-    def detection_waiting(self, detector: str) -> bool:
-        return self._leave(QUEUES.detect(detector))
+    def detection_waiting(self, detector: str, *, bulk: bool = False) -> bool:
+        return self._leave(QUEUES.detect(detector, bulk=bulk), patient=bulk)
 
-    def _leave(self, queue: str) -> bool:
+    def _leave(self, queue: str, *, patient: bool = False) -> bool:
         state = self._state(queue)
         if not state.length:
             return False
-        return not state.consumers or not self._behind(state)
+        return patient or not state.consumers or not self._behind(state)
 
     def _behind(self, state: QueueState) -> bool:
         return state.oldest_age_s is not None and state.oldest_age_s > self.window_s
@@ -155,10 +146,32 @@ def resend_lost(ctx: FleetContext, *, after_s: float) -> int:
     no worker consumes, or that are behind by more than ``after_s`` (``BrokerBacklog``)."""
     with broker_redis() as client:
         backlog = BrokerBacklog(client, window_s=after_s)
-        backlog.check([QUEUES.intake, *(QUEUES.detect(name) for name in ctx.detectors)])
+        backlog.check(
+            [
+                queue
+                for bulk in (False, True)
+                for queue in (
+                    QUEUES.intake_queue(bulk=bulk),
+                    *(QUEUES.detect(name, bulk=bulk) for name in ctx.detectors),
+                )
+            ]
+        )
         work = resend_stalled(ctx, after_s=after_s, backlog=backlog)
+    bulk_intake, bulk_detect = set(work.bulk_intake), set(work.bulk_detect)
+    # A batch re-scan's lost work goes back to the low-priority queues it came from.
     for source_id in work.intake:
-        send_intake(source_id)
+        send_intake(source_id, bulk=source_id in bulk_intake)
     for image_id, detector in work.detect:
-        send_detect(image_id, detector)
+        send_detect(image_id, detector, bulk=(image_id, detector) in bulk_detect)
     return len(work.intake) + len(work.detect)
+
+
+class CeleryDispatcher:
+    """The fleet's dispatcher (``workers.dispatch.Dispatcher``): work goes to the broker's
+    queues, bulk work to their low-priority twins."""
+
+    def intake(self, source_id: int, *, bulk: bool = False) -> None:
+        send_intake(source_id, bulk=bulk)
+
+    def detect(self, image_id: int, detector: str, *, bulk: bool = False) -> None:
+        send_detect(image_id, detector, bulk=bulk)

@@ -1,4 +1,5 @@
-"""The fleet's commands: workers, ingest, the upload webhook, submit, reconcile, status.
+"""The fleet's commands: workers, ingest, submit, reconcile, status. (S3 event notifications
+sent over HTTP, MinIO's webhook target, are taken by ``synthsentry serve`` at /s3-events.)
 
 Each is a thin call into the services the tasks and the HTTP endpoints use
 (``tasks.submit``, ``workers.ingest``, ``workers.results``)."""
@@ -10,7 +11,8 @@ import logging
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 from synthsentry.cli.common import (
     EXIT_FAILURE,
@@ -51,18 +53,6 @@ def register(commands: Commands) -> None:
     sqs.add_argument("--endpoint-url", default=None, help="SQS endpoint (default: AWS)")
     sqs.set_defaults(handler=ingest_sqs)
 
-    webhook = commands.add_parser(
-        "webhook",
-        help="serve the HTTP endpoint for S3-style upload notifications (MinIO webhook)",
-        description="Serve POST /s3-events with waitress. Each record of an event is answered "
-        "on its own: good ones are recorded and queued once, bad ones kept as dead letters. "
-        "Limits: SYNTHSENTRY_WEBHOOK_TIMEOUT_SECONDS, SYNTHSENTRY_WEBHOOK_CONNECTION_LIMIT, "
-        "SYNTHSENTRY_WEBHOOK_THREADS, SYNTHSENTRY_WEBHOOK_MAX_RECORDS.",
-    )
-    webhook.add_argument("--host", default="127.0.0.1")
-    webhook.add_argument("--port", type=int, default=8080)
-    webhook.set_defaults(handler=serve_webhook)
-
     submit = commands.add_parser(
         "submit", help="queue S3 objects for scanning (operators, re-scans, tests)"
     )
@@ -75,8 +65,11 @@ def register(commands: Commands) -> None:
         "killed worker)",
         description="Every --every seconds, find uploads still pending --after seconds after "
         "they were recorded (doubling the delay on each further try) and send their missing "
-        "intake or detect messages again. Safe to run beside the fleet: every step is "
-        "idempotent. Run one (or more: they skip each other's rows).",
+        "intake or detect messages again. Between checks, advance the batch re-scans: list "
+        "the next page of each (SYNTHSENTRY_RESCAN_PAGE_SIZE objects, while it has fewer than "
+        "SYNTHSENTRY_RESCAN_MAX_IN_FLIGHT unfinished) and queue its work on the bulk queues. "
+        "Safe to run beside the fleet: every step is idempotent. Run one (or more: they skip "
+        "each other's rows and re-scans).",
     )
     reconcile.add_argument(
         "--after",
@@ -86,7 +79,16 @@ def register(commands: Commands) -> None:
         "the visibility timeout plus the task time limit, so Redis redelivers first)",
     )
     reconcile.add_argument("--every", type=float, default=60.0, help="seconds between checks")
-    reconcile.add_argument("--once", action="store_true", help="check once and exit")
+    reconcile.add_argument(
+        "--rescan-every",
+        type=float,
+        default=2.0,
+        help="seconds between re-scan steps when the last one listed nothing (a re-scan that "
+        "listed a page lists the next at once)",
+    )
+    reconcile.add_argument(
+        "--once", action="store_true", help="check once, take one re-scan step, and exit"
+    )
     reconcile.set_defaults(handler=reconcile_stalled)
 
     status = commands.add_parser(
@@ -103,11 +105,19 @@ def _register_worker(commands: Commands) -> None:
         help="run a fleet worker (Celery) for the intake queue or one detector's queue",
         description="Run a Celery worker. --intake consumes the intake queue (fetch, hash, "
         "validate, fan out); --detector NAME consumes detect.NAME and loads that model once, "
-        "lazily, in the process that runs it. Pin a GPU with CUDA_VISIBLE_DEVICES.",
+        "lazily, in the process that runs it. Pin a GPU with CUDA_VISIBLE_DEVICES. Each also "
+        "consumes its queue's low-priority twin (bulk.intake, bulk.detect.NAME: batch "
+        "re-scans), taking from it only while the upload queue is empty.",
     )
     role = worker.add_mutually_exclusive_group(required=True)
     role.add_argument("--intake", action="store_true", help="consume the intake queue")
     role.add_argument("--detector", metavar="NAME", help="consume the queue detect.NAME")
+    worker.add_argument(
+        "--no-bulk",
+        action="store_true",
+        help="consume the upload queue only, not its low-priority twin (capacity kept for "
+        "uploads alone)",
+    )
     worker.add_argument(
         "--concurrency",
         type=int,
@@ -181,6 +191,12 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     # Installed before the pool starts: prefork children inherit it, unbuilt.
     worker.install(worker.WorkerState(runtime, batching=batching))
     queue = QUEUES.intake if args.intake else QUEUES.detect(args.detector)
+    # The upload queue first, then its bulk twin: with the broker's "priority" queue order
+    # (tasks.app), bulk work is taken only while no upload waits.
+    bulk = (
+        QUEUES.intake_queue(bulk=True) if args.intake else QUEUES.detect(args.detector, bulk=True)
+    )
+    queues = [queue] if args.no_bulk else [queue, bulk]
     app = configure(settings)
     started: list[Any] = []
     signals.worker_init.connect(lambda sender, **_: started.append(sender), weak=False)
@@ -188,7 +204,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
         [
             "worker",
             "--queues",
-            queue,
+            ",".join(queues),
             "--concurrency",
             str(concurrency),
             "--pool",
@@ -276,70 +292,6 @@ def ingest_sqs(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def serve_webhook(args: argparse.Namespace, settings: Settings) -> int:
-    from waitress.server import create_server
-
-    from api.webhook import MAX_BODY_BYTES, make_app
-    from tasks.app import configure
-    from tasks.submit import submit_upload
-
-    runtime = load_runtime(settings, fleet=True)
-    secret = runtime.webhook_secret.get_secret_value()
-    if not secret:
-        raise CliError(
-            "set SYNTHSENTRY_WEBHOOK_SECRET: the webhook refuses to run open", EXIT_USAGE
-        )
-    policy = _policy(runtime)
-    session_factory = prepare_database(runtime)
-    configure(settings)
-    context = runtime.fleet_context()
-    application = make_app(
-        secret=secret,
-        policy=policy,
-        submit=lambda record: submit_upload(context, record),
-        dead_letter=_dead_letter(session_factory, "webhook"),
-        max_records=runtime.webhook_max_records,
-    )
-    # waitress reads each request whole (headers and body, both capped) before a worker
-    # thread sees it, so a slow or half-sent request holds a socket, not a thread; a
-    # connection idle for the timeout is closed, checked a few times per timeout.
-    server = create_server(
-        application,
-        host=args.host,
-        port=args.port,
-        threads=runtime.webhook_threads,
-        connection_limit=runtime.webhook_connection_limit,
-        channel_timeout=runtime.webhook_timeout_s,
-        cleanup_interval=max(1, min(30, runtime.webhook_timeout_s // 4)),
-        # MinIO and S3 send a few hundred bytes of headers; waitress allows 256 KiB.
-        max_request_header_size=32 * 1024,
-        # waitress refuses a body of this size or more; the app allows exactly 1 MiB.
-        max_request_body_size=MAX_BODY_BYTES + 1,
-        ident="synthsentry",
-    )
-    log.info(
-        "webhook listening",
-        extra={
-            "host": args.host,
-            "port": args.port,
-            "threads": runtime.webhook_threads,
-            "connection_limit": runtime.webhook_connection_limit,
-            "timeout_s": runtime.webhook_timeout_s,
-            "max_records": runtime.webhook_max_records,
-        },
-    )
-
-    # On SIGTERM (as on Ctrl-C) waitress stops accepting and lets the requests in hand
-    # finish for a few seconds; a request cut short is answered by no one and sent again.
-    def exit_on_signal(signum: int, frame: object) -> None:
-        raise SystemExit(EXIT_OK)
-
-    signal.signal(signal.SIGTERM, exit_on_signal)
-    server.run()
-    log.info("webhook stopped")
-    return EXIT_OK
-
-
 def submit_objects(args: argparse.Namespace, settings: Settings) -> int:
     from db.models import SourceKind
     from tasks.app import configure
@@ -376,13 +328,16 @@ def submit_objects(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def reconcile_stalled(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
     from kombu.exceptions import OperationalError as BrokerError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
     from sqlalchemy.exc import OperationalError as DatabaseError
 
     from tasks.app import configure
-    from tasks.submit import resend_lost
+    from tasks.submit import CeleryDispatcher, resend_lost
+    from workers.rescans import ObjectLister, advance_rescans
 
     # The database or the broker is away: one line per check until it is back (a traceback
     # at every check of an outage says nothing more). Anything else is logged in full.
@@ -392,29 +347,50 @@ def reconcile_stalled(args: argparse.Namespace, settings: Settings) -> int:
     after = args.after
     if after is None:
         after = runtime.visibility_timeout_s + runtime.task_time_limit_s
-    if after <= 0 or args.every <= 0:
-        raise CliError("--after and --every must be positive", EXIT_USAGE)
+    if after <= 0 or args.every <= 0 or args.rescan_every <= 0:
+        raise CliError("--after, --every and --rescan-every must be positive", EXIT_USAGE)
     prepare_database(runtime)
     configure(settings)
     context = runtime.fleet_context()
+    store = cast("ObjectLister", runtime.s3_client())  # boto3's client lists objects too
+    dispatcher = CeleryDispatcher()
     stop = _stop_on_signals()
-    while True:
+
+    def attempt(what: str, call: Callable[[], int]) -> int | None:
         try:
-            sent = resend_lost(context, after_s=after)
-        except Exception as exc:  # try again at the next check
+            return call()
+        except Exception as exc:  # tried again later
             if isinstance(exc, away):
-                log.warning(
-                    "reconcile check failed: %s", type(exc).__name__, extra={"error": str(exc)}
-                )
+                log.warning("%s failed: %s", what, type(exc).__name__, extra={"error": str(exc)})
             else:
-                log.exception("reconcile check failed")
-            if args.once:
+                log.exception("%s failed", what)
+            return None
+
+    next_check = 0.0
+    while True:
+        sent: int | None = 0
+        if time.monotonic() >= next_check:
+            next_check = time.monotonic() + args.every
+            sent = attempt("reconcile check", lambda: resend_lost(context, after_s=after))
+        pages = attempt(
+            "re-scan step",
+            lambda: advance_rescans(
+                context,
+                store,
+                dispatcher,
+                page_size=runtime.rescan_page_size,
+                max_in_flight=runtime.rescan_max_in_flight,
+            ),
+        )
+        if args.once:
+            if sent is None or pages is None:
                 return EXIT_FAILURE
-        else:
-            if args.once:
-                print(f"sent {sent} messages again")
-                return EXIT_OK
-        if stop.wait(args.every):
+            print(f"sent {sent} messages again")
+            print(f"listed {pages} re-scan pages")
+            return EXIT_OK
+        # A re-scan that listed a page goes on at once; the next check is not put off.
+        pause = 0.0 if pages else min(args.rescan_every, next_check - time.monotonic())
+        if stop.wait(max(0.0, pause)):
             return EXIT_OK
 
 
