@@ -3,7 +3,11 @@
     GET  /healthz            the process answers
     GET  /readyz             the database (and, with a server database, the broker) answer
     GET  /openapi.json       the schema
+    /v1/scans, /v1/items, /v1/images   platform hooks: submit uploads, read verdicts
+    /v1/callbacks            signed callbacks: secrets, allowed hosts, deliveries
+    /v1/rescans              batch re-scans (admin)
     /v1/tokens               API tokens (admin)
+    POST /s3-events          S3 upload notifications (shared secret)
 
 Importing this module loads FastAPI, SQLAlchemy and the services it serves, never torch:
 the API records and reads; models run in the workers.
@@ -14,30 +18,38 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import problems, tokens
+from api import callbacks, limits, problems, rescans, scans, tokens, webhook
+from api.context import ApiContext
+from api.guards import storable_text
 from api.problems import Problem
 
 log = logging.getLogger(__name__)
 
-# Every /v1 endpoint lives in one of these; each names the roles that may call it.
-ROUTERS = (tokens.router,)
+# Every endpoint but the health checks lives in one of these. Each /v1 endpoint names the
+# roles that may call it; /s3-events (api.webhook) is called by a storage server, which
+# holds no API token, and takes the shared secret instead.
+ROUTERS = (scans.router, callbacks.router, rescans.router, tokens.router, webhook.router)
 
 
-def create_app(session_factory: sessionmaker[Session], *, broker_url: str | None = None) -> FastAPI:
-    """The application; ``broker_url``: a broker ``/readyz`` must reach too (the fleet's;
-    None in the embedded mode, which has none)."""
+def create_app(context: ApiContext) -> FastAPI:
+    """The application over ``context`` (``api.context``: the database, the dispatcher, the
+    object store, the limits)."""
+    session_factory: sessionmaker[Session] = context.session_factory
+    broker_url = context.broker_url
     app = FastAPI(
         title="synthsentry",
         summary="Scores uploaded images for signs of AI generation and queues likely ones "
         "for human review. A flag is a request for review, never a finding of fact.",
         version="1",
     )
+    app.state.context = context
     app.state.session_factory = session_factory
     problems.install(app)
+    limits.install(app, context, read_timeout_s=context.body_read_timeout_s)
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> dict[str, bool]:
@@ -63,5 +75,7 @@ def create_app(session_factory: sessionmaker[Session], *, broker_url: str | None
         return {"ok": True, "database": True, "broker": broker_url is not None}
 
     for router in ROUTERS:
-        app.include_router(router)
+        # The S3 event endpoint keeps a record's bad text as that record's own refusal.
+        guards = [] if router is webhook.router else [Depends(storable_text)]
+        app.include_router(router, dependencies=guards)
     return app

@@ -40,13 +40,18 @@ class Authenticator:
 
     def __call__(
         self,
-        session: SessionDep,
+        request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> ApiToken:
         challenge = {"WWW-Authenticate": "Bearer"}
         if credentials is None or credentials.scheme.lower() != "bearer":
             raise Problem(401, "unauthenticated", "an API token is required", challenge)
-        token = tokens.authenticate(session, credentials.credentials)
+        # A session of its own, closed before the handler runs: a handler that waits (a
+        # scan's ?wait) holds no database connection while it does.
+        with request.app.state.session_factory() as session:
+            token = tokens.authenticate(session, credentials.credentials)
+            if token is not None:
+                session.expunge(token)
         if token is None:
             raise Problem(401, "unauthenticated", "the API token is not valid", challenge)
         if token.role not in self.roles:
@@ -58,3 +63,4 @@ class Authenticator:
 
 
 AdminToken = Annotated[ApiToken, Depends(Authenticator(TokenRole.ADMIN))]
+PlatformOrAdmin = Annotated[ApiToken, Depends(Authenticator(TokenRole.PLATFORM, TokenRole.ADMIN))]

@@ -36,7 +36,9 @@ from workers.intake import IntakeLimits, RejectReason
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
-    from workers.fleet import FleetContext, S3Reader
+    from workers.callbacks import CallbackPolicy
+    from workers.fleet import FleetContext
+    from workers.objects import ObjectStore
 
 
 @dataclass(frozen=True)
@@ -79,10 +81,21 @@ class Runtime:
     log_level: str
     allowed_buckets: str  # parsed by workers.events.BucketPolicy where events are taken in
     webhook_secret: SecretStr = field(repr=False)
-    webhook_timeout_s: int
-    webhook_connection_limit: int
-    webhook_threads: int
     webhook_max_records: int
+    embedded_api: bool = False  # `serve` runs scans in its own process (see api_mode)
+    api_max_body_bytes: int = 1024 * 1024
+    api_read_timeout_s: int = 30
+    api_connection_limit: int = 200
+    upload_bucket: str = "uploads"
+    upload_prefix: str = "api/"
+    object_store_dir: Path = Path(".synthsentry/objects")
+    embedded_queue_size: int = 256
+    secret_key: SecretStr = field(default=SecretStr(""), repr=False)
+    callback_timeout_s: float = 15.0
+    callback_retry_hours: float = 24.0
+    callback_allow_private: bool = False
+    rescan_page_size: int = 1000
+    rescan_max_in_flight: int = 5000
     # Where batch figures go: the logs; a metrics exporter implements the same protocol.
     batch_observer: BatchObserver = field(default_factory=LogBatches)
 
@@ -129,10 +142,24 @@ class Runtime:
             log_level=settings.log_level,
             allowed_buckets=settings.allowed_buckets,
             webhook_secret=settings.webhook_secret,
-            webhook_timeout_s=settings.webhook_timeout_seconds,
-            webhook_connection_limit=settings.webhook_connection_limit,
-            webhook_threads=settings.webhook_threads,
             webhook_max_records=settings.webhook_max_records,
+            embedded_api=settings.api_mode == "embedded"
+            or (
+                settings.api_mode == "auto" and settings.resolved_database_url.startswith("sqlite")
+            ),
+            api_max_body_bytes=settings.api_max_body_bytes,
+            api_read_timeout_s=settings.api_read_timeout_seconds,
+            api_connection_limit=settings.api_connection_limit,
+            upload_bucket=settings.upload_bucket,
+            upload_prefix=settings.upload_prefix,
+            object_store_dir=settings.resolved_object_store_dir,
+            embedded_queue_size=settings.embedded_queue_size,
+            secret_key=settings.secret_key,
+            callback_timeout_s=settings.callback_timeout_seconds,
+            callback_retry_hours=settings.callback_retry_hours,
+            callback_allow_private=settings.callback_allow_private_addresses,
+            rescan_page_size=settings.rescan_page_size,
+            rescan_max_in_flight=settings.rescan_max_in_flight,
         )
 
     def replace(self, **changes: Any) -> Runtime:
@@ -204,11 +231,11 @@ class Runtime:
         engine = make_engine(self.database_url, echo=self.database_echo, pool_size=pool_size)
         return make_sessionmaker(engine)
 
-    def s3_client(self, *, max_connections: int = 10) -> S3Reader:
+    def s3_client(self, *, max_connections: int = 10) -> ObjectStore:
         import boto3
         from botocore.config import Config
 
-        client: S3Reader = boto3.client(
+        client: ObjectStore = boto3.client(
             "s3",
             endpoint_url=self.s3_endpoint_url,
             region_name=self.s3_region,
@@ -229,6 +256,23 @@ class Runtime:
             ensemble=self.fleet_ensemble,
             detectors=list(self.fleet_detectors),
             max_attempts=self.max_detect_attempts,
+        )
+
+    def callback_policy(self) -> CallbackPolicy:
+        """How callbacks are signed and sent. Without a configured secret key (development
+        only: production refuses to start without one) the key is kept in
+        ``<data_dir>/secret.key``, made on first use, readable by this user only; the API,
+        the callback sender and ``tokens create`` must then share the data folder."""
+        from workers.callbacks import CallbackPolicy, SecretBox, load_or_create_key
+
+        key = self.secret_key.get_secret_value()
+        if not key:
+            key = load_or_create_key(self.data_dir / "secret.key")
+        return CallbackPolicy(
+            box=SecretBox(key),
+            allow_private=self.callback_allow_private,
+            timeout_s=self.callback_timeout_s,
+            retry_hours=self.callback_retry_hours,
         )
 
     def batching(self) -> Batching:

@@ -3,6 +3,7 @@ over HTTP, and ``synthsentry serve`` as a real process."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -13,6 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -20,12 +22,14 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from api import webhook
 from api.app import ROUTERS, create_app
 from api.auth import Authenticator
 from db.models import TokenRole
 from db.session import make_engine, make_sessionmaker, transaction
 from workers import tokens
 
+from apitest import build_test_api
 from conftest import DatabaseFactory
 
 PROBLEM = "application/problem+json"
@@ -40,14 +44,14 @@ def api_database(committing_database: DatabaseFactory) -> str:
 def sessions(api_database: str) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(api_database)
     with engine.begin() as connection:
-        connection.execute(sa.text("TRUNCATE api_tokens, audit_log RESTART IDENTITY"))
+        connection.execute(sa.text("TRUNCATE api_tokens, audit_log RESTART IDENTITY CASCADE"))
     yield make_sessionmaker(engine)
     engine.dispose()
 
 
 @pytest.fixture
-def client(sessions: sessionmaker[Session]) -> TestClient:
-    return TestClient(create_app(sessions))
+def client(sessions: sessionmaker[Session], tmp_path: Path) -> TestClient:
+    return TestClient(create_app(build_test_api(sessions, tmp_path).context))
 
 
 def _token(sessions: sessionmaker[Session], role: TokenRole, name: str = "someone") -> str:
@@ -59,13 +63,18 @@ def _bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def test_health_and_readiness(client: TestClient, sessions: sessionmaker[Session]) -> None:
+def test_health_and_readiness(
+    client: TestClient, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
     assert client.get("/healthz").json() == {"ok": True}
     assert client.get("/readyz").json()["database"] is True
     with socket.socket() as closed:  # a port nothing listens on: the broker is away
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
-    away = TestClient(create_app(sessions, broker_url=f"redis://127.0.0.1:{port}/0"))
+    context = build_test_api(sessions, tmp_path).context
+    away = TestClient(
+        create_app(dataclasses.replace(context, broker_url=f"redis://127.0.0.1:{port}/0"))
+    )
     reply = away.get("/readyz")
     assert reply.status_code == 503 and reply.headers["content-type"] == PROBLEM
     assert reply.json()["detail"] == "the broker does not answer"
@@ -117,19 +126,32 @@ def test_an_admin_makes_lists_and_revokes_tokens_over_http(
 
 
 def test_every_v1_route_names_the_roles_that_may_call_it(client: TestClient) -> None:
-    def roles_of(route: APIRoute) -> set[TokenRole]:
-        found: set[TokenRole] = set()
+    def dependencies_of(route: APIRoute) -> list[Any]:
+        found: list[Any] = []
         stack = list(route.dependant.dependencies)
         while stack:
             dependency = stack.pop()
-            if isinstance(dependency.call, Authenticator):
-                found |= dependency.call.roles
+            found.append(dependency.call)
             stack.extend(dependency.dependencies)
         return found
 
-    routes = [r for router in ROUTERS for r in router.routes if isinstance(r, APIRoute)]
+    def roles_of(route: APIRoute) -> set[TokenRole]:
+        found: set[TokenRole] = set()
+        for call in dependencies_of(route):
+            if isinstance(call, Authenticator):
+                found |= call.roles
+        return found
+
+    every = [r for router in ROUTERS for r in router.routes if isinstance(r, APIRoute)]
+    routes = [r for r in every if r.path.startswith("/v1")]
     assert routes, "no /v1 routes found"
     assert {(r.path, m) for r in routes for m in r.methods if not roles_of(r)} == set()
+    # The one route outside /v1 is the S3 event webhook: a storage server calls it, with no
+    # API token, so it takes the shared secret instead of a role.
+    others = [r for r in every if not r.path.startswith("/v1")]
+    assert {(r.path, m) for r in others for m in r.methods} == {(webhook.PATH, "POST")}
+    for route in others:
+        assert webhook.require_shared_secret in dependencies_of(route) and not roles_of(route)
     # The schema the app serves has no /v1 operation outside those routers, and each of
     # them asks for a bearer token.
     schema = client.get("/openapi.json").json()
@@ -142,6 +164,7 @@ def test_every_v1_route_names_the_roles_that_may_call_it(client: TestClient) -> 
     assert served == {(r.path, m) for r in routes for m in r.methods}
     for path, method in served:
         assert schema["paths"][path][method.lower()]["security"] == [{"HTTPBearer": []}]
+    assert schema["paths"][webhook.PATH]["post"]["security"] == [{"S3EventSecret": []}]
 
 
 def test_the_api_never_imports_torch() -> None:

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import repository
 from db.models import SourceKind, SourceStatus, Verdict, utcnow
 from db.session import transaction
-from workers import scoring
+from workers import callbacks, scoring
 from workers.budget import DEFAULT_MEMORY_BUDGET, MemoryBudget, reserving
 from workers.detectors.base import Detector
 from workers.engine import (
@@ -43,6 +43,7 @@ from workers.engine import (
 from workers.ensemble import EnsembleConfig
 from workers.intake import Admit, IntakeLimits, Rejected, RejectReason, decode
 from workers.scoring import TransientError
+from workers.uploads import Upload, record_object
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +54,6 @@ class S3Reader(Protocol):
     def head_object(self, **kwargs: Any) -> Mapping[str, Any]: ...
 
     def get_object(self, **kwargs: Any) -> Mapping[str, Any]: ...
-
-
-@dataclass(frozen=True)
-class Upload:
-    """An object to scan, as an upload event, a hook or an operator names it."""
-
-    bucket: str
-    key: str
-    ref_key: str
-    version_id: str | None = None
-    etag: str | None = None
 
 
 @dataclass
@@ -94,27 +84,11 @@ class FleetContext:
 def record_upload(
     ctx: FleetContext, upload: Upload, *, kind: SourceKind = SourceKind.UPLOAD_EVENT
 ) -> int | None:
-    """Record an upload; returns the source id to take in when this call recorded it, or None
-    when this exact object was recorded before (a duplicate event, a sender's retry)."""
-    with transaction(ctx.session_factory) as session:
-        source, created = repository.record_source(
-            session,
-            repository.SourceRef(
-                kind=kind,
-                ref_key=upload.ref_key,
-                bucket=upload.bucket,
-                object_key=upload.key,
-                version_id=upload.version_id,
-                etag=upload.etag,
-                submitted_by=ACTOR if kind == SourceKind.UPLOAD_EVENT else kind.value,
-            ),
-            None,
-        )
-        # Only the call that created the row sends its intake, so a sender retrying a
-        # request (or S3 and SQS delivering twice) queues nothing again. A send lost after
-        # this commit is not lost work: the reconciler (resend_stalled) finds the upload
-        # still pending and sends its intake again.
-        return source.id if created else None
+    """Record an upload (``workers.uploads.record_object``); returns the source id to take
+    in when this call recorded it, or None when this exact object was recorded before. A
+    dispatch lost after this commit is not lost work: the reconciler (resend_stalled) finds
+    the upload still pending and sends its intake again."""
+    return record_object(ctx.session_factory, upload, kind=kind)
 
 
 # --- intake -----------------------------------------------------------------------------
@@ -203,6 +177,10 @@ def _record(
                     ensemble_id=ctx.ensemble_id(),
                     actor=ACTOR,
                 )
+            # The refusal is the upload's final outcome: a scan of it is complete.
+            callbacks.enqueue_scan_completed(
+                session, [source_id], active_ensemble=ctx.ensemble.version
+            )
             return []
         assert image_id is not None  # bytes were read and accepted
         versions = repository.current_versions(session, ctx.detectors)
@@ -384,7 +362,8 @@ def conclude(session: Session, ctx: FleetContext, image_id: int) -> Verdict | No
     concluded = scoring.conclude(
         session, image_id, latest, ctx.ensemble, ensemble_id=ctx.ensemble_id(), actor=ACTOR
     )
-    repository.mark_pending_sources_scored(session, image_id)
+    scored = repository.mark_pending_sources_scored(session, image_id)
+    callbacks.enqueue_scan_completed(session, scored, active_ensemble=ctx.ensemble.version)
     return concluded.verdict
 
 
@@ -393,10 +372,14 @@ def conclude(session: Session, ctx: FleetContext, image_id: int) -> Verdict | No
 
 @dataclass(frozen=True)
 class Resend:
-    """Work to send again for uploads that stayed pending too long."""
+    """Work to send again for uploads that stayed pending too long. The work of a batch
+    re-scan's items is also listed in ``bulk_intake`` / ``bulk_detect``: it goes back to the
+    low-priority queues it came from."""
 
     intake: list[int]  # source ids whose intake never finished
     detect: list[tuple[int, str]]  # (image id, detector) with no detection stored
+    bulk_intake: list[int] = field(default_factory=list)  # of ``intake``: re-scan items
+    bulk_detect: list[tuple[int, str]] = field(default_factory=list)  # of ``detect``
 
 
 class Backlog(Protocol):
@@ -405,18 +388,18 @@ class Backlog(Protocol):
     while nobody consumes the queue at all (sending more into it cannot help);
     ``tasks.submit.BrokerBacklog`` says how it tells them apart and warns of the latter."""
 
-    def intake_waiting(self) -> bool: ...
+    def intake_waiting(self, *, bulk: bool = False) -> bool: ...
 
-    def detection_waiting(self, detector: str) -> bool: ...
+    def detection_waiting(self, detector: str, *, bulk: bool = False) -> bool: ...
 
 
 class NoBacklog:
     """Nothing is waiting anywhere: every stalled upload's work is sent again."""
 
-    def intake_waiting(self) -> bool:
+    def intake_waiting(self, *, bulk: bool = False) -> bool:
         return False
 
-    def detection_waiting(self, detector: str) -> bool:
+    def detection_waiting(self, detector: str, *, bulk: bool = False) -> bool:
         return False
 
 
@@ -448,25 +431,48 @@ def resend_stalled(
     now = now or utcnow()
     intake: list[int] = []
     detect: dict[tuple[int, str], None] = {}
+    bulk_intake: list[int] = []
+    bulk_detect: dict[tuple[int, str], None] = {}
+    urgent: dict[tuple[int, str], None] = {}  # needed by an upload too: not low priority
+    # Re-scan items whose low-priority queue is still being worked through: looked at again
+    # after another delay, so that they do not hold the head of the check's order.
+    postponed: list[int] = []
     with transaction(ctx.session_factory) as session:
         for source in repository.stalled_sources(
             session, created_before=now - timedelta(seconds=after_s), now=now, limit=limit
         ):
+            # A batch re-scan's item: its work goes back to the low-priority queues.
+            bulk = source.rescan_id is not None
+            options = {"bulk": True} if bulk else {}
             if source.image_id is None:
-                if waiting.intake_waiting():
+                if waiting.intake_waiting(**options):
+                    if bulk:
+                        postponed.append(source.id)
                     continue
                 intake.append(source.id)
+                if bulk:
+                    bulk_intake.append(source.id)
             else:
                 stored = repository.latest_detections(session, source.image_id, ctx.detectors)
                 missing = [n for n in ctx.detectors if n not in stored] or [ctx.detectors[0]]
-                if any(waiting.detection_waiting(name) for name in missing):
+                if any(waiting.detection_waiting(name, **options) for name in missing):
+                    if bulk:
+                        postponed.append(source.id)
                     continue
-                detect.update(((source.image_id, name), None) for name in missing)
+                work = {(source.image_id, name): None for name in missing}
+                detect.update(work)
+                (bulk_detect if bulk else urgent).update(work)
             delay = after_s * 2 ** min(source.resend_count + 1, 8)
             repository.mark_resent(session, source.id, recheck_at=now + timedelta(seconds=delay))
+        repository.postpone_checks(session, postponed, recheck_at=now + timedelta(seconds=after_s))
     if intake or detect:
         log.warning(
             "sending again the work of stalled uploads",
             extra={"intake": len(intake), "detect": len(detect)},
         )
-    return Resend(intake=intake, detect=list(detect))
+    return Resend(
+        intake=intake,
+        detect=list(detect),
+        bulk_intake=bulk_intake,
+        bulk_detect=[work for work in detect if work in bulk_detect and work not in urgent],
+    )

@@ -3,10 +3,11 @@ its own beyond parsing, wiring and printing; each command group is a module here
 
     scan        local files through the scan pipeline
     detectors   the detector catalog: list, verify
-    fleet       worker, ingest, webhook, submit, reconcile, status
+    fleet       worker, ingest, submit, reconcile, status
     database    db upgrade | current
     tokens      API tokens: create, list, revoke
     serve       the HTTP API
+    callbacks   signed callbacks: deliver, failed, redeliver
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from synthsentry.cli import database, detectors, fleet, scan, serve, tokens
+from synthsentry.cli import callbacks, database, detectors, fleet, rescan, scan, serve, tokens
 from synthsentry.cli.common import EXIT_USAGE, CliError
 from synthsentry.cli.output import POLICY
 from synthsentry.settings import get_settings
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "human review. " + POLICY,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (scan, detectors, fleet, database, tokens, serve):
+    for group in (scan, detectors, fleet, database, tokens, serve, callbacks, rescan):
         group.register(commands)
     return parser
 

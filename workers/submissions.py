@@ -1,0 +1,354 @@
+"""Platform hooks as services: submit objects or bytes for scanning, read what became of
+them. The HTTP handlers (``api/scans.py``) and the CLI call these; the work itself runs
+through the fleet's steps, sent by a ``Dispatcher`` (the fleet's queues or the embedded
+worker) once the transaction that recorded it has committed.
+
+Every scan is one object and gets a ``sources`` row of its own (kind ``hook``), so two
+platforms submitting the same object, or one platform submitting it twice, each get their
+answer; the bytes are addressed by content, so the second costs no detector work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import repository
+from db.models import IdempotencyKey, Scan, ScanPriority, SourceKind, SourceStatus
+from db.session import transaction
+from workers import results
+from workers.dispatch import Dispatcher
+from workers.events import BucketPolicy
+from workers.intake import SNIFF_BYTES, SUPPORTED_FORMATS, IntakeLimits, sniff
+from workers.objects import ObjectStore
+
+log = logging.getLogger(__name__)
+
+MAX_OBJECTS = 1000
+SCAN_ID_PREFIX = "scn_"
+
+NOTICE = (
+    "flagged asks a person to review the image; it is not a finding that the image is "
+    "AI-generated. Detector scores are an indication, not proof. A moderator's decision, "
+    "once made, is reported separately under review.decision."
+)
+
+
+class SubmissionRefused(ValueError):
+    """A request that cannot be taken; ``status`` and ``kind`` say how the API answers."""
+
+    def __init__(self, status: int, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    bucket: str
+    key: str
+    version_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ScanRequest:
+    objects: Sequence[ObjectRef]
+    external_id: str | None = None
+    callback_url: str | None = None
+    priority: ScanPriority = ScanPriority.NORMAL
+
+    def digest(self, *, extra: str = "") -> str:
+        """What an ``Idempotency-Key`` is bound to: the request's meaning, canonically."""
+        canonical = json.dumps(
+            {
+                "objects": [[o.bucket, o.key, o.version_id] for o in self.objects],
+                "external_id": self.external_id,
+                "callback_url": self.callback_url,
+                "priority": self.priority.value,
+                "extra": extra,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who submits: a token (its row id and public id), or an operator at the CLI."""
+
+    token_id: int | None
+    actor: str  # "token:<public id>" or "cli"
+
+
+@dataclass(frozen=True)
+class Submitted:
+    scan_ids: list[str]
+    replayed: bool  # the same Idempotency-Key and body were seen before: nothing new made
+
+
+@dataclass(frozen=True)
+class SubmitPolicy:
+    """What the deployment allows a submission to name."""
+
+    buckets: BucketPolicy | None  # None: no bucket may be named (uploads of bytes only)
+    upload_bucket: str
+    upload_prefix: str
+    limits: IntakeLimits
+    check_callback: Any = None  # (session, token_id, url) -> url; raises ValueError if refused
+
+
+def _new_scan_id() -> str:
+    return SCAN_ID_PREFIX + secrets.token_hex(12)
+
+
+def check_key(key: str) -> None:
+    """Keys the API refuses outright: empty, NUL, ``.``/``..`` segments, over 1024 bytes."""
+    if not key or "\x00" in key:
+        raise SubmissionRefused(422, "invalid-key", "an object key must be non-empty, without NUL")
+    if any(segment in (".", "..") for segment in key.split("/")):
+        raise SubmissionRefused(422, "invalid-key", f"the key {key!r} has a '.' or '..' segment")
+    if len(key.encode()) > 1024:
+        raise SubmissionRefused(422, "invalid-key", "an object key is at most 1024 bytes")
+
+
+def submit_objects(
+    session_factory: sessionmaker[Session],
+    dispatcher: Dispatcher,
+    request: ScanRequest,
+    caller: Caller,
+    policy: SubmitPolicy,
+    *,
+    idempotency_key: str | None = None,
+    digest_extra: str = "",
+    uploaded: bool = False,
+) -> Submitted:
+    """Record one scan per object and queue their intake. With ``idempotency_key``, a second
+    request with the same key and the same body answers with the first one's scans (and
+    queues nothing); the same key with another body is refused (422). ``uploaded``: the
+    object was written by this service (the upload bucket is allowed then)."""
+    if not 1 <= len(request.objects) <= MAX_OBJECTS:
+        raise SubmissionRefused(
+            422, "too-many-objects", f"a request names 1 to {MAX_OBJECTS} objects"
+        )
+    for ref in request.objects:
+        check_key(ref.key)
+        if uploaded and ref.bucket == policy.upload_bucket:
+            continue
+        if policy.buckets is None or not policy.buckets.permits(ref.bucket, ref.key):
+            raise SubmissionRefused(
+                403,
+                "bucket-not-allowed",
+                f"s3://{ref.bucket}/{ref.key} is not in a bucket (or prefix) this deployment scans",
+            )
+    digest = request.digest(extra=digest_extra)
+    if idempotency_key is not None and caller.token_id is not None:
+        replay = _replay(session_factory, caller.token_id, idempotency_key, digest)
+        if replay is not None:
+            return replay
+    try:
+        made = _record(
+            session_factory,
+            request,
+            caller,
+            policy,
+            idempotency_key=idempotency_key,
+            digest=digest,
+        )
+    except IntegrityError:
+        # A concurrent request with the same key committed first: answer with its scans.
+        if idempotency_key is None or caller.token_id is None:
+            raise
+        replay = _replay(session_factory, caller.token_id, idempotency_key, digest)
+        if replay is None:
+            raise
+        return replay
+    bulk = request.priority == ScanPriority.LOW
+    for source_id in made.source_ids:
+        try:
+            dispatcher.intake(source_id, bulk=bulk)
+        except Exception:
+            # Recorded and committed: the sweep (reconciler, or the embedded worker's)
+            # sends the work of an upload left pending. The caller gets its scan ids.
+            log.warning("intake not sent; left for the sweep", extra={"source_id": source_id})
+    return Submitted(scan_ids=made.scan_ids, replayed=False)
+
+
+@dataclass(frozen=True)
+class _Made:
+    scan_ids: list[str]
+    source_ids: list[int]
+
+
+def _record(
+    session_factory: sessionmaker[Session],
+    request: ScanRequest,
+    caller: Caller,
+    policy: SubmitPolicy,
+    *,
+    idempotency_key: str | None,
+    digest: str,
+) -> _Made:
+    with transaction(session_factory) as session:
+        if request.callback_url is not None:
+            if policy.check_callback is None or caller.token_id is None:
+                raise SubmissionRefused(
+                    422, "callback-not-allowed", "callbacks are sent for platform tokens only"
+                )
+            try:
+                policy.check_callback(session, caller.token_id, request.callback_url)
+            except ValueError as exc:
+                raise SubmissionRefused(422, "callback-not-allowed", str(exc)) from exc
+        scan_ids: list[str] = []
+        source_ids: list[int] = []
+        for ref in request.objects:
+            public_id = _new_scan_id()
+            source, _ = repository.record_source(
+                session,
+                repository.SourceRef(
+                    kind=SourceKind.HOOK,
+                    ref_key=f"scan:{public_id}",
+                    bucket=ref.bucket,
+                    object_key=ref.key,
+                    version_id=ref.version_id,
+                    submitted_by=caller.actor,
+                ),
+                None,
+            )
+            repository.add_scan(
+                session,
+                Scan(
+                    public_id=public_id,
+                    token_id=caller.token_id,
+                    source_id=source.id,
+                    external_id=request.external_id,
+                    callback_url=request.callback_url,
+                    priority=request.priority,
+                ),
+            )
+            scan_ids.append(public_id)
+            source_ids.append(source.id)
+        if idempotency_key is not None and caller.token_id is not None:
+            repository.add_idempotency_key(
+                session,
+                IdempotencyKey(
+                    token_id=caller.token_id,
+                    key=idempotency_key,
+                    request_sha256=digest,
+                    scan_ids=scan_ids,
+                ),
+            )
+        return _Made(scan_ids, source_ids)
+
+
+def _replay(
+    session_factory: sessionmaker[Session], token_id: int, key: str, digest: str
+) -> Submitted | None:
+    with session_factory() as session:
+        seen = repository.idempotency_key(session, token_id, key)
+        if seen is None:
+            return None
+        if seen.request_sha256 != digest:
+            raise SubmissionRefused(
+                422,
+                "idempotency-key-reused",
+                "this Idempotency-Key was used with another request body; use a new key",
+            )
+        return Submitted(scan_ids=list(seen.scan_ids), replayed=True)
+
+
+def store_upload(
+    store: ObjectStore, data: bytes, policy: SubmitPolicy, *, content_type: str | None = None
+) -> ObjectRef:
+    """Write posted image bytes to the upload bucket (content-addressed: the same bytes
+    posted twice are one object) and name the object. Refuses what is not an image of a
+    format the scanner reads, before anything is written."""
+    if not data:
+        raise SubmissionRefused(422, "empty-upload", "the uploaded file is empty")
+    if len(data) > policy.limits.max_bytes:
+        raise SubmissionRefused(
+            413, "upload-too-large", f"an image is at most {policy.limits.max_bytes} bytes"
+        )
+    fmt = sniff(data[:SNIFF_BYTES])
+    if fmt not in SUPPORTED_FORMATS:
+        what = f"a {fmt} file" if fmt else "not an image this service recognises"
+        raise SubmissionRefused(
+            415,
+            "unsupported-media-type",
+            f"the upload is {what}; supported: {', '.join(sorted(SUPPORTED_FORMATS))}",
+        )
+    sha256 = hashlib.sha256(data).hexdigest()
+    key = f"{policy.upload_prefix}{sha256[:2]}/{sha256}"
+    params: dict[str, Any] = {"Bucket": policy.upload_bucket, "Key": key, "Body": data}
+    if content_type:
+        params["ContentType"] = content_type
+    store.put_object(**params)
+    return ObjectRef(bucket=policy.upload_bucket, key=key)
+
+
+# --- reading -----------------------------------------------------------------------------
+
+
+ReviewStateName = Literal["none", "open", "claimed", "decided", "withdrawn"]
+
+
+def scan_document(session: Session, scan: Scan, *, active_ensemble: str) -> dict[str, Any]:
+    """What a platform reads of one scan: the result in the shape ``scan --json`` prints,
+    with the scan's own fields, the review state and the moderator's decision apart from
+    the flag, and what a flag means."""
+    source = repository.get_source(session, scan.source_id)
+    assert source is not None  # a scan's source is never deleted
+    path = f"s3://{source.bucket}/{source.object_key}"
+    outcome = results.source_outcome(session, source, path, active_ensemble=active_ensemble)
+    document = outcome.to_json()
+    review = outcome.review
+    document.update(
+        {
+            "id": scan.public_id,
+            "external_id": scan.external_id,
+            "object": {
+                "bucket": source.bucket,
+                "key": source.object_key,
+                "version_id": source.version_id,
+            },
+            "priority": scan.priority.value,
+            "submitted_at": _iso(scan.created_at),
+            "finished": source.status != SourceStatus.PENDING,
+            "review": {
+                "state": review.state.value if review is not None else "none",
+                "decision": review.decision.value
+                if review is not None and review.decision is not None
+                else None,
+                "case": review.to_json() if review is not None else None,
+            },
+            "detector_versions": {d.name: d.version for d in outcome.detectors},
+            "notice": NOTICE,
+            "links": {"self": f"/v1/scans/{scan.public_id}"},
+        }
+    )
+    return document
+
+
+def scan_documents(
+    session: Session, scans: Sequence[Scan], *, active_ensemble: str
+) -> list[dict[str, Any]]:
+    return [scan_document(session, scan, active_ensemble=active_ensemble) for scan in scans]
+
+
+def is_finished(session: Session, scan: Scan) -> bool:
+    source = repository.get_source(session, scan.source_id)
+    return source is not None and source.status != SourceStatus.PENDING
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat()
