@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import ipaddress
 import json
+import socket
 import ssl
 import threading
 import time
@@ -655,6 +656,92 @@ def test_tls_goes_to_the_checked_address_and_verifies_the_host_name(tmp_path: Pa
         server.close()
 
 
+def test_every_checked_address_is_tried_in_turn(receiver: Receiver) -> None:
+    # A dual-stack name seen from a machine without IPv6 (or with the receiver on IPv4
+    # only): the first address refuses, the second takes the request.
+    answers = {
+        "dual.test": ["::1", "127.0.0.1"],
+        "nowhere.test": ["::1", "127.0.0.2"],  # nothing listens on either
+    }
+    answer = _post(_policy(resolver=answers.__getitem__), receiver.url(host="dual.test"))
+    assert answer.delivered, answer.error
+    assert len(receiver.requests) == 1
+    assert receiver.requests[0].headers["Host"] == f"dual.test:{receiver.port}"
+    answer = _post(_policy(resolver=answers.__getitem__), receiver.url(host="nowhere.test"))
+    assert answer.status is None and not answer.refused
+    assert (answer.error or "").startswith("could not connect to ::1 (")
+    assert "127.0.0.2 (" in (answer.error or "")
+    assert len(receiver.requests) == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShortLimit(CallbackPolicy):
+    """Generous timeouts under a short limit for the whole attempt: only the limit can end
+    an attempt that is stuck somewhere."""
+
+    limit_s: float = 0.4
+
+    @property
+    def attempt_limit_s(self) -> float:
+        return self.limit_s
+
+
+def test_a_lookup_that_hangs_ends_within_the_attempts_limit() -> None:
+    answered = threading.Event()
+
+    def stuck(host: str) -> list[str]:
+        answered.wait(10)
+        return ["127.0.0.1"]
+
+    policy = _ShortLimit(box=BOX, allow_private=True, timeout_s=5.0, resolver=stuck)
+    try:
+        answer = _post(policy, "http://stuck.test:9/cb")
+    finally:
+        answered.set()
+    assert answer.status is None and not answer.refused  # worth another try
+    assert "could not resolve stuck.test: no answer within 0.4 s" in (answer.error or "")
+    assert 350 <= answer.duration_ms < 1000  # the limit, not the 5 s timeout
+
+
+def test_a_tls_handshake_that_never_ends_is_cut_off(tmp_path: Path) -> None:
+    # The receiver takes the connection and starts its side of the handshake a byte at a
+    # time, then nothing: the handshake never ends, and only the attempt's limit ends it.
+    cert, _ = _certificate(tmp_path, "stall.test")
+    listener = socket.create_server(("127.0.0.1", 0))
+    release = threading.Event()
+    accepted = threading.Event()
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            connection, _ = listener.accept()
+            with connection:
+                accepted.set()
+                connection.sendall(b"\x16\x03\x03\x3f\xff")  # a 16 KiB handshake record
+                while not release.wait(0.05):
+                    connection.sendall(b"\x00")
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    port = listener.getsockname()[1]
+    policy = _ShortLimit(
+        box=BOX,
+        allow_private=True,
+        timeout_s=5.0,
+        tls=ssl.create_default_context(cafile=str(cert)),
+        resolver=lambda host: ["127.0.0.1"],
+    )
+    try:
+        answer = _post(policy, f"https://stall.test:{port}/cb")
+    finally:
+        release.set()
+        listener.close()
+        server.join(5)
+    assert accepted.is_set()
+    assert answer.status is None and not answer.refused
+    assert "timed out" in (answer.error or "") and "0.4 s in all" in (answer.error or "")
+    assert 350 <= answer.duration_ms < 1000  # the limit, not the 5 s handshake timeout
+
+
 # --- durability: the outbox and the sender ----------------------------------------------
 
 
@@ -754,7 +841,6 @@ def test_a_moderators_decision_is_sent_to_every_scan_of_the_image(
             session,
             image.id,
             decision="ai_generated",
-            note="generator metadata",
             actor="moderator:alice",
             active_ensemble=ENSEMBLE,
         )
@@ -767,7 +853,12 @@ def test_a_moderators_decision_is_sent_to_every_scan_of_the_image(
         event = _verify(platform.secret, request)
         assert event["type"] == "review.decided"
         assert ids[event["data"]["scan"]["id"]] == platform
-        assert event["data"]["review"]["decision"] == "ai_generated"
+        # What was decided and when; never by whom, nor the moderator's note.
+        review = event["data"]["review"]
+        assert set(review) == {"decision", "decided_at"}
+        assert review["decision"] == "ai_generated"
+        assert dt.datetime.fromisoformat(review["decided_at"]).tzinfo is not None
+        assert set(event["data"]) == {"scan", "review"}
         assert "alice" not in request.body.decode()
 
 

@@ -31,7 +31,28 @@ REFUSED = {
     "239.255.255.250": "multicast",
     "240.0.0.1": "reserved",
     "255.255.255.255": "reserved",  # broadcast
-    "192.0.2.1": "private",  # documentation (TEST-NET-1)
+    "0.1.2.3": "this network",  # 0.0.0.0/8
+    "192.0.0.8": "IETF protocol assignment",  # 192.0.0.0/24: let through by 3.11's tables
+    "192.0.0.9": "IETF protocol assignment",
+    "192.0.0.10": "IETF protocol assignment",
+    "192.0.0.170": "IETF protocol assignment",
+    "192.0.2.1": "documentation",  # TEST-NET-1
+    "198.51.100.7": "documentation",
+    "203.0.113.9": "documentation",
+    "198.18.0.1": "benchmarking",
+    "198.19.255.254": "benchmarking",
+    "192.88.99.1": "6to4 relay",
+    "fec0::1": "site-local",  # deprecated; let through by 3.11's tables
+    "2001:db8::1": "documentation",
+    "3fff::1": "documentation",
+    "100::1": "discard",
+    "2001:1::1": "IETF protocol assignment",  # 2001::/23, the globally reachable parts too
+    "2001:3::1": "IETF protocol assignment",
+    "2001:4:112::1": "IETF protocol assignment",
+    "2001:20::1": "IETF protocol assignment",
+    "2001:1ff::1": "IETF protocol assignment",
+    "2001:0:4136:e378:8000:63bf:f7f7:f7f7": "IETF protocol assignment",  # Teredo of 8.8.8.8
+    "::ffff:192.0.0.8": "IETF protocol assignment",
     "::1": "loopback",
     "::": "unspecified",
     "fe80::1": "link-local",

@@ -7,10 +7,16 @@ Two checks, both needed:
   only where private addresses are allowed, i.e. local development), no user info, at most
   2048 characters, and a host on the token's allow-list;
 - when connecting, every address the host resolves to: one private, loopback, link-local,
-  multicast, reserved, unspecified or shared (CGNAT) address, a cloud metadata address, or
-  an IPv6 form that embeds such an IPv4 address (mapped, compatible, NAT64, 6to4, Teredo)
-  refuses the whole host. The sender then connects to an address it checked, never to the
-  name again: a second lookup could answer differently (DNS rebinding).
+  site-local, multicast, reserved, unspecified or shared (CGNAT) address, one of the
+  special-purpose blocks (documentation, benchmarking, IETF protocol assignments, discard),
+  a cloud metadata address, or an IPv6 form that embeds such an IPv4 address (mapped,
+  compatible, NAT64, 6to4, Teredo) refuses the whole host. The sender then connects to an
+  address it checked, never to the name again: a second lookup could answer differently
+  (DNS rebinding).
+
+Python's ``is_private``/``is_global`` tables differ between releases and miss some blocks
+(3.11 lets ``fec0::/10`` and parts of ``192.0.0.0/24`` through), so the special-purpose
+blocks are also listed here, by hand, from the IANA registries.
 """
 
 from __future__ import annotations
@@ -41,6 +47,27 @@ METADATA_ADDRESSES = frozenset(
 _SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT (RFC 6598)
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 _COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated IPv4-compatible (::a.b.c.d)
+_DOCUMENTATION = "a documentation address"
+# Special-purpose blocks refused whatever this Python's tables say (IANA IPv4 and IPv6
+# special-purpose address registries); whole blocks, even where a few addresses in them
+# are globally reachable (192.0.0.9, 2001:3::/32, ...): no callback receiver lives there.
+_SPECIAL: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...] = tuple(
+    (ipaddress.ip_network(network), what)
+    for network, what in (
+        ("0.0.0.0/8", 'a "this network" address (0.0.0.0/8)'),
+        ("192.0.0.0/24", "an IETF protocol assignment (192.0.0.0/24)"),
+        ("192.0.2.0/24", _DOCUMENTATION),
+        ("198.51.100.0/24", _DOCUMENTATION),
+        ("203.0.113.0/24", _DOCUMENTATION),
+        ("198.18.0.0/15", "a benchmarking address (198.18.0.0/15)"),
+        ("192.88.99.0/24", "a 6to4 relay anycast address (192.88.99.0/24)"),
+        ("240.0.0.0/4", "a reserved address (240.0.0.0/4, with the broadcast address)"),
+        ("100::/64", "a discard-only address (100::/64)"),
+        ("2001::/23", "an IETF protocol assignment (2001::/23)"),
+        ("2001:db8::/32", _DOCUMENTATION),
+        ("3fff::/20", _DOCUMENTATION),
+    )
+)
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 
@@ -49,8 +76,10 @@ class CallbackRefused(ValueError):
 
 
 def system_resolver(host: str) -> list[str]:
-    """Every address ``host`` resolves to (A and AAAA), in the resolver's order."""
-    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    """Every address ``host`` resolves to, in the resolver's order; only the families this
+    machine has an address of (``AI_ADDRCONFIG``: an IPv4-only pod is not handed AAAA
+    records first)."""
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_ADDRCONFIG)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
@@ -142,13 +171,18 @@ def address_refusal(address: str, *, allow_private: bool) -> str | None:
         return f"{address!r} is not an IP address"
     if ip in METADATA_ADDRESSES:
         return f"{ip} is a cloud metadata address"
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = _embedded_ipv4(ip)
-        if embedded is not None:
-            inner = address_refusal(str(embedded), allow_private=allow_private)
-            return f"{ip} embeds {embedded}: {inner}" if inner else None
+    embedded = _embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
+    if embedded is not None:
+        inner = address_refusal(str(embedded), allow_private=allow_private)
+        if inner is not None:
+            return f"{ip} embeds {embedded}: {inner}"
     if allow_private:
         return None
+    if embedded is not None:
+        # Judged by the address it stands for (Python calls every mapped address private),
+        # and by the block it is in (Teredo's 2001::/32 is refused whatever it embeds).
+        special = next((what for network, what in _SPECIAL if ip in network), None)
+        return f"{ip} is {special}" if special else None
     for refused, what in _CLASSES:
         if refused(ip):
             return f"{ip} is {what}"
@@ -159,8 +193,13 @@ _CLASSES: tuple[tuple[Callable[[IPAddress], bool], str], ...] = (
     (lambda ip: ip.is_unspecified, "the unspecified address"),
     (lambda ip: ip.is_loopback, "a loopback address"),
     (lambda ip: ip.is_link_local, "a link-local address"),
+    (
+        lambda ip: isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local,
+        "a site-local address (fec0::/10, deprecated)",
+    ),
     (lambda ip: ip.is_multicast, "a multicast address"),
     (lambda ip: ip in _SHARED, "a shared (carrier-grade NAT) address"),
+    *((lambda ip, network=network: ip in network, what) for network, what in _SPECIAL),
     (lambda ip: ip.is_reserved, "a reserved address"),
     (lambda ip: ip.is_private, "a private address"),
     (lambda ip: not ip.is_global, "not a public address"),

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from db import repository
 from db.models import DeliveryState, Scan, utcnow
+from workers.submissions import scan_document
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +61,22 @@ def enqueue_review_decided(
     image_id: int,
     *,
     decision: str,
-    note: str | None,
     actor: str,
     active_ensemble: str,
 ) -> int:
     """Queue ``review.decided`` for every scan of this image that asked for a callback, in
     the transaction that stores the decision; returns how many. Every decision is an event
-    of its own (a case decided again sends again). The moderator's name stays with us: the
-    platform is told what was decided, not by whom."""
+    of its own (a case decided again sends again). The platform is told what was decided
+    and when, nothing more: the moderator's name and note stay with us (the same image may
+    be scanned by several platforms, and a note is written for colleagues, not for them).
+    The payload's ``data`` is ``{"scan": <scan document>, "review": {"decision",
+    "decided_at"}}``."""
     now = utcnow()
     queued = 0
     for scan in repository.callback_scans_of_image(session, image_id):
         data = {
             "scan": _scan_document(session, scan, active_ensemble),
-            "review": {"decision": decision, "note": note, "decided_at": now.isoformat()},
+            "review": {"decision": decision, "decided_at": now.isoformat()},
         }
         key = f"{REVIEW_DECIDED}:{scan.public_id}:{secrets.token_hex(8)}"
         queued += _queue(
@@ -120,7 +123,4 @@ def _queue(
 
 
 def _scan_document(session: Session, scan: Scan, active_ensemble: str) -> dict[str, Any]:
-    # Deferred: the submission service imports the callback guard from this package.
-    from workers.submissions import scan_document
-
     return scan_document(session, scan, active_ensemble=active_ensemble)

@@ -39,5 +39,6 @@ class CallbackPolicy:
 
     @property
     def attempt_limit_s(self) -> float:
-        """The longest one attempt may take: connecting, then reading the answer."""
+        """The longest one attempt may take, from the host's lookup to the last byte of the
+        answer read; whatever is still running then is cut."""
         return 2 * self.timeout_s

@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 FIRST_RETRY = timedelta(seconds=30)
 LONGEST_RETRY = timedelta(hours=4)
 USER_AGENT = "synthsentry-callbacks/1"
+# Beyond the sending itself, a claim's lease covers the claim's own transaction, the
+# signing, the recording of earlier attempts where rows are sent one at a time, and the
+# few milliseconds an attempt runs past its limit (the watchdog waking a blocked thread,
+# closing the socket).
+LEASE_MARGIN = timedelta(seconds=60)
 _jitter = SystemRandom()
 
 
@@ -83,8 +88,16 @@ def deliver_due(
     how many were attempted. ``now`` decides what is due and when the next attempt is; the
     ``webhook-timestamp`` a receiver checks is always the real time of sending."""
     now = now or utcnow()
+    # No other sender may claim a row while this one may still send it (it would be sent
+    # twice), so the lease outlasts the batch's longest possible sending: one attempt ends
+    # within ``attempt_limit_s`` of its start, lookup, connecting, handshake and reading
+    # included (see ``transport``); ``concurrency`` threads take the claimed rows in turn,
+    # so the last attempt starts at the latest after ``ceil(limit / concurrency) - 1``
+    # attempt limits, and ends within ``rounds * attempt_limit_s`` of the claim. With the
+    # defaults (15 s timeout, so 30 s per attempt; 32 rows, 8 at a time): 4 * 30 s + 60 s =
+    # 3 minutes.
     rounds = math.ceil(limit / max(1, concurrency))
-    lease_until = now + timedelta(seconds=rounds * sender.policy.attempt_limit_s + 60)
+    lease_until = now + timedelta(seconds=rounds * sender.policy.attempt_limit_s) + LEASE_MARGIN
     with transaction(session_factory) as session:
         claimed = repository.claim_due_deliveries(
             session, now=now, limit=limit, lease_until=lease_until
