@@ -59,6 +59,9 @@ class RescanRequest(BaseModel):
 
 
 class RescanCounts(BaseModel):
+    """What became of the items as of ``counted_at``; pending, done, rejected, failed and
+    cancelled add up to ``listed``."""
+
     listed: int = Field(description="items recorded by the listing")
     queued: int = Field(description="items whose work was sent to the bulk queues")
     pending: int = Field(description="items recorded and not finished")
@@ -78,6 +81,11 @@ class RescanOut(BaseModel):
     listed_at: datetime | None
     finished_at: datetime | None
     counts: RescanCounts
+    counted_at: datetime | None = Field(
+        description="when the counts were taken: the fleet's last step for this re-scan "
+        "(every few seconds while it is active; final once it is done or cancelled); null "
+        "before its first"
+    )
     total: int | None = Field(description="items in all, once known")
     throughput: float = Field(description="items finished per second")
     eta_seconds: float | None = Field(description="until every item is finished; null: unknown")
@@ -142,7 +150,7 @@ def list_rescans(
     caller: AdminToken,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> list[RescanOut]:
-    """The newest re-scans first."""
+    """The newest re-scans first, with the counts kept on each (nothing is counted here)."""
     return [_out(view) for view in rescans.list_rescans(session, limit=limit)]
 
 

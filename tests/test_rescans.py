@@ -6,8 +6,10 @@ audit trail, and lost bulk work sent back to the bulk queues (real Redis)."""
 from __future__ import annotations
 
 import io
+import random
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -22,10 +24,14 @@ from api.app import create_app
 from api.context import ApiContext
 from db.models import (
     AuditEvent,
+    Detection,
     Image,
     Rescan,
     RescanState,
+    Scan,
+    ScanPriority,
     Source,
+    SourceKind,
     SourceStatus,
     TokenRole,
     Verdict,
@@ -217,18 +223,24 @@ def test_a_prefix_rescan_pages_through_a_bucket_under_the_in_flight_cap(
     assert (view.listed, view.counts.pending, view.counts.done) == (6, 6, 0)
     assert all(bulk for *_, bulk in queues.sent) and len(queues.sent) == 6
 
+    counted_at = view.counted_at
+    assert counted_at is not None
+
     ran = queues.drain(ctx, toys)
     # Every message of the re-scan, intakes and the detects they sent, went to bulk queues.
     assert ran and all(bulk for *_, bulk in ran)
     assert {kind for kind, *_ in ran} == {"intake", "detect"}
+    # A read counts nothing: what finished is counted at the fleet's next step.
     view = _status(sessions, public_id)
-    assert (view.counts.done, view.counts.reused, view.counts.pending) == (6, 2, 0)
-    assert view.throughput > 0
+    assert (view.counts.done, view.counts.pending, view.counted_at) == (0, 6, counted_at)
 
-    assert step() == 1  # 4 more, the last page ends the listing
+    assert step() == 1  # counts the 6 finished; 4 more, the last page ends the listing
     view = _status(sessions, public_id)
     assert view.state == RescanState.RUNNING and view.listed_at is not None
-    assert (view.total, view.counts.pending) == (10, 4)
+    assert view.counted_at is not None and view.counted_at > counted_at
+    counts = view.counts
+    assert (view.total, counts.done, counts.reused, counts.pending) == (10, 6, 2, 4)
+    assert view.throughput > 0 and view.eta_seconds is not None
     assert step() == 0 and _status(sessions, public_id).state == RescanState.RUNNING
     queues.drain(ctx, toys)
     assert step() == 0
@@ -266,18 +278,23 @@ def test_a_list_of_keys_in_the_embedded_object_store(
     view = _status(sessions, public_id)
     assert view.selection == {"bucket": BUCKET, "keys": ["sub/b.png", "gone.png", "a.png", "c.png"]}
     assert view.total == 4  # known from the start: the ETA needs no finished listing
-    assert rescans.advance_rescans(ctx, store, queues, page_size=3, max_in_flight=100) == 1
-    assert _row(sessions, public_id).cursor == "3"
+    assert rescans.advance_rescans(ctx, store, queues, page_size=2, max_in_flight=100) == 1
+    assert _row(sessions, public_id).cursor == "2"
     queues.drain(ctx, toys)
+    # The next step counts what finished (one scored, one gone) and lists one more key.
+    assert rescans.advance_rescans(ctx, store, queues, page_size=1, max_in_flight=100) == 1
     view = _status(sessions, public_id)
-    assert view.state == RescanState.LISTING and view.counts.done == 2
+    assert view.state == RescanState.LISTING and _row(sessions, public_id).cursor == "3"
+    assert (view.counts.done, view.counts.failed, view.counts.pending) == (1, 1, 1)
     assert view.eta_seconds is not None and view.eta_seconds >= 0
+    queues.drain(ctx, toys)
     assert rescans.advance_rescans(ctx, store, queues, page_size=3, max_in_flight=100) == 1
     queues.drain(ctx, toys)
     rescans.advance_rescans(ctx, store, queues, page_size=3, max_in_flight=100)
     view = _status(sessions, public_id)
     assert view.state == RescanState.DONE
     assert (view.counts.done, view.counts.failed, view.listed) == (3, 1, 4)
+    assert view.counts.pending == 0 and view.eta_seconds == 0
     assert [item.object_key for item in _items(sessions)] == [
         "sub/b.png",
         "gone.png",
@@ -581,6 +598,179 @@ def test_lost_rescan_work_is_sent_again_to_the_bulk_queue(
     assert left.resend_count == 1 and left.recheck_at is not None
     assert left.recheck_at > utcnow() + timedelta(seconds=30)
     client.close()
+
+
+class _BulkBusy:
+    """The low-priority queues hold work a live worker will reach; the upload queues none."""
+
+    def intake_waiting(self, *, bulk: bool = False) -> bool:
+        return bulk
+
+    def detection_waiting(self, detector: str, *, bulk: bool = False) -> bool:
+        return bulk
+
+
+@contextmanager
+def _statements(sessions: sessionmaker[Session]) -> Iterator[list[str]]:
+    """The SQL statements sent to the database while the block runs."""
+    engine = sessions.kw["bind"]
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
+
+
+def test_lost_work_of_low_priority_scans_goes_back_to_the_bulk_queues(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A scan asked for at low priority was sent to the bulk queues; its lost work is sent
+    there again (and waits, like a re-scan's, while they are being worked through), while a
+    normal scan's goes to the upload queues. One query asks which scans are low priority."""
+    store = LocalObjectStore(tmp_path / "objects")
+    ctx = _context(sessions, store)
+    sources: dict[str, int] = {}
+    for i, name in enumerate(("low-intake", "low-detect", "normal-intake", "normal-detect")):
+        store.put_object(Bucket=BUCKET, Key=f"{name}.png", Body=_png(i))
+        upload = fleet.Upload(BUCKET, f"{name}.png", f"scan:sc_{name}")
+        source_id = fleet.record_upload(ctx, upload, kind=SourceKind.HOOK)
+        assert source_id is not None
+        sources[name] = source_id
+    with transaction(sessions) as session:
+        for name, source_id in sources.items():
+            priority = ScanPriority.LOW if name.startswith("low") else ScanPriority.NORMAL
+            session.add(Scan(public_id=f"sc_{name}", source_id=source_id, priority=priority))
+    # Taken in, then the detect message was lost.
+    images = {name: fleet.take_in(ctx, sources[name])[0][0] for name in sources if "detect" in name}
+
+    later = utcnow() + timedelta(hours=1)
+    with _statements(sessions) as seen:
+        urgent = fleet.resend_stalled(ctx, after_s=60, now=later, backlog=_BulkBusy())
+    assert len([sql for sql in seen if "FROM scans" in sql]) == 1
+    # The bulk queues are busy: the low-priority work waits its turn there; uploads' goes.
+    assert urgent == fleet.Resend(
+        intake=[sources["normal-intake"]], detect=[(images["normal-detect"], "alpha")]
+    )
+
+    work = fleet.resend_stalled(ctx, after_s=60, now=later + timedelta(seconds=61))
+    assert work == fleet.Resend(
+        intake=[sources["low-intake"]],
+        detect=[(images["low-detect"], "alpha")],
+        bulk_intake=[sources["low-intake"]],
+        bulk_detect=[(images["low-detect"], "alpha")],
+    )
+
+
+_COUNTS = ("pending", "done", "reused", "rejected", "failed", "cancelled")
+
+
+def _reference_counts(sessions: sessionmaker[Session], public_id: str) -> dict[str, Any]:
+    """What a count over every item of the re-scan says (the test's own query)."""
+    with sessions() as session:
+        rescan_id = session.execute(
+            sa.select(Rescan.id).where(Rescan.public_id == public_id)
+        ).scalar_one()
+        fresh = sa.exists().where(
+            Detection.image_id == Source.image_id, Detection.created_at >= Source.created_at
+        )
+        rows = session.execute(
+            sa.select(Source.id, Source.status, Source.reject_reason, fresh).where(
+                Source.rescan_id == rescan_id
+            )
+        ).all()
+    counts: dict[str, Any] = dict.fromkeys(_COUNTS, 0)
+    counts["pending_ids"] = []
+    for source_id, status, reason, was_fresh in rows:
+        if status == SourceStatus.PENDING:
+            counts["pending"] += 1
+            counts["pending_ids"].append(source_id)
+        elif status == SourceStatus.SCORED:
+            counts["done"] += 1
+            counts["reused"] += not was_fresh
+        elif reason == "cancelled":
+            counts["cancelled"] += 1
+        elif reason in ("missing", "unreadable"):
+            counts["failed"] += 1
+        else:
+            counts["rejected"] += 1
+    return counts
+
+
+def test_counts_kept_on_the_row_agree_with_the_items_and_a_read_counts_nothing(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Items finishing out of order, refused bytes, missing objects, reuse and a cancel: after
+    every step the counts kept on the row equal a count over every item and add up to
+    ``listed``; what a count looks at again is only what was unfinished (within the
+    in-flight cap); and a read, or a list of a hundred re-scans, is one query."""
+    rng = random.Random(7)
+    store = LocalObjectStore(tmp_path / "objects")
+    keys = []
+    for i in range(30):
+        key = f"m/{i:02d}.png"
+        keys.append(key)
+        if i % 7 == 3:
+            store.put_object(Bucket=BUCKET, Key=key, Body=b"not an image")
+        elif i % 11 != 5:  # the others are gone before their intake
+            store.put_object(Bucket=BUCKET, Key=key, Body=_png(i))
+    ctx, queues, toys = _context(sessions, store), Queues(), {"alpha": Toy("alpha")}
+    _score_upload(ctx, queues, toys, BUCKET, "m/00.png")  # the re-scan reuses its answer
+    public_id = _create(sessions, bucket=BUCKET, keys=keys)
+
+    def check() -> rescans.RescanView:
+        with _statements(sessions) as seen:
+            view = _status(sessions, public_id)
+        assert len(seen) == 1
+        row = _row(sessions, public_id)
+        expected = _reference_counts(sessions, public_id)
+        shown = view.counts
+        assert {k: getattr(shown, k) for k in _COUNTS} == {k: expected[k] for k in _COUNTS}
+        finished = shown.done + shown.rejected + shown.failed + shown.cancelled
+        assert shown.pending + finished == view.listed
+        # Looked at again next time: the items pending when counted, within the cap; the
+        # items above the mark were listed after the count, and all are pending.
+        assert len(row.unfinished) <= 8
+        pending_ids = expected["pending_ids"]
+        assert row.unfinished == sorted(i for i in pending_ids if i <= row.counted_through)
+        assert shown.pending == len(row.unfinished) + sum(
+            1 for i in pending_ids if i > row.counted_through
+        )
+        return view
+
+    seen_done = set()
+    for _ in range(12):
+        rescans.advance_rescans(ctx, store, queues, page_size=5, max_in_flight=8)
+        view = check()
+        seen_done.add(view.counts.done)
+        if view.state == RescanState.RUNNING:
+            break
+        # Finish about half the work queued so far, in another order than it was sent.
+        rng.shuffle(queues.sent)
+        half = len(queues.sent) // 2
+        queues.sent, rest = queues.sent[:half], queues.sent[half:]
+        queues.drain(ctx, toys)
+        queues.sent += rest
+    assert view.state == RescanState.RUNNING and view.listed == 30
+    assert len(seen_done) > 2  # counted along the way, not only at the end
+    assert 0 < view.counts.pending <= 8
+    with transaction(sessions) as session:
+        cancelled = rescans.cancel_rescan(session, public_id, actor="test")
+    assert cancelled.counts.pending == 0 and cancelled.counts.cancelled > 0
+    final = check()
+    assert final.state == RescanState.CANCELLED and final.counts == cancelled.counts
+    assert _row(sessions, public_id).unfinished == []
+    assert final.counts.failed >= 1 and final.counts.rejected >= 1 and final.counts.reused == 1
+
+    for _ in range(100):
+        _create(sessions, policy=None, images="all")
+    with sessions() as session, _statements(sessions) as seen:
+        listed = rescans.list_rescans(session, limit=100)
+    assert len(listed) == 100 and len(seen) == 1
 
 
 def test_selection_documents_round_trip() -> None:

@@ -7,6 +7,7 @@ of keys, or stored images, without holding up the uploads.
                       items and the cursor in one transaction, then dispatch the items'
                       work to the low-priority (bulk) queues
     rescan_status     the counts, throughput and ETA, read by the API and the CLI alike
+                      from the re-scan's row alone (see "Counts" below)
     cancel_rescan     no more listing; items not yet taken in are never scanned; audited
 
 Memory is bounded by one page: the listing goes on from ``rescans.cursor`` (the last key
@@ -20,6 +21,17 @@ Work already scored is not done again: an object's bytes whose every detector an
 its current version are concluded at intake without a detector running (``fleet.take_in``),
 and a stored image whose answers are current is concluded here, under its row lock,
 without sending anything; such items count as ``reused``.
+
+Counts are kept on the re-scan's row, brought up to date by each step of
+``advance_rescans`` (under the row lock the step holds anyway), by a cancel and when the
+re-scan finishes; a reader never counts items. Each count looks only at the items pending
+at the last one and those listed since (``repository.count_finished_items``), so neither
+a read nor a step costs more as a re-scan grows into millions of items, and no intake or
+detection worker ever writes the re-scan's row (nor waits for a lister that holds it
+during its listing call). While a re-scan is active, the counts are those of the fleet's
+last step for it (``counted_at``): every ``synthsentry reconcile --rescan-every`` seconds
+(2 by default; at once while pages are being listed), every sweep of the embedded worker
+(5 s). Once it is done or cancelled they are final.
 """
 
 from __future__ import annotations
@@ -243,9 +255,10 @@ class RescanView:
     finished_at: datetime | None
     listed: int  # items recorded by the listing
     queued: int  # items whose work was sent to the bulk queues
-    counts: repository.ItemCounts
+    counts: repository.ItemCounts  # as of ``counted_at``; they add up to ``listed``
+    counted_at: datetime | None  # None: not counted yet (nothing finished)
     total: int | None  # items the re-scan will have, once known
-    throughput: float  # items finished per second since it was created
+    throughput: float  # items finished per second, from its creation to ``counted_at``
     eta_seconds: float | None  # at that rate, until every item is finished; None: unknown
 
     def as_dict(self) -> dict[str, Any]:
@@ -258,6 +271,7 @@ class RescanView:
             "listed_at": self.listed_at.isoformat() if self.listed_at else None,
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
             "counts": {"listed": self.listed, "queued": self.queued, **asdict(self.counts)},
+            "counted_at": self.counted_at.isoformat() if self.counted_at else None,
             "total": self.total,
             "throughput": self.throughput,
             "eta_seconds": self.eta_seconds,
@@ -271,12 +285,15 @@ def _aware(moment: datetime | None) -> datetime | None:
     return moment
 
 
-def _view(session: Session, rescan: Rescan, *, now: datetime | None = None) -> RescanView:
-    counts = repository.item_counts(session, rescan.id)
+def _view(rescan: Rescan, *, now: datetime | None = None) -> RescanView:
+    """The re-scan as its row says, without a query: the counts are those of its last count
+    (``counted_at``), and the throughput is measured up to that moment."""
+    counts = repository.counts_of(rescan)
     finished = counts.done + counts.rejected + counts.failed
     created_at = _aware(rescan.created_at)
     assert created_at is not None
-    end = _aware(rescan.finished_at) or now or utcnow()
+    counted_at = _aware(rescan.counted_at)
+    end = _aware(rescan.finished_at) or counted_at or now or utcnow()
     elapsed = max((end - created_at).total_seconds(), 1e-3)
     throughput = finished / elapsed
     total: int | None = None
@@ -300,6 +317,7 @@ def _view(session: Session, rescan: Rescan, *, now: datetime | None = None) -> R
         listed=rescan.listed,
         queued=rescan.queued,
         counts=counts,
+        counted_at=counted_at,
         total=total,
         throughput=round(throughput, 3),
         eta_seconds=None if eta is None else round(eta, 1),
@@ -329,19 +347,21 @@ def create_rescan(
             token_id=token_id,
         ),
     )
-    return _view(session, rescan)
+    return _view(rescan)
 
 
 def rescan_status(session: Session, public_id: str) -> RescanView:
+    """The re-scan with its counts as of the fleet's last step for it (one row read, no
+    lock: a lister holding the row does not hold up a reader)."""
     rescan = repository.rescan_by_public_id(session, public_id)
     if rescan is None:
         raise RescanNotFound(f"no re-scan {public_id[:64]!r}")
-    return _view(session, rescan)
+    return _view(rescan)
 
 
 def list_rescans(session: Session, *, limit: int = 20) -> list[RescanView]:
-    """The newest re-scans first."""
-    return [_view(session, rescan) for rescan in repository.list_rescans(session, limit=limit)]
+    """The newest re-scans first, each as ``rescan_status`` shows it (one query in all)."""
+    return [_view(rescan) for rescan in repository.list_rescans(session, limit=limit)]
 
 
 def cancel_rescan(session: Session, public_id: str, *, actor: str) -> RescanView:
@@ -367,7 +387,10 @@ def cancel_rescan(session: Session, public_id: str, *, actor: str) -> RescanView
             actor=actor,
             details={"items_cancelled": cancelled, "listed": rescan.listed},
         )
-    return _view(session, rescan)
+        # Its items no longer change (but for an intake under way that refuses its bytes):
+        # these counts are final.
+        repository.count_finished_items(session, rescan)
+    return _view(rescan)
 
 
 # --- the listing --------------------------------------------------------------------------
@@ -458,7 +481,9 @@ def _step(
     actor: str,
 ) -> _Step:
     step = _Step(rescan.public_id)
-    in_flight = repository.items_in_flight(session, rescan.id)
+    # Every item recorded so far is looked at by this count: its pending ones are exactly
+    # those unfinished now.
+    in_flight = repository.count_finished_items(session, rescan).pending
     if rescan.state == RescanState.RUNNING:
         if in_flight == 0:
             _finish(session, rescan, actor=actor)
@@ -504,7 +529,7 @@ def _step(
 
 
 def _finish(session: Session, rescan: Rescan, *, actor: str) -> None:
-    counts = repository.item_counts(session, rescan.id)
+    counts = repository.counts_of(rescan)  # counted by this step: every item finished
     repository.set_rescan_state(
         session, rescan, RescanState.DONE, actor=actor, details=asdict(counts)
     )

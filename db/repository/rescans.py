@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, exists, func, or_, select, update
+from sqlalchemy import Row, Select, and_, case, exists, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -61,7 +61,7 @@ class RescanItem:
 
 @dataclass(frozen=True)
 class ItemCounts:
-    """What became of a re-scan's items so far."""
+    """What became of a re-scan's items as of its last count (``count_finished_items``)."""
 
     pending: int = 0
     done: int = 0  # scored
@@ -198,49 +198,93 @@ def add_to_progress(session: Session, rescan: Rescan, *, listed: int, queued: in
     session.flush()
 
 
-def items_in_flight(session: Session, rescan_id: int) -> int:
-    """Items of the re-scan recorded but not finished (queued, or being worked on)."""
-    return int(
-        session.execute(
-            select(func.count())
-            .select_from(Source)
-            .where(Source.status == SourceStatus.PENDING, Source.rescan_id == rescan_id)
-        ).scalar_one()
+def counts_of(rescan: Rescan) -> ItemCounts:
+    """The re-scan's counts as of its last count (``rescan.counted_at``), read from its row
+    alone. An item counts as pending until a count sees it finished, so the numbers always
+    add up to ``listed``."""
+    finished = rescan.done + rescan.rejected + rescan.failed + rescan.cancelled
+    return ItemCounts(
+        pending=max(0, rescan.listed - finished),
+        done=rescan.done,
+        reused=rescan.reused,
+        rejected=rescan.rejected,
+        failed=rescan.failed,
+        cancelled=rescan.cancelled,
     )
 
 
-def item_counts(session: Session, rescan_id: int) -> ItemCounts:
-    """What became of the re-scan's items, in one pass over them. An item is counted as
-    reused when it was scored and no detection of its image was stored after it was
-    recorded: every detector's answer was current already."""
+def count_finished_items(session: Session, rescan: Rescan, *, batch: int = 1000) -> ItemCounts:
+    """Bring the re-scan's counts up to date: look again at the items still pending at the
+    last count (``rescan.unfinished``) and, for the first time, at those recorded since
+    (ids above ``rescan.counted_through``), ``batch`` at a time. Each finished item is
+    counted once, when a count first sees it finished, so the work is bounded by the items
+    unfinished at the last count (at most the in-flight cap) plus those listed since,
+    however many the re-scan holds.
+
+    Call it with the re-scan locked (the listing step and a cancel hold it): two counts at
+    once would count the same items twice. An item counts as reused when it was scored and
+    no detection of its image was stored after it was recorded (every detector's answer was
+    current already)."""
+    tally = {
+        "done": rescan.done,
+        "reused": rescan.reused,
+        "rejected": rescan.rejected,
+        "failed": rescan.failed,
+        "cancelled": rescan.cancelled,
+    }
+    unfinished: list[int] = []
+
+    def count(rows: Sequence[Row[int, SourceStatus, str | None, bool]]) -> None:
+        for source_id, status, reason, reused in rows:
+            if status == SourceStatus.PENDING:
+                unfinished.append(int(source_id))
+            elif status == SourceStatus.SCORED:
+                tally["done"] += 1
+                tally["reused"] += bool(reused)
+            elif reason == CANCELLED_REASON:
+                tally["cancelled"] += 1
+            elif reason in FAILED_REASONS:
+                tally["failed"] += 1
+            else:
+                tally["rejected"] += 1
+
+    earlier = list(rescan.unfinished or ())
+    for start in range(0, len(earlier), batch):
+        chunk = earlier[start : start + batch]
+        count(session.execute(_outcomes().where(Source.id.in_(chunk))).all())
+    through = rescan.counted_through
+    while True:
+        rows = session.execute(
+            _outcomes()
+            .where(Source.rescan_id == rescan.id, Source.id > through)
+            .order_by(Source.id)
+            .limit(batch)
+        ).all()
+        count(rows)
+        if rows:
+            through = int(rows[-1][0])
+        if len(rows) < batch:
+            break
+    rescan.done = tally["done"]
+    rescan.reused = tally["reused"]
+    rescan.rejected = tally["rejected"]
+    rescan.failed = tally["failed"]
+    rescan.cancelled = tally["cancelled"]
+    rescan.unfinished = sorted(unfinished)
+    rescan.counted_through = through
+    rescan.counted_at = utcnow()
+    session.flush()
+    return counts_of(rescan)
+
+
+def _outcomes() -> Select[int, SourceStatus, str | None, bool]:
+    """Each item's id, status, rejection reason and whether it was scored without a fresh
+    detection (the subquery runs only for scored items)."""
     fresh_detection = exists().where(
         Detection.image_id == Source.image_id, Detection.created_at >= Source.created_at
     )
-    reused = case(
-        (and_(Source.status == SourceStatus.SCORED, ~fresh_detection), 1),
-        else_=0,
-    )
-    rows = session.execute(
-        select(Source.status, Source.reject_reason, func.count(), func.sum(reused))
-        .where(Source.rescan_id == rescan_id)
-        .group_by(Source.status, Source.reject_reason)
-    ).all()
-    counts: dict[str, int] = dict.fromkeys(
-        ("pending", "done", "reused", "rejected", "failed", "cancelled"), 0
-    )
-    for status, reason, number, reused_number in rows:
-        if status == SourceStatus.PENDING:
-            counts["pending"] += number
-        elif status == SourceStatus.SCORED:
-            counts["done"] += number
-            counts["reused"] += int(reused_number or 0)
-        elif reason == CANCELLED_REASON:
-            counts["cancelled"] += number
-        elif reason in FAILED_REASONS:
-            counts["failed"] += number
-        else:
-            counts["rejected"] += number
-    return ItemCounts(**counts)
+    reused = case((and_(Source.status == SourceStatus.SCORED, ~fresh_detection), True), else_=False)
+    return select(Source.id, Source.status, Source.reject_reason, reused)
 
 
 def cancel_pending_items(session: Session, rescan_id: int, *, message: str) -> int:

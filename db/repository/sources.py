@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Source, SourceKind, SourceStatus, utcnow
+from db.models import Scan, ScanPriority, Source, SourceKind, SourceStatus, utcnow
 from db.repository._sql import insert_ignore
 
 
@@ -172,6 +172,19 @@ def stalled_sources(
         .scalars()
         .all()
     )
+
+
+def low_priority_sources(session: Session, source_ids: Sequence[int]) -> set[int]:
+    """Those of ``source_ids`` that are scans asked for at low priority, in one query: their
+    work belongs on the bulk queues, like a re-scan's."""
+    if not source_ids:
+        return set()
+    rows = session.execute(
+        select(Scan.source_id).where(
+            Scan.source_id.in_(list(source_ids)), Scan.priority == ScanPriority.LOW
+        )
+    )
+    return {int(source_id) for source_id in rows.scalars()}
 
 
 def source_by_ref(session: Session, kind: SourceKind, ref_key: str) -> Source | None:

@@ -159,11 +159,14 @@ def _policy(allowed: str) -> BucketPolicy | None:
 def _describe(view: RescanView) -> str:
     counts = view.counts
     eta = "-" if view.eta_seconds is None else f"{view.eta_seconds:.0f} s"
+    counted = "not counted yet"
+    if view.counted_at is not None:
+        counted = f"counted {view.counted_at.isoformat(timespec='seconds')}"
     return (
         f"re-scan {view.id} ({view.state.value}) {json.dumps(view.selection)[:200]}\n"
         f"  listed {view.listed}, queued {view.queued}, pending {counts.pending}, "
         f"done {counts.done} (reused {counts.reused}), rejected {counts.rejected}, "
-        f"failed {counts.failed}, cancelled {counts.cancelled}\n"
+        f"failed {counts.failed}, cancelled {counts.cancelled} ({counted})\n"
         f"  {view.throughput:.1f} items/s, ETA {eta}"
     )
 
