@@ -23,13 +23,15 @@ _bearer = HTTPBearer(auto_error=False, description="an API token: `sst_<id>_<sec
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """One transaction per request: committed when the handler returns, rolled back if it
-    raises."""
+    """One transaction per request: committed when the handler returns and before the
+    answer is sent (``scope="function"``; FastAPI's default would commit after it, so a
+    client could be told of a token or a secret that a failed commit never stored), rolled
+    back if it raises."""
     with request.app.state.session_factory() as session, session.begin():
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 class Authenticator:

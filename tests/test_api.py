@@ -3,9 +3,11 @@ over HTTP, and ``synthsentry serve`` as a real process."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -167,6 +169,40 @@ def test_every_v1_route_names_the_roles_that_may_call_it(client: TestClient) -> 
     assert schema["paths"][webhook.PATH]["post"]["security"] == [{"S3EventSecret": []}]
 
 
+def test_every_v1_route_answers_each_role_as_it_declares(
+    client: TestClient, sessions: sessionmaker[Session]
+) -> None:
+    """Behaviour, not only declarations: every route, called with a token of every role,
+    refuses exactly the roles it does not name (403) and a missing token (401)."""
+    bearers = {role: _bearer(_token(sessions, role, f"walker-{role.value}")) for role in TokenRole}
+    routes = [
+        r
+        for router in ROUTERS
+        for r in router.routes
+        if isinstance(r, APIRoute) and r.path.startswith("/v1")
+    ]
+    checked = 0
+    for route in routes:
+        allowed: set[TokenRole] = set()
+        stack = list(route.dependant.dependencies)
+        while stack:
+            dependency = stack.pop()
+            if isinstance(dependency.call, Authenticator):
+                allowed |= dependency.call.roles
+            stack.extend(dependency.dependencies)
+        path = re.sub(r"\{[^}]+\}", "x", route.path)
+        for method in route.methods:
+            anonymous = client.request(method, path, json={})
+            assert anonymous.status_code == 401, (method, path, anonymous.text)
+            for role, bearer in bearers.items():
+                reply = client.request(method, path, json={}, headers=bearer)
+                refused = reply.status_code == 403
+                assert refused == (role not in allowed), (method, path, role, reply.text)
+                assert reply.status_code != 401 and reply.status_code < 500, (method, path, role)
+                checked += 1
+    assert checked >= 3 * len(routes)
+
+
 def test_the_api_never_imports_torch() -> None:
     code = "import sys, api.app; print('torch' in sys.modules)"
     result = subprocess.run(
@@ -206,3 +242,53 @@ def test_synthsentry_serve_answers_over_http(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_a_write_is_committed_before_the_answer_is_sent(
+    client: TestClient, sessions: sessionmaker[Session], api_database: str
+) -> None:
+    """Seen from another connection at the moment the answer starts, the token the answer
+    shows is already stored."""
+    admin = _token(sessions, TokenRole.ADMIN, "ops")
+    app = client.app
+    body = json.dumps({"role": "moderator", "name": "committed-first"}).encode()
+    seen_at_start: list[int] = []
+    engine = make_engine(api_database)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            with engine.connect() as other:
+                seen_at_start.append(
+                    other.execute(
+                        sa.text("SELECT count(*) FROM api_tokens WHERE name = 'committed-first'")
+                    ).scalar_one()
+                )
+            assert message["status"] == 201
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/tokens",
+        "raw_path": b"/v1/tokens",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"authorization", f"Bearer {admin}".encode()),
+        ],
+        "client": ("127.0.0.1", 1234),
+        "server": ("testserver", 80),
+    }
+    try:
+        asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+    finally:
+        engine.dispose()
+    assert seen_at_start == [1]
