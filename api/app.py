@@ -19,20 +19,27 @@ import logging
 from typing import Any
 
 from fastapi import Depends, FastAPI
-from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import callbacks, limits, problems, rescans, scans, tokens, webhook
+from api import callbacks, limits, problems, rescans, reviews, scans, tokens, webhook
 from api.context import ApiContext
 from api.guards import storable_text
 from api.problems import Problem
+from db.session import ping
 
 log = logging.getLogger(__name__)
 
 # Every endpoint but the health checks lives in one of these. Each /v1 endpoint names the
 # roles that may call it; /s3-events (api.webhook) is called by a storage server, which
 # holds no API token, and takes the shared secret instead.
-ROUTERS = (scans.router, callbacks.router, rescans.router, tokens.router, webhook.router)
+ROUTERS = (
+    scans.router,
+    callbacks.router,
+    reviews.router,
+    rescans.router,
+    tokens.router,
+    webhook.router,
+)
 
 
 def create_app(context: ApiContext) -> FastAPI:
@@ -58,8 +65,7 @@ def create_app(context: ApiContext) -> FastAPI:
     @app.get("/readyz", tags=["operations"])
     def readyz() -> dict[str, Any]:
         try:
-            with session_factory() as session:
-                session.execute(text("SELECT 1"))
+            ping(session_factory)
         except Exception as exc:
             log.warning("not ready: database", extra={"error": str(exc)})
             raise Problem(503, "not-ready", "the database does not answer") from exc
@@ -67,7 +73,9 @@ def create_app(context: ApiContext) -> FastAPI:
             import redis
 
             try:
-                with redis.Redis.from_url(broker_url, socket_timeout=2) as client:
+                with redis.Redis.from_url(
+                    broker_url, socket_timeout=2, socket_connect_timeout=2
+                ) as client:
                     client.ping()
             except redis.RedisError as exc:
                 log.warning("not ready: broker", extra={"error": str(exc)})

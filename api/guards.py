@@ -13,7 +13,7 @@ from fastapi import Request
 from api.problems import Problem
 
 
-def _unstorable(text: str) -> bool:
+def unstorable(text: str) -> bool:
     if "\x00" in text:
         return True
     try:
@@ -23,17 +23,17 @@ def _unstorable(text: str) -> bool:
     return False
 
 
-def _first_unstorable(value: Any, where: str) -> str | None:
+def _firstunstorable(value: Any, where: str) -> str | None:
     """Where in ``value`` (a parsed JSON document) the first unstorable string is."""
     stack: list[tuple[Any, str]] = [(value, where)]
     while stack:
         node, at = stack.pop()
         if isinstance(node, str):
-            if _unstorable(node):
+            if unstorable(node):
                 return at
         elif isinstance(node, dict):
             for key, item in node.items():
-                if _unstorable(key):
+                if unstorable(key):
                     return f"{at} (a key)"
                 stack.append((item, f"{at}.{key}"))
         elif isinstance(node, list):
@@ -43,10 +43,10 @@ def _first_unstorable(value: Any, where: str) -> str | None:
 
 async def storable_text(request: Request) -> None:
     """A dependency of the whole application (see the module's description)."""
-    if _unstorable(request.url.path):
+    if unstorable(request.url.path):
         raise Problem(422, "invalid-text", "the path holds a NUL or an unpaired surrogate")
     for name, value in request.query_params.multi_items():
-        if _unstorable(name) or _unstorable(value):
+        if unstorable(name) or unstorable(value):
             raise Problem(
                 422,
                 "invalid-text",
@@ -59,6 +59,6 @@ async def storable_text(request: Request) -> None:
             document = json.loads(raw)
         except (ValueError, RecursionError):
             return  # malformed: the handler's own parsing answers it
-        where = _first_unstorable(document, "body")
+        where = _firstunstorable(document, "body")
         if where is not None:
             raise Problem(422, "invalid-text", f"{where} holds a NUL or an unpaired surrogate")

@@ -1,4 +1,4 @@
-"""Platform hooks: submit uploads for scanning and read what became of them (the service:
+"""Platform hooks: submit uploads for scanning and read what became of them (the services:
 ``workers.submissions``). A platform token sees only its own scans; an admin token sees
 every scan. Answers carry the result in the shape ``scan --json`` prints, the review state,
 the moderator's decision apart from the flag, and the notice that a flag asks for review
@@ -26,13 +26,15 @@ from starlette.datastructures import UploadFile
 
 from api.auth import PlatformOrAdmin
 from api.context import ApiContext, ContextDep
+from api.guards import unstorable
 from api.problems import Problem
-from db import repository
-from db.models import ApiToken, Scan, ScanPriority, TokenRole
+from db.models import ApiToken, ScanPriority, TokenRole
 from workers import callbacks, submissions
 from workers.submissions import (
     Caller,
     ObjectRef,
+    Reader,
+    ScanNotFound,
     ScanRequest,
     SubmissionRefused,
     SubmitPolicy,
@@ -43,13 +45,17 @@ router = APIRouter(tags=["scans"])
 MAX_WAIT_S = 30
 _POLL_S = 0.2
 _FORM_OVERHEAD = 64 * 1024
-_LIST_LIMIT = 100
+# Image uploads held in memory at once (each up to the image size limit); more wait for
+# a turn, and one that waits longer than this is answered 503 to try again.
+_UPLOADS_AT_ONCE = 8
+_UPLOAD_WAIT_S = 10.0
+_BUCKET_PATTERN = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
 
 
 class ObjectIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    bucket: str = Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    bucket: str = Field(min_length=3, max_length=63, pattern=_BUCKET_PATTERN)
     key: str = Field(min_length=1, max_length=1024)
     version_id: str | None = Field(None, min_length=1, max_length=1024)
 
@@ -80,10 +86,10 @@ class ScanBody(BaseModel):
             raise ValueError("give either `object` or `objects`")
         return self
 
-    def request(self) -> ScanRequest:
+    def request(self, objects: list[ObjectRef] | None = None) -> ScanRequest:
         given = [self.object] if self.object is not None else list(self.objects or [])
         return ScanRequest(
-            objects=[ObjectRef(o.bucket, o.key, o.version_id) for o in given],
+            objects=objects or [ObjectRef(o.bucket, o.key, o.version_id) for o in given],
             external_id=self.external_id,
             callback_url=self.callback_url,
             priority=self.priority,
@@ -100,8 +106,64 @@ class Accepted(BaseModel):
     replayed: bool = Field(description="true when this Idempotency-Key was answered before")
 
 
+class ObjectOut(BaseModel):
+    bucket: str | None
+    key: str | None
+    version_id: str | None
+
+
+class DetectorOut(BaseModel):
+    name: str
+    version: str
+    weights_sha256: str | None
+    score: float | None = Field(description="this detector's probability of AI generation")
+    evidence: dict[str, Any]
+    latency_ms: float | None
+    error: str | None
+    reused: bool
+
+
+class DecisionOut(BaseModel):
+    label: str = Field(description="the moderator's label: ai_generated, not_ai_generated, unsure")
+    decided_at: str | None
+
+
+class ScanOut(BaseModel):
+    """One scan: the result as ``scan --json`` prints it, and the scan's own fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    external_id: str | None
+    object: ObjectOut
+    priority: ScanPriority
+    submitted_at: str
+    finished: bool = Field(description="false while the result is pending")
+    path: str
+    path_bytes: str | None
+    sha256: str | None
+    status: str = Field(description="pending, scored or rejected")
+    reason: str | None = Field(description="a rejected upload: why (e.g. not_an_image)")
+    message: str | None
+    ai_score: float | None
+    flagged: bool = Field(
+        description="a request for human review; never a finding that the image is AI-made"
+    )
+    verdict: str = Field(description="likely_ai, no_indication, inconclusive, not_scored, ...")
+    verdict_reason: str | None
+    ensemble_version: str | None
+    image: dict[str, Any] | None
+    detectors: list[DetectorOut]
+    review: dict[str, Any] | None = Field(description="the review case, as scan --json shows it")
+    review_state: str = Field(description="none, open, claimed, decided or withdrawn")
+    decision: DecisionOut | None = Field(description="the moderator's decision, once made")
+    detector_versions: dict[str, str]
+    notice: str
+    links: dict[str, str]
+
+
 class ScanList(BaseModel):
-    scans: list[dict[str, Any]]
+    scans: list[ScanOut]
 
 
 def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
@@ -123,21 +185,21 @@ def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
+_FORM_FIELDS = ("external_id", "callback_url", "priority")
 _SUBMIT_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {
-                "schema": ScanBody.model_json_schema(ref_template="#/components/schemas/{model}")
-            },
+            "application/json": {"schema": _inlined(ScanBody.model_json_schema())},
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
+                    "additionalProperties": False,
                     "properties": {
                         "file": {"type": "string", "format": "binary"},
-                        "external_id": {"type": "string", "maxLength": 255},
-                        "callback_url": {"type": "string", "maxLength": 2048},
+                        "external_id": {"type": "string", "minLength": 1, "maxLength": 255},
+                        "callback_url": {"type": "string", "minLength": 1, "maxLength": 2048},
                         "priority": {"type": "string", "enum": ["normal", "low"]},
                     },
                 }
@@ -153,22 +215,31 @@ def _policy(context: ApiContext) -> SubmitPolicy:
         upload_bucket=context.upload_bucket,
         upload_prefix=context.upload_prefix,
         limits=context.limits,
-        check_callback=_callback_check(context),
+        check_callback=functools.partial(
+            callbacks.check_callback_url, allow_private=context.callbacks.allow_private
+        ),
     )
-
-
-def _callback_check(context: ApiContext) -> Any:
-    return functools.partial(
-        callbacks.check_callback_url, allow_private=context.callbacks.allow_private
-    )
-
-
-def _caller(token: ApiToken) -> Caller:
-    return Caller(token_id=token.id, actor=f"token:{token.public_id}")
 
 
 def _refused(exc: SubmissionRefused) -> Problem:
     return Problem(exc.status, exc.kind, exc.detail)
+
+
+def _invalid(exc: ValidationError) -> Problem:
+    if not exc.errors():
+        return Problem(422, "invalid-request", "the request does not match the schema")
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ())) or "body"
+    return Problem(422, "invalid-request", f"{where}: {first.get('msg', '')}")
+
+
+_uploads: dict[int, asyncio.Semaphore] = {}
+
+
+def _upload_turns() -> asyncio.Semaphore:
+    """The uploads held at once, per event loop (a semaphore belongs to one loop)."""
+    loop = asyncio.get_running_loop()
+    return _uploads.setdefault(id(loop), asyncio.Semaphore(_UPLOADS_AT_ONCE))
 
 
 @router.post(
@@ -193,43 +264,47 @@ async def submit(
     ] = None,
 ) -> Accepted:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    policy = _policy(context)
-    if content_type == "multipart/form-data":
-        scan_request, data, media = await _form(request, context)
-        try:
-            ref = await run_in_threadpool(
-                submissions.store_upload, context.store, data, policy, content_type=media
-            )
-        except SubmissionRefused as exc:
-            raise _refused(exc) from exc
-        scan_request = ScanRequest(
-            objects=[ref],
-            external_id=scan_request.external_id,
-            callback_url=scan_request.callback_url,
-            priority=scan_request.priority,
-        )
-        uploaded = True
-    elif content_type in ("application/json", ""):
-        scan_request = _json_body(await request.body())
-        uploaded = False
-    else:
-        raise Problem(
-            415,
-            "unsupported-media-type",
-            "send application/json (objects) or multipart/form-data (an image file)",
-        )
+    submit = functools.partial(
+        submissions.submit_objects,
+        context.session_factory,
+        context.dispatcher,
+        caller=Caller(token_id=caller.id, actor=f"token:{caller.public_id}"),
+        policy=_policy(context),
+        idempotency_key=idempotency_key,
+    )
     try:
-        submitted = await run_in_threadpool(
-            lambda: submissions.submit_objects(
-                context.session_factory,
-                context.dispatcher,
-                scan_request,
-                _caller(caller),
-                policy,
-                idempotency_key=idempotency_key,
-                uploaded=uploaded,
+        if content_type == "multipart/form-data":
+            turns = _upload_turns()
+            try:
+                await asyncio.wait_for(turns.acquire(), _UPLOAD_WAIT_S)
+            except TimeoutError as exc:
+                raise Problem(
+                    503, "busy", "too many uploads at once; try again", {"Retry-After": "5"}
+                ) from exc
+            try:
+                body, data, media = await _form(request, context)
+                sha256 = await run_in_threadpool(submissions.check_upload, data, context.limits)
+                ref = submissions.upload_ref(_policy(context), sha256)
+                submitted = await run_in_threadpool(
+                    lambda: submit(
+                        request=body.request([ref]),
+                        digest_extra=sha256,
+                        upload=lambda: submissions.store_upload(
+                            context.store, ref, data, content_type=media
+                        ),
+                    )
+                )
+            finally:
+                turns.release()
+        elif content_type in ("application/json", ""):
+            scan_request = _json_body(await request.body())
+            submitted = await run_in_threadpool(lambda: submit(request=scan_request))
+        else:
+            raise Problem(
+                415,
+                "unsupported-media-type",
+                "send application/json (objects) or multipart/form-data (an image file)",
             )
-        )
     except SubmissionRefused as exc:
         raise _refused(exc) from exc
     if len(submitted.scan_ids) == 1:
@@ -248,20 +323,11 @@ def _json_body(raw: bytes) -> ScanRequest:
     try:
         return ScanBody.model_validate(document).request()
     except ValidationError as exc:
-        errors = [
-            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()
-        ]
-        raise Problem(422, "invalid-request", _first(errors)) from exc
+        raise _invalid(exc) from exc
 
 
-def _first(errors: list[dict[str, Any]]) -> str:
-    if not errors:
-        return "the request does not match the schema"
-    where = ".".join(str(part) for part in errors[0]["loc"]) or "body"
-    return f"{where}: {errors[0]['msg']}"
-
-
-async def _form(request: Request, context: ApiContext) -> tuple[ScanRequest, bytes, str | None]:
+async def _form(request: Request, context: ApiContext) -> tuple[ScanBody, bytes, str | None]:
+    """The form's fields, checked, and its file's bytes (at most one past the limit)."""
     try:
         form = await request.form(
             max_files=1, max_fields=8, max_part_size=context.limits.max_bytes + _FORM_OVERHEAD
@@ -272,23 +338,25 @@ async def _form(request: Request, context: ApiContext) -> tuple[ScanRequest, byt
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise Problem(422, "invalid-request", "the form needs a `file` part")
-        unknown = sorted(set(form.keys()) - {"file", "external_id", "callback_url", "priority"})
+        unknown = sorted(set(form.keys()) - {"file", *_FORM_FIELDS})
         if unknown:
             raise Problem(422, "invalid-request", f"unknown form fields: {', '.join(unknown)}")
-        data = await upload.read(context.limits.max_bytes + 1)
+        # A placeholder object: the stored upload's name is known once its bytes are.
         fields: dict[str, Any] = {"object": {"bucket": context.upload_bucket, "key": "upload"}}
-        for name in ("external_id", "callback_url", "priority"):
+        for name in _FORM_FIELDS:
             value = form.get(name)
             if isinstance(value, str):
+                if unstorable(value):
+                    raise Problem(
+                        422, "invalid-text", f"{name} holds a NUL or an unpaired surrogate"
+                    )
                 fields[name] = value
         try:
-            parsed = ScanBody.model_validate(fields).request()
+            body = ScanBody.model_validate(fields)
         except ValidationError as exc:
-            errors = [
-                {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()
-            ]
-            raise Problem(422, "invalid-request", _first(errors)) from exc
-        return parsed, data, upload.content_type
+            raise _invalid(exc) from exc
+        data = await upload.read(context.limits.max_bytes + 1)
+        return body, data, upload.content_type
     finally:
         await form.close()
 
@@ -296,29 +364,15 @@ async def _form(request: Request, context: ApiContext) -> tuple[ScanRequest, byt
 # --- reading -----------------------------------------------------------------------------
 
 
-def _visible(scan: Scan | None, caller: ApiToken) -> Scan:
-    """The scan if the caller may see it; 404 alike for one that does not exist and one of
-    another platform (so ids cannot be probed)."""
-    if scan is None or (caller.role != TokenRole.ADMIN and scan.token_id != caller.id):
-        raise Problem(404, "not-found", "no such scan")
-    return scan
+def _reader(caller: ApiToken) -> Reader:
+    return Reader(token_id=None if caller.role == TokenRole.ADMIN else caller.id)
 
 
-def _owner_filter(caller: ApiToken) -> int | None:
-    return None if caller.role == TokenRole.ADMIN else caller.id
-
-
-def _read_scan(
-    context: ApiContext, public_id: str, caller: ApiToken
-) -> tuple[dict[str, Any], bool]:
-    with context.session_factory() as session:
-        scan = _visible(repository.scan_by_public_id(session, public_id), caller)
-        finished = submissions.is_finished(session, scan)
-        document = submissions.scan_document(session, scan, active_ensemble=context.active_ensemble)
-        return document, finished
-
-
-@router.get("/v1/scans/{scan_id}", summary="One scan: its result, review state and decision")
+@router.get(
+    "/v1/scans/{scan_id}",
+    response_model=ScanOut,
+    summary="One scan: its result, review state and decision",
+)
 async def read_scan(
     scan_id: Annotated[str, Path(min_length=1, max_length=40)],
     context: ContextDep,
@@ -329,13 +383,32 @@ async def read_scan(
     ] = 0,
 ) -> dict[str, Any]:
     deadline = time.monotonic() + wait
+    read = functools.partial(
+        submissions.read_scan,
+        context.session_factory,
+        scan_id,
+        _reader(caller),
+        active_ensemble=context.active_ensemble,
+    )
     while True:
-        document, finished = await run_in_threadpool(_read_scan, context, scan_id, caller)
-        if finished or time.monotonic() >= deadline:
+        try:
+            document = await run_in_threadpool(read)
+        except ScanNotFound as exc:
+            raise Problem(404, "not-found", "no such scan") from exc
+        if document["finished"] or time.monotonic() >= deadline:
             return document
-        # Polls the database (the result may be stored by any worker of the fleet);
-        # the request holds no connection between polls.
+        # Polls the database (the result may be stored by any worker of the fleet); the
+        # request holds no connection between polls.
         await asyncio.sleep(min(_POLL_S, max(0.0, deadline - time.monotonic())))
+
+
+def _found(context: ApiContext, caller: ApiToken, what: str, **by: Any) -> ScanList:
+    documents = submissions.find_scans(
+        context.session_factory, _reader(caller), active_ensemble=context.active_ensemble, **by
+    )
+    if not documents:
+        raise Problem(404, "not-found", f"no scan of {what}")
+    return ScanList.model_validate({"scans": documents})
 
 
 @router.get("/v1/scans", response_model=ScanList, summary="Your scans carrying an external id")
@@ -344,15 +417,13 @@ def scans_by_external_id(
     caller: PlatformOrAdmin,
     external_id: Annotated[str, Query(min_length=1, max_length=255)],
 ) -> ScanList:
-    with context.session_factory() as session:
-        found = repository.scans_by_external_id(
-            session, external_id, token_id=_owner_filter(caller), limit=_LIST_LIMIT
-        )
-        return ScanList(
-            scans=submissions.scan_documents(
-                session, found, active_ensemble=context.active_ensemble
-            )
-        )
+    documents = submissions.find_scans(
+        context.session_factory,
+        _reader(caller),
+        active_ensemble=context.active_ensemble,
+        external_id=external_id,
+    )
+    return ScanList.model_validate({"scans": documents})
 
 
 @router.get("/v1/items", response_model=ScanList, summary="The scans of one object")
@@ -362,17 +433,7 @@ def scans_of_object(
     bucket: Annotated[str, Query(min_length=3, max_length=63)],
     key: Annotated[str, Query(min_length=1, max_length=1024)],
 ) -> ScanList:
-    with context.session_factory() as session:
-        found = repository.scans_of_object(
-            session, bucket, key, token_id=_owner_filter(caller), limit=_LIST_LIMIT
-        )
-        if not found:
-            raise Problem(404, "not-found", f"no scan of s3://{bucket}/{key}")
-        return ScanList(
-            scans=submissions.scan_documents(
-                session, found, active_ensemble=context.active_ensemble
-            )
-        )
+    return _found(context, caller, f"s3://{bucket}/{key}", object_ref=ObjectRef(bucket, key))
 
 
 @router.get("/v1/images/{sha256}", response_model=ScanList, summary="The scans of these bytes")
@@ -381,14 +442,4 @@ def scans_of_image(
     caller: PlatformOrAdmin,
     sha256: Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")],
 ) -> ScanList:
-    with context.session_factory() as session:
-        found = repository.scans_of_image(
-            session, sha256, token_id=_owner_filter(caller), limit=_LIST_LIMIT
-        )
-        if not found:
-            raise Problem(404, "not-found", "no scan of an image with this sha256")
-        return ScanList(
-            scans=submissions.scan_documents(
-                session, found, active_ensemble=context.active_ensemble
-            )
-        )
+    return _found(context, caller, "an image with this sha256", sha256=sha256)

@@ -164,6 +164,8 @@ class Source(Base):
     __table_args__ = (
         UniqueConstraint("kind", "ref_key"),
         Index("ix_sources_status_created_at", "status", "created_at"),
+        # A re-scan's items in id order: counting them from a watermark reads only the new.
+        Index("ix_sources_rescan_id_id", "rescan_id", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -182,7 +184,7 @@ class Source(Base):
     reject_message: Mapped[str | None] = mapped_column(Text)
     submitted_by: Mapped[str | None] = mapped_column(String(255))
     # The batch re-scan that listed this object or image (None: an upload, a hook, a scan).
-    rescan_id: Mapped[int | None] = mapped_column(ForeignKey("rescans.id"), index=True)
+    rescan_id: Mapped[int | None] = mapped_column(ForeignKey("rescans.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
     seen_count: Mapped[int] = mapped_column(default=1)
@@ -496,7 +498,13 @@ class CallbackAttempt(Base):
 
 class Rescan(Base):
     """An operator's batch re-scan: what it selects, where its listing stands (``cursor``,
-    committed with each page, so a restarted lister goes on from there) and its counts."""
+    committed with each page, so a restarted lister goes on from there) and its counts.
+
+    What became of its items is counted as they finish, not on each read: every item up to
+    ``counted_through`` (a source id) was looked at once, those then finished are in
+    ``done`` (``reused`` of them) / ``rejected`` / ``failed`` / ``cancelled``, and those
+    still pending are in ``unfinished`` (at most the re-scan's in-flight cap), looked at
+    again at the next count (``db.repository.rescans.count_finished_items``)."""
 
     __tablename__ = "rescans"
 
@@ -511,7 +519,16 @@ class Rescan(Base):
     cursor: Mapped[str | None] = mapped_column(Text)
     listed: Mapped[int] = mapped_column(default=0)
     queued: Mapped[int] = mapped_column(default=0)
+    done: Mapped[int] = mapped_column(default=0)
     reused: Mapped[int] = mapped_column(default=0)
+    rejected: Mapped[int] = mapped_column(default=0)
+    failed: Mapped[int] = mapped_column(default=0)
+    cancelled: Mapped[int] = mapped_column(default=0)
+    counted_through: Mapped[int] = mapped_column(_ID, default=0)
+    unfinished: Mapped[list[int]] = mapped_column(
+        JSON().with_variant(JSONB(), "postgresql"), default=list
+    )
+    counted_at: Mapped[datetime | None]  # when the counts above were last brought up to date
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     listed_at: Mapped[datetime | None]  # when the listing finished

@@ -235,7 +235,11 @@ class Settings(BaseSettings):
         "<data_dir>/secret.key.",
     )
     callback_timeout_seconds: float = Field(
-        15.0, gt=0, le=60, description="Connect and read timeout of one callback delivery."
+        15.0,
+        gt=0,
+        le=60,
+        description="Callback timeout: to resolve the host, to connect, and for each read of "
+        "the answer; an attempt takes at most twice this in all.",
     )
     callback_retry_hours: float = Field(
         24.0,

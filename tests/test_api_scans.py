@@ -30,6 +30,7 @@ from workers import tokens
 
 from apitest import BUCKET, build_test_api
 from conftest import DatabaseFactory
+from provenance_fixtures import png_with_chunks, text_chunk
 
 PROBLEM = "application/problem+json"
 
@@ -125,7 +126,9 @@ def test_an_object_is_scanned_in_process_and_read_back_with_wait(
     assert document["ensemble_version"] == api.context.active_ensemble
     assert set(document["detector_versions"]) == {"provenance"}
     assert [d["name"] for d in document["detectors"]] == ["provenance"]
-    assert document["review"]["decision"] is None
+    assert document["decision"] is None and document["review_state"] in {"none", "open"}
+    # The result itself is what `scan --json` prints for it.
+    assert (document["review"] is None) == (document["review_state"] == "none")
     assert "not a finding" in document["notice"] and "indication, not proof" in document["notice"]
     # The same object read by key, by content and by the platform's own id.
     by_key = client.get(
@@ -200,6 +203,18 @@ def test_what_is_not_an_image_is_refused_before_anything_is_written(
         "/v1/scans", data={"external_id": "x"}, files={"other": ("a", b"a")}, headers=_auth(token)
     )
     assert no_file.status_code == 422
+    # A real image refused for another reason (a callback host not allowed, a text no column
+    # can hold) is not stored either.
+    image = ("ok.jpg", _jpeg(8), "image/jpeg")
+    for fields, kind in (
+        ({"callback_url": "https://hooks.example.com/x"}, "callback-not-allowed"),
+        ({"external_id": "a\x00b"}, "invalid-text"),
+        ({"priority": "urgent"}, "invalid-request"),
+        ({"colour": "red"}, "invalid-request"),
+    ):
+        refused = client.post("/v1/scans", files={"file": image}, data=fields, headers=_auth(token))
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["type"].endswith(kind)
     with sessions() as session:
         assert session.scalar(sa.select(sa.func.count()).select_from(Scan)) == 0
         assert session.scalar(sa.select(sa.func.count()).select_from(Source)) == 0
@@ -450,7 +465,7 @@ class _Receiver:
         self.server.server_close()
 
 
-def test_a_finished_scan_is_called_back_signed_with_the_token_s_secret(
+def test_a_result_and_a_moderators_decision_are_called_back_signed(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     from standardwebhooks import Webhook
@@ -458,6 +473,7 @@ def test_a_finished_scan_is_called_back_signed_with_the_token_s_secret(
     built = build_test_api(sessions, tmp_path, callback_allow_private_addresses=True)
     client = TestClient(create_app(built.context))
     admin = _token(sessions, TokenRole.ADMIN, "ops")
+    moderator = _token(sessions, TokenRole.MODERATOR, "mo")
     made = client.post(
         "/v1/tokens",
         json={"role": "platform", "name": "hooks", "callback_hosts": ["127.0.0.1"]},
@@ -466,13 +482,15 @@ def test_a_finished_scan_is_called_back_signed_with_the_token_s_secret(
     assert made.status_code == 201, made.text
     platform, secret = made.json()["token"], made.json()["callback_secret"]
     receiver = _Receiver()
+    # Generation settings in a PNG text chunk: the provenance detector flags it for review.
+    flagged = png_with_chunks([text_chunk("parameters", "a fox\nSteps: 20, Seed: 1, Model: x")])
     built.start()
     try:
-        built.context.store.put_object(Bucket=BUCKET, Key="cb.jpg", Body=_jpeg(7))
+        built.context.store.put_object(Bucket=BUCKET, Key="cb.png", Body=flagged)
         reply = client.post(
             "/v1/scans",
             json={
-                "object": {"bucket": BUCKET, "key": "cb.jpg"},
+                "object": {"bucket": BUCKET, "key": "cb.png"},
                 "external_id": "p-9",
                 "callback_url": receiver.url,
             },
@@ -481,17 +499,38 @@ def test_a_finished_scan_is_called_back_signed_with_the_token_s_secret(
         assert reply.status_code == 202, reply.text
         scan_id = reply.json()["scans"][0]["id"]
         assert receiver.arrived.wait(30), "no callback within 30 s"
+        document = _finished(client, scan_id, platform)
+        assert document["flagged"] and document["review_state"] == "open"
+        assert document["decision"] is None
+
+        receiver.arrived.clear()
+        decision = f"/v1/reviews/{document['sha256']}/decision"
+        body = {"decision": "ai_generated", "note": "internal: matches a known generator"}
+        assert client.post(decision, json=body, headers=_auth(platform)).status_code == 403
+        decided = client.post(decision, json=body, headers=_auth(moderator))
+        assert decided.status_code == 200, decided.text
+        assert decided.json()["callbacks"] == 1 and decided.json()["decided_from"] == "open"
+        again = client.post(decision, json=body, headers=_auth(moderator))
+        assert again.status_code == 409
+        assert receiver.arrived.wait(30), "no decision callback within 30 s"
+        after = client.get(f"/v1/scans/{scan_id}", headers=_auth(platform)).json()
     finally:
         built.stop()
         receiver.close()
-    [(headers, body)] = receiver.received
-    event = Webhook(secret).verify(body, headers)
-    assert event["type"] == "scan.completed"
-    assert event["data"]["scan"]["id"] == scan_id
-    assert event["data"]["scan"]["external_id"] == "p-9"
-    assert event["data"]["scan"]["status"] == "scored"
+    completed, decided_event = (Webhook(secret).verify(b, h) for h, b in receiver.received)
+    assert completed["type"] == "scan.completed"
+    assert completed["data"]["scan"]["id"] == scan_id
+    assert completed["data"]["scan"]["external_id"] == "p-9"
+    assert completed["data"]["scan"]["flagged"] is True
+    assert decided_event["type"] == "review.decided"
+    assert decided_event["data"]["review"]["decision"] == "ai_generated"
+    assert "internal" not in json.dumps(decided_event)  # a moderator's note stays with us
+    # The flag and the decision stay apart: the flag asked for review, the label is a person's.
+    assert after["flagged"] is True and after["decision"]["label"] == "ai_generated"
+    assert after["review_state"] == "decided"
+    first_headers, first_body = receiver.received[0]
     with pytest.raises(Exception, match="signature"):
-        Webhook("whsec_" + "A" * 43 + "=").verify(body, headers)
+        Webhook("whsec_" + "A" * 43 + "=").verify(first_body, first_headers)
 
 
 def test_an_embedded_rescan_lists_scores_and_finishes_in_process(
@@ -521,3 +560,43 @@ def test_an_embedded_rescan_lists_scores_and_finishes_in_process(
     assert counts["reused"] == 2  # bytes scored before cost no detector work
     with sessions() as session:
         assert session.scalar(sa.text("SELECT count(*) FROM detections")) == 3
+
+
+def test_the_cli_submits_and_shows_scans_through_the_same_services(
+    api: BuiltApi,
+    client: TestClient,
+    sessions: sessionmaker[Session],
+    scans_database: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from synthsentry.cli import main
+    from synthsentry.settings import get_settings
+
+    for name, value in {
+        "SYNTHSENTRY_DATA_DIR": str(tmp_path),
+        "SYNTHSENTRY_DATABASE_URL": scans_database,
+        "SYNTHSENTRY_API_MODE": "embedded",
+        "SYNTHSENTRY_ALLOWED_BUCKETS": BUCKET,
+    }.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        _put(api, "cli/one.jpg", _jpeg(30))
+        assert (
+            main(["scans", "submit", f"s3://{BUCKET}/cli/one.jpg", "--external-id", "c1", "--json"])
+            == 0
+        )
+        [scan_id] = json.loads(capsys.readouterr().out)["scans"]
+        refused = main(["scans", "submit", "s3://elsewhere/x.jpg"])
+        assert refused == 2 and "not in a bucket" in capsys.readouterr().err
+        api.start()  # the embedded worker finds the scan the CLI left in the database
+        assert main(["scans", "show", scan_id, "--wait", "30", "--json"]) == 0
+        shown = json.loads(capsys.readouterr().out)
+    finally:
+        get_settings.cache_clear()
+    admin = _token(sessions, TokenRole.ADMIN, "ops")
+    over_http = client.get(f"/v1/scans/{scan_id}", headers=_auth(admin)).json()
+    assert shown["finished"] and shown["external_id"] == "c1"
+    assert shown == over_http

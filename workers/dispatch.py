@@ -17,3 +17,15 @@ class Dispatcher(Protocol):
     def detect(self, image_id: int, detector: str, *, bulk: bool = False) -> None:
         """Run one detector on a stored image."""
         ...
+
+
+class LeftForSweep:
+    """A dispatcher for a process that runs no work and has no broker (the CLI beside an
+    embedded ``synthsentry serve``): the work stays pending in the database, where the
+    embedded worker's sweep finds it."""
+
+    def intake(self, source_id: int, *, bulk: bool = False) -> None:
+        return None
+
+    def detect(self, image_id: int, detector: str, *, bulk: bool = False) -> None:
+        return None

@@ -90,7 +90,7 @@ class EmbeddedWorker:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        self._sweep()
+        self._sweep(after_s=0.0)  # at start nothing is in flight: everything pending is owed
         while not self._stop.is_set():
             work = self._next()
             if work is None:
@@ -131,11 +131,14 @@ class EmbeddedWorker:
             self.ctx, self._detector(name), image_id, message_id=f"embedded/{uuid.uuid4().hex}"
         )
 
-    def _sweep(self) -> None:
+    def _sweep(self, *, after_s: float = 1.0) -> None:
         """Queue the work of uploads still pending (a stopped process, a full queue), then
         run the sweepers. Items found here run in order, uploads first."""
         try:
-            resend = fleet.resend_stalled(self.ctx, after_s=0.0)
+            # Work ``after_s`` old or more: what a dispatch left in the database, or a
+            # stopped process. Each further try of the same work waits twice as long (2 s,
+            # 4 s, ... about 4 minutes at most), so work that keeps failing does not spin.
+            resend = fleet.resend_stalled(self.ctx, after_s=after_s)
             bulk_intake, bulk_detect = set(resend.bulk_intake), set(resend.bulk_detect)
             for source_id in resend.intake:
                 self._requeue(_Work("intake", source_id, None, source_id in bulk_intake))

@@ -125,6 +125,11 @@ def fetch_object(s3: S3Reader, stored: repository.StoredObject, limits: IntakeLi
             raise Rejected(
                 RejectReason.UNREADABLE, f"access to the object was denied ({code})"
             ) from exc
+        if code in {"InvalidArgument", "InvalidBucketName", "KeyTooLongError"}:
+            # A name this store cannot hold an object under: no retry changes that.
+            raise Rejected(
+                RejectReason.UNREADABLE, f"the store cannot read this object name ({code})"
+            ) from exc
         raise TransientError(f"S3 error {code}") from exc
     except BotoCoreError as exc:
         raise TransientError(f"S3 unreachable: {exc}") from exc
@@ -373,12 +378,12 @@ def conclude(session: Session, ctx: FleetContext, image_id: int) -> Verdict | No
 @dataclass(frozen=True)
 class Resend:
     """Work to send again for uploads that stayed pending too long. The work of a batch
-    re-scan's items is also listed in ``bulk_intake`` / ``bulk_detect``: it goes back to the
-    low-priority queues it came from."""
+    re-scan's items and of scans asked for at low priority is also listed in
+    ``bulk_intake`` / ``bulk_detect``: it goes back to the low-priority queues it came from."""
 
     intake: list[int]  # source ids whose intake never finished
     detect: list[tuple[int, str]]  # (image id, detector) with no detection stored
-    bulk_intake: list[int] = field(default_factory=list)  # of ``intake``: re-scan items
+    bulk_intake: list[int] = field(default_factory=list)  # of ``intake``: bulk work
     bulk_detect: list[tuple[int, str]] = field(default_factory=list)  # of ``detect``
 
 
@@ -434,15 +439,18 @@ def resend_stalled(
     bulk_intake: list[int] = []
     bulk_detect: dict[tuple[int, str], None] = {}
     urgent: dict[tuple[int, str], None] = {}  # needed by an upload too: not low priority
-    # Re-scan items whose low-priority queue is still being worked through: looked at again
-    # after another delay, so that they do not hold the head of the check's order.
+    # Bulk work whose low-priority queue is still being worked through: looked at again
+    # after another delay, so that it does not hold the head of the check's order.
     postponed: list[int] = []
     with transaction(ctx.session_factory) as session:
-        for source in repository.stalled_sources(
+        stalled = repository.stalled_sources(
             session, created_before=now - timedelta(seconds=after_s), now=now, limit=limit
-        ):
-            # A batch re-scan's item: its work goes back to the low-priority queues.
-            bulk = source.rescan_id is not None
+        )
+        low_priority = repository.low_priority_sources(session, [s.id for s in stalled])
+        for source in stalled:
+            # A batch re-scan's item, or a scan asked for at low priority: its work goes back
+            # to the low-priority queues it was first sent to.
+            bulk = source.rescan_id is not None or source.id in low_priority
             options = {"bulk": True} if bulk else {}
             if source.image_id is None:
                 if waiting.intake_waiting(**options):

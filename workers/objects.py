@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -94,34 +95,59 @@ class LocalObjectStore:
         body = kwargs["Body"]
         data = body if isinstance(body, bytes) else body.read()
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Written whole or not at all: a reader never sees half an object.
-        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
+        # Written whole or not at all: a reader never sees half an object, and a listing
+        # never shows the file being written (its name has the temporary prefix).
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=_TEMPORARY, delete=False) as tmp:
             tmp.write(data)
         Path(tmp.name).replace(path)
         return {"ETag": f'"{hashlib.md5(data, usedforsecurity=False).hexdigest()}"'}
 
     def list_objects_v2(self, **kwargs: Any) -> Mapping[str, Any]:
-        """Keys under ``Prefix`` in lexicographic order, ``MaxKeys`` (at most 1000) at a
-        time, continued from ``ContinuationToken`` (the last key returned) or
-        ``StartAfter``."""
+        """Keys under ``Prefix`` in S3's order (by their UTF-8 bytes), ``MaxKeys`` (at most
+        1000) at a time, continued from ``ContinuationToken`` (the last key returned) or
+        ``StartAfter``. The walk is lazy and skips whole folders before the start, so a page
+        costs about its own size, however large the bucket."""
         folder = self._bucket(kwargs["Bucket"], "ListObjectsV2")
         prefix = kwargs.get("Prefix", "")
         after = kwargs.get("ContinuationToken") or kwargs.get("StartAfter") or ""
         limit = min(int(kwargs.get("MaxKeys", 1000)), 1000)
-        keys = sorted(
-            key
-            for path in folder.rglob("*")
-            if path.is_file()
-            and (key := path.relative_to(folder).as_posix()).startswith(prefix)
-            and key > after
-        )
-        page = keys[:limit]
-        truncated = len(keys) > limit
-        answer: dict[str, Any] = {
-            "Contents": [{"Key": k, "Size": (folder / k).stat().st_size} for k in page],
-            "KeyCount": len(page),
-            "IsTruncated": truncated,
-        }
+        page: list[dict[str, Any]] = []
+        truncated = False
+        for key, size in _walk(folder, "", prefix=prefix, after=after):
+            if len(page) == limit:
+                truncated = True
+                break
+            page.append({"Key": key, "Size": size})
+        answer: dict[str, Any] = {"Contents": page, "KeyCount": len(page), "IsTruncated": truncated}
         if truncated:
-            answer["NextContinuationToken"] = page[-1]
+            answer["NextContinuationToken"] = page[-1]["Key"]
         return answer
+
+
+_TEMPORARY = ".synthsentry-partial-"
+
+
+def _walk(folder: Path, base: str, *, prefix: str, after: str) -> Iterator[tuple[str, int]]:
+    """The files under ``folder`` as keys (``base`` + their relative path), in S3's order,
+    only those under ``prefix`` and after ``after``. A folder ``d`` holds the keys between
+    ``d/`` and ``d0`` ('0' follows '/'), so it sorts as ``d/`` among its siblings and is
+    skipped whole when that range lies before ``after`` or outside ``prefix``."""
+    entries = []
+    with os.scandir(folder) as found:
+        for entry in found:
+            if entry.name.startswith(_TEMPORARY):
+                continue
+            is_dir = entry.is_dir(follow_symlinks=False)
+            if not is_dir and not entry.is_file(follow_symlinks=False):
+                continue  # links and devices are not objects
+            name = base + entry.name + ("/" if is_dir else "")
+            entries.append((name.encode(), name, entry, is_dir))
+    entries.sort(key=lambda item: item[0])
+    for _, name, entry, is_dir in entries:
+        if is_dir:
+            end = name[:-1] + "0"  # every key in the folder sorts before this
+            if end <= after or not (name.startswith(prefix) or prefix.startswith(name)):
+                continue
+            yield from _walk(Path(entry.path), name, prefix=prefix, after=after)
+        elif name > after and name.startswith(prefix):
+            yield name, entry.stat().st_size

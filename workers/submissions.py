@@ -14,10 +14,9 @@ import hashlib
 import json
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -97,6 +96,9 @@ class Submitted:
     replayed: bool  # the same Idempotency-Key and body were seen before: nothing new made
 
 
+CallbackCheck = Callable[[Session, int, str], str]
+
+
 @dataclass(frozen=True)
 class SubmitPolicy:
     """What the deployment allows a submission to name."""
@@ -105,7 +107,9 @@ class SubmitPolicy:
     upload_bucket: str
     upload_prefix: str
     limits: IntakeLimits
-    check_callback: Any = None  # (session, token_id, url) -> url; raises ValueError if refused
+    # Where a token's callbacks may go (``workers.callbacks.check_callback_url``); raises
+    # ValueError saying why not. None: callbacks are not offered.
+    check_callback: CallbackCheck | None = None
 
 
 def _new_scan_id() -> str:
@@ -131,37 +135,30 @@ def submit_objects(
     *,
     idempotency_key: str | None = None,
     digest_extra: str = "",
-    uploaded: bool = False,
+    upload: Callable[[], object] | None = None,
 ) -> Submitted:
     """Record one scan per object and queue their intake. With ``idempotency_key``, a second
     request with the same key and the same body answers with the first one's scans (and
-    queues nothing); the same key with another body is refused (422). ``uploaded``: the
-    object was written by this service (the upload bucket is allowed then)."""
-    if not 1 <= len(request.objects) <= MAX_OBJECTS:
-        raise SubmissionRefused(
-            422, "too-many-objects", f"a request names 1 to {MAX_OBJECTS} objects"
-        )
-    for ref in request.objects:
-        check_key(ref.key)
-        if uploaded and ref.bucket == policy.upload_bucket:
-            continue
-        if policy.buckets is None or not policy.buckets.permits(ref.bucket, ref.key):
-            raise SubmissionRefused(
-                403,
-                "bucket-not-allowed",
-                f"s3://{ref.bucket}/{ref.key} is not in a bucket (or prefix) this deployment scans",
-            )
+    queues nothing); the same key with another body is refused (422).
+
+    ``upload`` writes the bytes the request names to the upload bucket (which needs no
+    allowing then): it runs once every check has passed and the request is not a replay,
+    so a refused request writes nothing."""
+    _check_objects(request.objects, policy, uploaded=upload is not None)
     digest = request.digest(extra=digest_extra)
     if idempotency_key is not None and caller.token_id is not None:
         replay = _replay(session_factory, caller.token_id, idempotency_key, digest)
         if replay is not None:
             return replay
+    if request.callback_url is not None:
+        _check_callback(session_factory, request.callback_url, caller, policy)
+    if upload is not None:
+        upload()
     try:
         made = _record(
             session_factory,
             request,
             caller,
-            policy,
             idempotency_key=idempotency_key,
             digest=digest,
         )
@@ -184,6 +181,37 @@ def submit_objects(
     return Submitted(scan_ids=made.scan_ids, replayed=False)
 
 
+def _check_objects(objects: Sequence[ObjectRef], policy: SubmitPolicy, *, uploaded: bool) -> None:
+    if not 1 <= len(objects) <= MAX_OBJECTS:
+        raise SubmissionRefused(
+            422, "too-many-objects", f"a request names 1 to {MAX_OBJECTS} objects"
+        )
+    for ref in objects:
+        check_key(ref.key)
+        if uploaded and ref.bucket == policy.upload_bucket:
+            continue
+        if policy.buckets is None or not policy.buckets.permits(ref.bucket, ref.key):
+            raise SubmissionRefused(
+                403,
+                "bucket-not-allowed",
+                f"s3://{ref.bucket}/{ref.key} is not in a bucket (or prefix) this deployment scans",
+            )
+
+
+def _check_callback(
+    session_factory: sessionmaker[Session], url: str, caller: Caller, policy: SubmitPolicy
+) -> None:
+    if policy.check_callback is None or caller.token_id is None:
+        raise SubmissionRefused(
+            422, "callback-not-allowed", "callbacks are sent for platform tokens only"
+        )
+    with session_factory() as session:
+        try:
+            policy.check_callback(session, caller.token_id, url)
+        except ValueError as exc:
+            raise SubmissionRefused(422, "callback-not-allowed", str(exc)) from exc
+
+
 @dataclass(frozen=True)
 class _Made:
     scan_ids: list[str]
@@ -194,21 +222,11 @@ def _record(
     session_factory: sessionmaker[Session],
     request: ScanRequest,
     caller: Caller,
-    policy: SubmitPolicy,
     *,
     idempotency_key: str | None,
     digest: str,
 ) -> _Made:
     with transaction(session_factory) as session:
-        if request.callback_url is not None:
-            if policy.check_callback is None or caller.token_id is None:
-                raise SubmissionRefused(
-                    422, "callback-not-allowed", "callbacks are sent for platform tokens only"
-                )
-            try:
-                policy.check_callback(session, caller.token_id, request.callback_url)
-            except ValueError as exc:
-                raise SubmissionRefused(422, "callback-not-allowed", str(exc)) from exc
         scan_ids: list[str] = []
         source_ids: list[int] = []
         for ref in request.objects:
@@ -267,17 +285,14 @@ def _replay(
         return Submitted(scan_ids=list(seen.scan_ids), replayed=True)
 
 
-def store_upload(
-    store: ObjectStore, data: bytes, policy: SubmitPolicy, *, content_type: str | None = None
-) -> ObjectRef:
-    """Write posted image bytes to the upload bucket (content-addressed: the same bytes
-    posted twice are one object) and name the object. Refuses what is not an image of a
-    format the scanner reads, before anything is written."""
+def check_upload(data: bytes, limits: IntakeLimits) -> str:
+    """The sha256 of posted image bytes, once they are known to be an image of a format the
+    scanner reads and within the size limit (nothing is written before)."""
     if not data:
         raise SubmissionRefused(422, "empty-upload", "the uploaded file is empty")
-    if len(data) > policy.limits.max_bytes:
+    if len(data) > limits.max_bytes:
         raise SubmissionRefused(
-            413, "upload-too-large", f"an image is at most {policy.limits.max_bytes} bytes"
+            413, "upload-too-large", f"an image is at most {limits.max_bytes} bytes"
         )
     fmt = sniff(data[:SNIFF_BYTES])
     if fmt not in SUPPORTED_FORMATS:
@@ -287,31 +302,50 @@ def store_upload(
             "unsupported-media-type",
             f"the upload is {what}; supported: {', '.join(sorted(SUPPORTED_FORMATS))}",
         )
-    sha256 = hashlib.sha256(data).hexdigest()
-    key = f"{policy.upload_prefix}{sha256[:2]}/{sha256}"
-    params: dict[str, Any] = {"Bucket": policy.upload_bucket, "Key": key, "Body": data}
+    return hashlib.sha256(data).hexdigest()
+
+
+def upload_ref(policy: SubmitPolicy, sha256: str) -> ObjectRef:
+    """Where posted bytes are stored: addressed by content, so the same bytes posted twice
+    are one object."""
+    return ObjectRef(
+        bucket=policy.upload_bucket, key=f"{policy.upload_prefix}{sha256[:2]}/{sha256}"
+    )
+
+
+def store_upload(
+    store: ObjectStore, ref: ObjectRef, data: bytes, *, content_type: str | None = None
+) -> None:
+    params: dict[str, Any] = {"Bucket": ref.bucket, "Key": ref.key, "Body": data}
     if content_type:
         params["ContentType"] = content_type
     store.put_object(**params)
-    return ObjectRef(bucket=policy.upload_bucket, key=key)
 
 
 # --- reading -----------------------------------------------------------------------------
 
+LIST_LIMIT = 100
 
-ReviewStateName = Literal["none", "open", "claimed", "decided", "withdrawn"]
+
+class ScanNotFound(LookupError):
+    """No such scan, or not one the reader may see (answered alike)."""
 
 
 def scan_document(session: Session, scan: Scan, *, active_ensemble: str) -> dict[str, Any]:
-    """What a platform reads of one scan: the result in the shape ``scan --json`` prints,
-    with the scan's own fields, the review state and the moderator's decision apart from
-    the flag, and what a flag means."""
+    """What a platform reads of one scan: the result exactly as ``scan --json`` prints it
+    (``review`` included), plus the scan's own fields, the review state, the moderator's
+    decision apart from the flag (``decision``), every detector's version, and what a flag
+    means (``notice``)."""
     source = repository.get_source(session, scan.source_id)
     assert source is not None  # a scan's source is never deleted
     path = f"s3://{source.bucket}/{source.object_key}"
     outcome = results.source_outcome(session, source, path, active_ensemble=active_ensemble)
+    case = repository.case_for_image(session, source.image_id) if source.image_id else None
+    decision = None
+    if case is not None and case.decision is not None:
+        decided_at = case.decided_at.isoformat() if case.decided_at else None
+        decision = {"label": case.decision.value, "decided_at": decided_at}
     document = outcome.to_json()
-    review = outcome.review
     document.update(
         {
             "id": scan.public_id,
@@ -322,15 +356,10 @@ def scan_document(session: Session, scan: Scan, *, active_ensemble: str) -> dict
                 "version_id": source.version_id,
             },
             "priority": scan.priority.value,
-            "submitted_at": _iso(scan.created_at),
+            "submitted_at": scan.created_at.isoformat(),
             "finished": source.status != SourceStatus.PENDING,
-            "review": {
-                "state": review.state.value if review is not None else "none",
-                "decision": review.decision.value
-                if review is not None and review.decision is not None
-                else None,
-                "case": review.to_json() if review is not None else None,
-            },
+            "review_state": case.state.value if case is not None else "none",
+            "decision": decision,
             "detector_versions": {d.name: d.version for d in outcome.detectors},
             "notice": NOTICE,
             "links": {"self": f"/v1/scans/{scan.public_id}"},
@@ -339,16 +368,54 @@ def scan_document(session: Session, scan: Scan, *, active_ensemble: str) -> dict
     return document
 
 
-def scan_documents(
-    session: Session, scans: Sequence[Scan], *, active_ensemble: str
+@dataclass(frozen=True)
+class Reader:
+    """Who reads: a platform sees the scans it submitted (``token_id``), an operator all
+    (``token_id`` None)."""
+
+    token_id: int | None
+
+
+def read_scan(
+    session_factory: sessionmaker[Session], public_id: str, reader: Reader, *, active_ensemble: str
+) -> dict[str, Any]:
+    """One scan's document; raises ScanNotFound for one that does not exist and for one the
+    reader may not see alike (so ids cannot be probed)."""
+    with session_factory() as session:
+        scan = repository.scan_by_public_id(session, public_id)
+        if scan is None or (reader.token_id is not None and scan.token_id != reader.token_id):
+            raise ScanNotFound(f"no scan {public_id!r}")
+        return scan_document(session, scan, active_ensemble=active_ensemble)
+
+
+def find_scans(
+    session_factory: sessionmaker[Session],
+    reader: Reader,
+    *,
+    active_ensemble: str,
+    external_id: str | None = None,
+    object_ref: ObjectRef | None = None,
+    sha256: str | None = None,
 ) -> list[dict[str, Any]]:
-    return [scan_document(session, scan, active_ensemble=active_ensemble) for scan in scans]
-
-
-def is_finished(session: Session, scan: Scan) -> bool:
-    source = repository.get_source(session, scan.source_id)
-    return source is not None and source.status != SourceStatus.PENDING
-
-
-def _iso(moment: datetime) -> str:
-    return moment.isoformat()
+    """The newest scans (at most ``LIST_LIMIT``) the reader may see, by exactly one of: the
+    platform's own id, an object, the bytes' sha256."""
+    with session_factory() as session:
+        if external_id is not None:
+            found = repository.scans_by_external_id(
+                session, external_id, token_id=reader.token_id, limit=LIST_LIMIT
+            )
+        elif object_ref is not None:
+            found = repository.scans_of_object(
+                session,
+                object_ref.bucket,
+                object_ref.key,
+                token_id=reader.token_id,
+                limit=LIST_LIMIT,
+            )
+        elif sha256 is not None:
+            found = repository.scans_of_image(
+                session, sha256, token_id=reader.token_id, limit=LIST_LIMIT
+            )
+        else:
+            raise ValueError("name an external id, an object or a sha256")
+        return [scan_document(session, scan, active_ensemble=active_ensemble) for scan in found]

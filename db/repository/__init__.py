@@ -7,15 +7,50 @@
     review        review cases following the verdicts; the case beside its verdicts
     audit         the append-only trail
     bookkeeping   the fleet's delivery attempts and dead letters
+    tokens        API tokens (hashes only)
+    scans         scans platforms asked the API for; idempotency keys
+    callbacks     signing secrets, allowed hosts, endpoints, the delivery outbox
+    rescans       batch re-scans: the request, its listing's cursor, its counts
 
 Every write that an event, a retry or a re-run can repeat is an idempotent insert keyed by
 a unique constraint (``INSERT ... ON CONFLICT DO NOTHING`` on Postgres and SQLite), so
 doing it twice leaves one row. Callers import the functions from here.
 """
 
-from db.repository._sql import count_rows
-from db.repository.audit import append_audit, audit_trail
-from db.repository.bookkeeping import attempts_so_far, count_attempt, record_dead_letter
+from db.repository._sql import (
+    count_rows,
+)
+from db.repository.audit import (
+    append_audit,
+    audit_trail,
+)
+from db.repository.bookkeeping import (
+    attempts_so_far,
+    count_attempt,
+    record_dead_letter,
+)
+from db.repository.callbacks import (
+    DeliveryRecord,
+    DeliveryView,
+    add_callback_attempt,
+    add_callback_delivery,
+    add_callback_secret,
+    callback_attempts,
+    callback_endpoint,
+    callback_hosts,
+    callback_scans_of_image,
+    callback_scans_of_sources,
+    claim_due_deliveries,
+    delivery_view,
+    disable_callback_endpoint,
+    get_callback_endpoint,
+    get_token,
+    list_deliveries,
+    live_callback_secrets,
+    lock_delivery,
+    lock_token,
+    replace_callback_hosts,
+)
 from db.repository.detections import (
     DetectionRecord,
     current_versions,
@@ -33,7 +68,29 @@ from db.repository.images import (
     lock_image,
     lock_images,
 )
-from db.repository.review import case_for_image, follow_verdict
+from db.repository.rescans import (
+    ItemCounts,
+    RescanItem,
+    RescanRecord,
+    add_rescan,
+    add_to_progress,
+    cancel_pending_items,
+    claim_active_rescan,
+    count_finished_items,
+    counts_of,
+    current_answers,
+    image_page,
+    list_rescans,
+    postpone_checks,
+    record_rescan_items,
+    rescan_by_public_id,
+    set_rescan_state,
+)
+from db.repository.review import (
+    case_for_image,
+    decide_case,
+    follow_verdict,
+)
 from db.repository.scans import (
     add_idempotency_key,
     add_scan,
@@ -49,6 +106,7 @@ from db.repository.sources import (
     StoredObject,
     attach_image,
     get_source,
+    low_priority_sources,
     mark_pending_sources_scored,
     mark_resent,
     mark_source_rejected,
@@ -83,48 +141,85 @@ from db.repository.verdicts import (
 
 __all__ = [
     "CaseVerdicts",
+    "DeliveryRecord",
+    "DeliveryView",
     "DetectionRecord",
     "EnsembleRecord",
     "EnsembleVersionClash",
     "ImageFacts",
+    "ItemCounts",
+    "RescanItem",
+    "RescanRecord",
     "SourceRef",
     "StoredObject",
     "TokenRecord",
     "VerdictRecord",
+    "add_callback_attempt",
+    "add_callback_delivery",
+    "add_callback_secret",
     "add_idempotency_key",
+    "add_rescan",
     "add_scan",
+    "add_to_progress",
     "add_token",
     "append_audit",
     "attach_image",
     "attempts_so_far",
     "audit_trail",
+    "callback_attempts",
+    "callback_endpoint",
+    "callback_hosts",
+    "callback_scans_of_image",
+    "callback_scans_of_sources",
+    "cancel_pending_items",
     "case_for_image",
+    "claim_active_rescan",
+    "claim_due_deliveries",
     "count_attempt",
+    "count_finished_items",
     "count_rows",
+    "counts_of",
+    "current_answers",
     "current_verdict",
     "current_versions",
+    "decide_case",
+    "delivery_view",
     "detections_by_version",
     "detections_for_image",
+    "disable_callback_endpoint",
     "follow_verdict",
+    "get_callback_endpoint",
     "get_image",
     "get_or_create_image",
     "get_source",
+    "get_token",
     "has_scored_verdict",
     "idempotency_key",
     "image_by_sha256",
+    "image_page",
     "latest_detections",
     "latest_verdict",
+    "list_deliveries",
+    "list_rescans",
     "list_tokens",
+    "live_callback_secrets",
+    "lock_delivery",
     "lock_image",
     "lock_images",
+    "lock_token",
+    "low_priority_sources",
     "mark_pending_sources_scored",
     "mark_resent",
     "mark_source_rejected",
     "mark_source_scored",
     "objects_of_image",
+    "postpone_checks",
     "record_dead_letter",
+    "record_rescan_items",
     "record_source",
     "register_ensemble",
+    "replace_callback_hosts",
+    "rescan_by_public_id",
     "reusable_detections",
     "revoke_token",
     "save_detection",
@@ -134,6 +229,7 @@ __all__ = [
     "scans_by_public_ids",
     "scans_of_image",
     "scans_of_object",
+    "set_rescan_state",
     "source_by_ref",
     "sources_by_object",
     "sources_for_image",
@@ -141,90 +237,4 @@ __all__ = [
     "stored_object",
     "token_by_public_id",
     "with_verdicts",
-]
-
-# Batch re-scans: the request, its listing's cursor, its items and their outcomes.
-from db.repository.rescans import (
-    ItemCounts,
-    RescanItem,
-    RescanRecord,
-    add_rescan,
-    add_to_progress,
-    cancel_pending_items,
-    claim_active_rescan,
-    current_answers,
-    image_page,
-    item_counts,
-    items_in_flight,
-    list_rescans,
-    postpone_checks,
-    record_rescan_items,
-    rescan_by_public_id,
-    set_rescan_state,
-)
-
-__all__ += [
-    "ItemCounts",
-    "RescanItem",
-    "RescanRecord",
-    "add_rescan",
-    "add_to_progress",
-    "cancel_pending_items",
-    "claim_active_rescan",
-    "current_answers",
-    "image_page",
-    "item_counts",
-    "items_in_flight",
-    "list_rescans",
-    "postpone_checks",
-    "record_rescan_items",
-    "rescan_by_public_id",
-    "set_rescan_state",
-]
-
-# Callbacks: signing secrets, allowed hosts, endpoints, the delivery outbox, its attempts.
-from db.repository.callbacks import (  # noqa: E402  (appended per aggregate)
-    DeliveryRecord,
-    DeliveryView,
-    add_callback_attempt,
-    add_callback_delivery,
-    add_callback_secret,
-    callback_attempts,
-    callback_endpoint,
-    callback_hosts,
-    callback_scans_of_image,
-    callback_scans_of_sources,
-    claim_due_deliveries,
-    delivery_view,
-    disable_callback_endpoint,
-    get_callback_endpoint,
-    get_token,
-    list_deliveries,
-    live_callback_secrets,
-    lock_delivery,
-    lock_token,
-    replace_callback_hosts,
-)
-
-__all__ += [
-    "DeliveryRecord",
-    "DeliveryView",
-    "add_callback_attempt",
-    "add_callback_delivery",
-    "add_callback_secret",
-    "callback_attempts",
-    "callback_endpoint",
-    "callback_hosts",
-    "callback_scans_of_image",
-    "callback_scans_of_sources",
-    "claim_due_deliveries",
-    "delivery_view",
-    "disable_callback_endpoint",
-    "get_callback_endpoint",
-    "get_token",
-    "list_deliveries",
-    "live_callback_secrets",
-    "lock_delivery",
-    "lock_token",
-    "replace_callback_hosts",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from db.models import ReviewCase, ReviewState, Verdict, VerdictLabel, utcnow
+from db.models import ReviewCase, ReviewDecision, ReviewState, Verdict, VerdictLabel, utcnow
 from db.repository._sql import insert_ignore
 from db.repository.audit import append_audit
 
@@ -65,6 +65,40 @@ def follow_verdict(
     ):
         _audit(session, existing, "review_case.withdrawn", verdict, actor)
     return existing
+
+
+def decide_case(
+    session: Session,
+    case: ReviewCase,
+    decision: ReviewDecision,
+    note: str | None,
+    *,
+    actor: str,
+) -> ReviewState | None:
+    """Record a moderator's decision on a case that is open or claimed; returns the state
+    it was decided from, or None when the case was not in review (withdrawn, or decided
+    already: a concurrent decision wins). Audited."""
+    for expected in (ReviewState.OPEN, ReviewState.CLAIMED):
+        if _transition(
+            session,
+            case,
+            expected,
+            state=ReviewState.DECIDED,
+            decision=decision,
+            note=note,
+            decided_at=utcnow(),
+            assignee=actor,
+        ):
+            append_audit(
+                session,
+                actor=actor,
+                action="review_case.decided",
+                subject_type="review_case",
+                subject_id=case.id,
+                details={"from_state": expected.value, "decision": decision.value, "note": note},
+            )
+            return expected
+    return None
 
 
 def _clears(verdict: Verdict) -> bool:

@@ -114,7 +114,22 @@ def upgrade() -> None:
         sa.Column("cursor", sa.Text(), nullable=True),
         sa.Column("listed", sa.Integer(), nullable=False),
         sa.Column("queued", sa.Integer(), nullable=False),
+        sa.Column("done", sa.Integer(), nullable=False),
         sa.Column("reused", sa.Integer(), nullable=False),
+        sa.Column("rejected", sa.Integer(), nullable=False),
+        sa.Column("failed", sa.Integer(), nullable=False),
+        sa.Column("cancelled", sa.Integer(), nullable=False),
+        sa.Column(
+            "counted_through",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            nullable=False,
+        ),
+        sa.Column(
+            "unfinished",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column("counted_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("listed_at", sa.DateTime(timezone=True), nullable=True),
@@ -255,7 +270,7 @@ def upgrade() -> None:
                 "rescan_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True
             )
         )
-        batch_op.create_index(batch_op.f("ix_sources_rescan_id"), ["rescan_id"], unique=False)
+        batch_op.create_index("ix_sources_rescan_id_id", ["rescan_id", "id"], unique=False)
         batch_op.create_foreign_key(
             batch_op.f("fk_sources_rescan_id_rescans"), "rescans", ["rescan_id"], ["id"]
         )
@@ -264,7 +279,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table("sources", schema=None) as batch_op:
         batch_op.drop_constraint(batch_op.f("fk_sources_rescan_id_rescans"), type_="foreignkey")
-        batch_op.drop_index(batch_op.f("ix_sources_rescan_id"))
+        batch_op.drop_index("ix_sources_rescan_id_id")
         batch_op.drop_column("rescan_id")
 
     with op.batch_alter_table("callback_attempts", schema=None) as batch_op:

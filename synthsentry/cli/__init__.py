@@ -6,8 +6,10 @@ its own beyond parsing, wiring and printing; each command group is a module here
     fleet       worker, ingest, submit, reconcile, status
     database    db upgrade | current
     tokens      API tokens: create, list, revoke
-    serve       the HTTP API
+    serve       the HTTP API (embedded or fleet mode)
+    scans       platform scans: submit, show (what /v1/scans does)
     callbacks   signed callbacks: deliver, failed, redeliver
+    rescan      batch re-scans: create, status, cancel, list
 """
 
 from __future__ import annotations
@@ -16,7 +18,17 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from synthsentry.cli import callbacks, database, detectors, fleet, rescan, scan, serve, tokens
+from synthsentry.cli import (
+    callbacks,
+    database,
+    detectors,
+    fleet,
+    rescan,
+    scan,
+    scans,
+    serve,
+    tokens,
+)
 from synthsentry.cli.common import EXIT_USAGE, CliError
 from synthsentry.cli.output import POLICY
 from synthsentry.settings import get_settings
@@ -29,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "human review. " + POLICY,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (scan, detectors, fleet, database, tokens, serve, callbacks, rescan):
+    for group in (scan, detectors, fleet, database, tokens, serve, scans, callbacks, rescan):
         group.register(commands)
     return parser
 

@@ -1,0 +1,95 @@
+"""The embedded mode's object store: a folder answering boto3's S3 calls with S3's shapes,
+order and error codes, so the fleet's steps run on it unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ClientError
+
+from db.models import SourceStatus
+from db.repository import StoredObject
+from workers.fleet import fetch_object
+from workers.intake import IntakeLimits, Rejected, RejectReason
+from workers.objects import LocalObjectStore
+
+KEYS = [
+    "a-c.jpg",  # '-' sorts before '/': before every key in a/
+    "a/b.jpg",
+    "a/b/c.jpg",
+    "a/z.jpg",
+    "a0.jpg",  # '0' follows '/': after every key in a/
+    "b/é.jpg",
+    "b/z.jpg",
+    "zz",
+]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalObjectStore:
+    store = LocalObjectStore(tmp_path)
+    for key in reversed(KEYS):
+        store.put_object(Bucket="media", Key=key, Body=key.encode())
+    # A write in progress leaves a temporary file beside its object: never listed.
+    (tmp_path / "media" / "a" / ".synthsentry-partial-x1").write_bytes(b"half")
+    return store
+
+
+def _all(store: LocalObjectStore, **kwargs: object) -> list[str]:
+    keys: list[str] = []
+    token = None
+    while True:
+        page = store.list_objects_v2(
+            Bucket="media", MaxKeys=3, **kwargs, **({"ContinuationToken": token} if token else {})
+        )
+        keys += [item["Key"] for item in page["Contents"]]
+        assert page["KeyCount"] == len(page["Contents"]) <= 3
+        if not page["IsTruncated"]:
+            return keys
+        token = page["NextContinuationToken"]
+
+
+def test_listing_pages_through_every_key_in_s3_order(store: LocalObjectStore) -> None:
+    assert _all(store) == sorted(KEYS, key=str.encode)
+    assert _all(store, Prefix="a/") == ["a/b.jpg", "a/b/c.jpg", "a/z.jpg"]
+    assert _all(store, Prefix="a/b") == ["a/b.jpg", "a/b/c.jpg"]
+    assert _all(store, StartAfter="a/b.jpg") == sorted(KEYS, key=str.encode)[2:]
+    assert _all(store, Prefix="b/", StartAfter="b/é.jpg") == []  # 'é' sorts after 'z'
+    assert _all(store, Prefix="nothing/") == []
+
+
+def test_objects_read_back_and_errors_speak_s3(store: LocalObjectStore) -> None:
+    assert store.get_object(Bucket="media", Key="a/b.jpg")["Body"].read() == b"a/b.jpg"
+    assert store.head_object(Bucket="media", Key="zz")["ContentLength"] == 2
+    for bucket, key, code in (
+        ("media", "missing.jpg", "NoSuchKey"),
+        ("nobucket", "a", "NoSuchBucket"),
+        ("media", "../escape", "InvalidArgument"),
+        ("media", "/abs", "InvalidArgument"),
+        ("media", "a//b", "InvalidArgument"),
+        ("Bad_Bucket", "a", "InvalidBucketName"),
+    ):
+        with pytest.raises(ClientError) as caught:
+            store.get_object(Bucket=bucket, Key=key)
+        assert caught.value.response["Error"]["Code"] == code, (bucket, key)
+
+
+def test_a_name_the_store_cannot_hold_is_a_rejection_not_a_retry(
+    store: LocalObjectStore,
+) -> None:
+    limits = IntakeLimits(max_bytes=1024, max_pixels=10_000, decode_timeout_s=5)
+    for key, reason in (("a//b.jpg", RejectReason.UNREADABLE), ("gone.jpg", RejectReason.MISSING)):
+        with pytest.raises(Rejected) as caught:
+            fetch_object(
+                store,
+                StoredObject(
+                    source_id=1,
+                    bucket="media",
+                    key=key,
+                    version_id=None,
+                    status=SourceStatus.PENDING,
+                ),
+                limits,
+            )
+        assert caught.value.reason is reason

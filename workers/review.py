@@ -1,0 +1,74 @@
+"""Moderators' decisions on review cases: the one service behind every way a decision is
+made (the review API today; the dashboard's pages call the same function). A decision is
+stored, audited and queued for the platforms' callbacks in one transaction: a platform is
+told exactly the decisions that were stored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import repository
+from db.models import ReviewDecision, ReviewState
+from db.session import transaction
+from workers import callbacks
+
+
+class DecisionRefused(Exception):
+    """A decision that cannot be stored; ``status`` and ``kind`` say how the API answers."""
+
+    def __init__(self, status: int, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Decided:
+    sha256: str
+    decision: ReviewDecision
+    decided_from: ReviewState  # open or claimed
+    decided_at: str
+    callbacks: int  # platform callbacks queued
+
+
+def decide(
+    session_factory: sessionmaker[Session],
+    sha256: str,
+    decision: ReviewDecision,
+    note: str | None,
+    *,
+    actor: str,
+    active_ensemble: str,
+) -> Decided:
+    """Decide the review case of the image with these bytes. A case that is not in review
+    (withdrawn, or decided already) is refused with 409; the note stays with us (it is
+    audited, never sent to platforms)."""
+    with transaction(session_factory) as session:
+        image = repository.image_by_sha256(session, sha256)
+        case = repository.case_for_image(session, image.id) if image is not None else None
+        if image is None or case is None:
+            raise DecisionRefused(404, "not-found", "no review case for an image with this sha256")
+        repository.lock_image(session, image.id)  # the verdicts that move cases wait
+        decided_from = repository.decide_case(session, case, decision, note, actor=actor)
+        if decided_from is None:
+            raise DecisionRefused(
+                409, "not-in-review", f"the case is {case.state.value}; nothing to decide"
+            )
+        queued = callbacks.enqueue_review_decided(
+            session,
+            image.id,
+            decision=decision.value,
+            actor=actor,
+            active_ensemble=active_ensemble,
+        )
+        assert case.decided_at is not None
+        return Decided(
+            sha256=sha256,
+            decision=decision,
+            decided_from=decided_from,
+            decided_at=case.decided_at.isoformat(),
+            callbacks=queued,
+        )
