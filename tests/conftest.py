@@ -26,6 +26,7 @@ import sqlalchemy
 from pytest_redis.executor import RedisExecutor
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
+from sqlalchemy.orm import sessionmaker as sessionmaker_type
 
 from synthsentry.settings import Settings, get_settings
 
@@ -270,3 +271,18 @@ def s3_endpoint() -> Iterator[str]:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
+
+
+def emptied_sessions(url: str) -> Iterator[sessionmaker_type[Session]]:
+    """Sessions on the committing database ``url``, every table emptied first (each test of
+    a module that commits starts from a clean slate); the engine is disposed afterwards."""
+    from db.session import make_engine, make_sessionmaker
+
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        tables = sorted(set(sqlalchemy.inspect(connection).get_table_names()) - {"alembic_version"})
+        connection.execute(
+            sqlalchemy.text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
+        )
+    yield make_sessionmaker(engine)
+    engine.dispose()

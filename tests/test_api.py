@@ -28,11 +28,11 @@ from api import webhook
 from api.app import ROUTERS, create_app
 from api.auth import Authenticator
 from db.models import TokenRole
-from db.session import make_engine, make_sessionmaker, transaction
+from db.session import make_engine, transaction
 from workers import tokens
 
 from apitest import build_test_api
-from conftest import DatabaseFactory
+from conftest import DatabaseFactory, emptied_sessions
 
 PROBLEM = "application/problem+json"
 
@@ -44,11 +44,7 @@ def api_database(committing_database: DatabaseFactory) -> str:
 
 @pytest.fixture
 def sessions(api_database: str) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(api_database)
-    with engine.begin() as connection:
-        connection.execute(sa.text("TRUNCATE api_tokens, audit_log RESTART IDENTITY CASCADE"))
-    yield make_sessionmaker(engine)
-    engine.dispose()
+    yield from emptied_sessions(api_database)
 
 
 @pytest.fixture

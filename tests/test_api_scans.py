@@ -24,12 +24,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from db.models import Scan, Source, TokenRole
-from db.session import make_engine, make_sessionmaker, transaction
+from db.session import transaction
 from synthsentry.cli.serve import BuiltApi
 from workers import tokens
 
 from apitest import BUCKET, build_test_api
-from conftest import DatabaseFactory
+from conftest import DatabaseFactory, emptied_sessions
 from provenance_fixtures import png_with_chunks, text_chunk
 
 PROBLEM = "application/problem+json"
@@ -42,17 +42,7 @@ def scans_database(committing_database: DatabaseFactory) -> str:
 
 @pytest.fixture
 def sessions(scans_database: str) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(scans_database)
-    with engine.begin() as connection:
-        connection.execute(
-            sa.text(
-                "TRUNCATE scans, idempotency_keys, review_cases, verdicts, detections, "
-                "detection_attempts, sources, images, api_tokens, audit_log "
-                "RESTART IDENTITY CASCADE"
-            )
-        )
-    yield make_sessionmaker(engine)
-    engine.dispose()
+    yield from emptied_sessions(scans_database)
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ from workers.intake import IntakeLimits
 from workers.objects import LocalObjectStore
 
 from apitest import build_test_api
-from conftest import DatabaseFactory, SettingsFactory
+from conftest import DatabaseFactory, SettingsFactory, emptied_sessions
 
 KEY = "a secret key for the callback tests, long and random enough"
 BOX = SecretBox(KEY)
@@ -197,18 +197,7 @@ def database(committing_database: DatabaseFactory) -> str:
 
 @pytest.fixture
 def sessions(database: str) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(database)
-    with engine.begin() as connection:
-        connection.execute(
-            sa.text(
-                "TRUNCATE callback_attempts, callback_deliveries, callback_endpoints, "
-                "callback_hosts, callback_secrets, idempotency_keys, scans, review_cases, "
-                "verdicts, detections, sources, images, audit_log, api_tokens "
-                "RESTART IDENTITY CASCADE"
-            )
-        )
-    yield make_sessionmaker(engine)
-    engine.dispose()
+    yield from emptied_sessions(database)
 
 
 def _policy(**changes: Any) -> CallbackPolicy:

@@ -46,7 +46,7 @@ from workers.intake import IntakeLimits
 from workers.objects import LocalObjectStore
 
 from badfiles import sample_picture
-from conftest import DatabaseFactory, s3_client
+from conftest import DatabaseFactory, emptied_sessions, s3_client
 
 BUCKET = "media"
 LIMITS = IntakeLimits(max_bytes=1 << 24, max_pixels=1 << 26, decode_timeout_s=10)
@@ -60,16 +60,7 @@ def database(committing_database: DatabaseFactory) -> str:
 
 @pytest.fixture
 def sessions(database: str) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(database)
-    with engine.begin() as connection:  # each test starts from empty tables
-        connection.execute(
-            sa.text(
-                "TRUNCATE review_cases, verdicts, detections, detection_attempts, sources, "
-                "images, rescans, audit_log, api_tokens, ensembles RESTART IDENTITY CASCADE"
-            )
-        )
-    yield make_sessionmaker(engine)
-    engine.dispose()
+    yield from emptied_sessions(database)
 
 
 @pytest.fixture(scope="module")

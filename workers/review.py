@@ -13,16 +13,11 @@ from db import repository
 from db.models import ReviewDecision, ReviewState
 from db.session import transaction
 from workers import callbacks
+from workers.refusals import Refused
 
 
-class DecisionRefused(Exception):
-    """A decision that cannot be stored; ``status`` and ``kind`` say how the API answers."""
-
-    def __init__(self, status: int, kind: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.kind = kind
-        self.detail = detail
+class DecisionRefused(Refused):
+    """A decision that cannot be stored (see ``workers.refusals``)."""
 
 
 @dataclass(frozen=True)

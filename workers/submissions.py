@@ -29,6 +29,7 @@ from workers.dispatch import Dispatcher
 from workers.events import BucketPolicy
 from workers.intake import SNIFF_BYTES, SUPPORTED_FORMATS, IntakeLimits, sniff
 from workers.objects import ObjectStore
+from workers.refusals import Refused
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +43,8 @@ NOTICE = (
 )
 
 
-class SubmissionRefused(ValueError):
-    """A request that cannot be taken; ``status`` and ``kind`` say how the API answers."""
-
-    def __init__(self, status: int, kind: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.kind = kind
-        self.detail = detail
+class SubmissionRefused(Refused):
+    """A submission that cannot be taken (see ``workers.refusals``)."""
 
 
 @dataclass(frozen=True)
