@@ -56,6 +56,7 @@ def create_app(context: ApiContext) -> FastAPI:
     app.state.context = context
     app.state.session_factory = session_factory
     problems.install(app)
+    scans.install(app)
     limits.install(app, context, read_timeout_s=context.body_read_timeout_s)
 
     @app.get("/healthz", tags=["operations"])

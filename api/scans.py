@@ -14,12 +14,14 @@ and is not a finding.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi import APIRouter, FastAPI, Header, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -47,7 +49,7 @@ _POLL_S = 0.2
 _FORM_OVERHEAD = 64 * 1024
 # Image uploads held in memory at once (each up to the image size limit); more wait for
 # a turn, and one that waits longer than this is answered 503 to try again.
-_UPLOADS_AT_ONCE = 8
+UPLOADS_AT_ONCE = 8
 _UPLOAD_WAIT_S = 10.0
 _BUCKET_PATTERN = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
 
@@ -233,13 +235,9 @@ def _invalid(exc: ValidationError) -> Problem:
     return Problem(422, "invalid-request", f"{where}: {first.get('msg', '')}")
 
 
-_uploads: dict[int, asyncio.Semaphore] = {}
-
-
-def _upload_turns() -> asyncio.Semaphore:
-    """The uploads held at once, per event loop (a semaphore belongs to one loop)."""
-    loop = asyncio.get_running_loop()
-    return _uploads.setdefault(id(loop), asyncio.Semaphore(_UPLOADS_AT_ONCE))
+def install(app: FastAPI) -> None:
+    """What this router keeps per application: the turns of image uploads."""
+    app.state.upload_turns = asyncio.Semaphore(UPLOADS_AT_ONCE)
 
 
 @router.post(
@@ -274,28 +272,33 @@ async def submit(
     )
     try:
         if content_type == "multipart/form-data":
-            turns = _upload_turns()
-            try:
-                await asyncio.wait_for(turns.acquire(), _UPLOAD_WAIT_S)
-            except TimeoutError as exc:
-                raise Problem(
-                    503, "busy", "too many uploads at once; try again", {"Retry-After": "5"}
-                ) from exc
-            try:
-                body, data, media = await _form(request, context)
-                sha256 = await run_in_threadpool(submissions.check_upload, data, context.limits)
-                ref = submissions.upload_ref(_policy(context), sha256)
-                submitted = await run_in_threadpool(
-                    lambda: submit(
-                        request=body.request([ref]),
-                        digest_extra=sha256,
-                        upload=lambda: submissions.store_upload(
-                            context.store, ref, data, content_type=media
-                        ),
+            # Parsed first (Starlette spools a large file part to disk): a slow sender holds
+            # no turn; a turn holds the image in memory while it is checked and stored.
+            async with _form(request, context) as (body, upload):
+                turns: asyncio.Semaphore = request.app.state.upload_turns
+                try:
+                    async with asyncio.timeout(_UPLOAD_WAIT_S):
+                        await turns.acquire()
+                except TimeoutError as exc:
+                    raise Problem(
+                        503, "busy", "too many uploads at once; try again", {"Retry-After": "5"}
+                    ) from exc
+                try:
+                    data = await upload.read(context.limits.max_bytes + 1)
+                    media = upload.content_type
+                    sha256 = await run_in_threadpool(submissions.check_upload, data, context.limits)
+                    ref = submissions.upload_ref(_policy(context), sha256)
+                    submitted = await run_in_threadpool(
+                        lambda: submit(
+                            request=body.request([ref]),
+                            digest_extra=sha256,
+                            upload=lambda: submissions.store_upload(
+                                context.store, ref, data, content_type=media
+                            ),
+                        )
                     )
-                )
-            finally:
-                turns.release()
+                finally:
+                    turns.release()
         elif content_type in ("application/json", ""):
             scan_request = _json_body(await request.body())
             submitted = await run_in_threadpool(lambda: submit(request=scan_request))
@@ -326,8 +329,11 @@ def _json_body(raw: bytes) -> ScanRequest:
         raise _invalid(exc) from exc
 
 
-async def _form(request: Request, context: ApiContext) -> tuple[ScanBody, bytes, str | None]:
-    """The form's fields, checked, and its file's bytes (at most one past the limit)."""
+@contextlib.asynccontextmanager
+async def _form(
+    request: Request, context: ApiContext
+) -> AsyncIterator[tuple[ScanBody, UploadFile]]:
+    """The form's fields, checked, and its file part (unread); the form is closed after."""
     try:
         form = await request.form(
             max_files=1, max_fields=8, max_part_size=context.limits.max_bytes + _FORM_OVERHEAD
@@ -355,8 +361,7 @@ async def _form(request: Request, context: ApiContext) -> tuple[ScanBody, bytes,
             body = ScanBody.model_validate(fields)
         except ValidationError as exc:
             raise _invalid(exc) from exc
-        data = await upload.read(context.limits.max_bytes + 1)
-        return body, data, upload.content_type
+        yield body, upload
     finally:
         await form.close()
 

@@ -830,6 +830,7 @@ def test_a_moderators_decision_is_sent_to_every_scan_of_the_image(
             session,
             image.id,
             decision="ai_generated",
+            decided_at=dt.datetime(2026, 11, 30, 3, 0, tzinfo=dt.UTC),
             actor="moderator:alice",
             active_ensemble=ENSEMBLE,
         )
@@ -846,7 +847,7 @@ def test_a_moderators_decision_is_sent_to_every_scan_of_the_image(
         review = event["data"]["review"]
         assert set(review) == {"decision", "decided_at"}
         assert review["decision"] == "ai_generated"
-        assert dt.datetime.fromisoformat(review["decided_at"]).tzinfo is not None
+        assert review["decided_at"] == "2026-11-30T03:00:00+00:00"  # as the case records it
         assert set(event["data"]) == {"scan", "review"}
         assert "alice" not in request.body.decode()
 

@@ -3,6 +3,7 @@ order and error codes, so the fleet's steps run on it unchanged."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,25 @@ def test_a_name_the_store_cannot_hold_is_a_rejection_not_a_retry(
                 limits,
             )
         assert caught.value.reason is reason
+
+
+def test_names_no_s3_key_can_have_are_left_out_and_links_stay_inside(
+    store: LocalObjectStore, tmp_path: Path
+) -> None:
+    media = tmp_path / "media"
+    (media / "old").mkdir()
+    with open(os.fsencode(media / "old") + b"/caf\xe9.jpg", "wb") as latin1:  # not UTF-8
+        latin1.write(b"x")
+    (media / "old" / "ok.jpg").write_bytes(b"y")
+    outside = tmp_path.parent / f"{tmp_path.name}-secret.txt"  # beside the store, not in it
+    outside.write_bytes(b"not an object")
+    (media / "link.txt").symlink_to(outside)
+    assert _all(store, Prefix="old/") == ["old/ok.jpg"]
+    assert "link.txt" not in _all(store)
+    with pytest.raises(ClientError) as caught:
+        store.get_object(Bucket="media", Key="link.txt")
+    assert caught.value.response["Error"]["Code"] == "NoSuchKey"
+    (media / "escape").symlink_to(tmp_path.parent, target_is_directory=True)
+    with pytest.raises(ClientError):
+        store.put_object(Bucket="media", Key="escape/planted.jpg", Body=b"z")
+    assert not (tmp_path.parent / "planted.jpg").exists()

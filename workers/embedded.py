@@ -13,9 +13,11 @@ run again as soon as the queues drain.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,7 +55,11 @@ class EmbeddedWorker:
         self._stop = threading.Event()
         self._sweep_every_s = sweep_every_s
         self._sweepers = list(sweepers)
-        self._overflowed = False  # work was left in the database: sweep once the queues drain
+        # Work was left in the database because its queue was full: sweep as soon as that
+        # queue drains (uploads) or both do (bulk work, and sweepers that made progress).
+        self._uploads_left = False
+        self._bulk_left = False
+        self._next_sweep = 0.0
         self._thread: threading.Thread | None = None
         self.idle = threading.Event()  # set while nothing is queued or running
 
@@ -72,8 +78,11 @@ class EmbeddedWorker:
         try:
             (self._bulk if work.bulk else self._uploads).put_nowait(work)
         except queue.Full:
-            # Left pending in the database: the next sweep finds it.
-            self._overflowed = True
+            # Left pending in the database: a sweep finds it once the queue drains.
+            if work.bulk:
+                self._bulk_left = True
+            else:
+                self._uploads_left = True
         self.idle.clear()
         self._wake.set()
 
@@ -92,19 +101,25 @@ class EmbeddedWorker:
     def _run(self) -> None:
         self._sweep(after_s=0.0)  # at start nothing is in flight: everything pending is owed
         while not self._stop.is_set():
+            if self._sweep_due():
+                self._sweep()
+                continue
             work = self._next()
             if work is None:
-                if self._overflowed:
-                    self._overflowed = False
-                    self._sweep()
-                    continue
                 self.idle.set()
-                woken = self._wake.wait(self._sweep_every_s)
+                self._wake.wait(max(0.0, self._next_sweep - time.monotonic()))
                 self._wake.clear()
-                if not woken:
-                    self._sweep()
                 continue
             self._do(work)
+
+    def _sweep_due(self) -> bool:
+        """Every ``sweep_every_s`` whatever the traffic (failed work, re-scan counts, work
+        recorded by other processes), and early for work a full queue left behind."""
+        if time.monotonic() >= self._next_sweep:
+            return True
+        if self._uploads_left and self._uploads.empty():
+            return True
+        return self._bulk_left and self._uploads.empty() and self._bulk.empty()
 
     def _next(self) -> _Work | None:
         for source in (self._uploads, self._bulk):
@@ -133,7 +148,10 @@ class EmbeddedWorker:
 
     def _sweep(self, *, after_s: float = 1.0) -> None:
         """Queue the work of uploads still pending (a stopped process, a full queue), then
-        run the sweepers. Items found here run in order, uploads first."""
+        run the sweepers. Items found here run in order, uploads first; what does not fit
+        waits for the next sweep."""
+        self._uploads_left = self._bulk_left = False
+        self._next_sweep = time.monotonic() + self._sweep_every_s
         try:
             # Work ``after_s`` old or more: what a dispatch left in the database, or a
             # stopped process. Each further try of the same work waits twice as long (2 s,
@@ -153,10 +171,8 @@ class EmbeddedWorker:
                 log.exception("embedded sweeper failed")
                 continue
             if isinstance(progressed, int) and progressed > 0:
-                self._overflowed = True  # more to do: sweep again once the queues drain
+                self._bulk_left = True  # more to do: sweep again once the queues drain
 
     def _requeue(self, work: _Work) -> None:
-        try:
+        with contextlib.suppress(queue.Full):  # still pending: the next periodic sweep
             (self._bulk if work.bulk else self._uploads).put_nowait(work)
-        except queue.Full:
-            self._overflowed = True

@@ -125,8 +125,10 @@ def fetch_object(s3: S3Reader, stored: repository.StoredObject, limits: IntakeLi
             raise Rejected(
                 RejectReason.UNREADABLE, f"access to the object was denied ({code})"
             ) from exc
-        if code in {"InvalidArgument", "InvalidBucketName", "KeyTooLongError"}:
-            # A name this store cannot hold an object under: no retry changes that.
+        if code in {"InvalidArgument", "InvalidBucketName", "KeyTooLongError", "400"}:
+            # A name this store cannot hold an object under, or a request it refuses as
+            # malformed (a version id S3 does not accept; HEAD answers carry no code, only
+            # the status): no retry changes that.
             raise Rejected(
                 RejectReason.UNREADABLE, f"the store cannot read this object name ({code})"
             ) from exc

@@ -67,7 +67,8 @@ class LocalObjectStore:
 
     def _existing(self, kwargs: Mapping[str, Any], operation: str) -> Path:
         path = self._path(kwargs["Bucket"], kwargs["Key"], operation)
-        if not path.is_file():
+        # A link is an object only where it stays in the store (as a listing shows it).
+        if not path.is_file() or not path.resolve().is_relative_to(self.root):
             raise _client_error("NoSuchKey", operation, "no such key")
         version = kwargs.get("VersionId")
         if version and version != self._version(path):
@@ -95,6 +96,8 @@ class LocalObjectStore:
         body = kwargs["Body"]
         data = body if isinstance(body, bytes) else body.read()
         path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.resolve().is_relative_to(self.root):
+            raise _client_error("InvalidArgument", "PutObject", "the key leads out of the store")
         # Written whole or not at all: a reader never sees half an object, and a listing
         # never shows the file being written (its name has the temporary prefix).
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=_TEMPORARY, delete=False) as tmp:
@@ -105,8 +108,8 @@ class LocalObjectStore:
     def list_objects_v2(self, **kwargs: Any) -> Mapping[str, Any]:
         """Keys under ``Prefix`` in S3's order (by their UTF-8 bytes), ``MaxKeys`` (at most
         1000) at a time, continued from ``ContinuationToken`` (the last key returned) or
-        ``StartAfter``. The walk is lazy and skips whole folders before the start, so a page
-        costs about its own size, however large the bucket."""
+        ``StartAfter``. The walk is lazy and skips whole folders before the start (see
+        ``_walk`` for what a page costs)."""
         folder = self._bucket(kwargs["Bucket"], "ListObjectsV2")
         prefix = kwargs.get("Prefix", "")
         after = kwargs.get("ContinuationToken") or kwargs.get("StartAfter") or ""
@@ -131,7 +134,10 @@ def _walk(folder: Path, base: str, *, prefix: str, after: str) -> Iterator[tuple
     """The files under ``folder`` as keys (``base`` + their relative path), in S3's order,
     only those under ``prefix`` and after ``after``. A folder ``d`` holds the keys between
     ``d/`` and ``d0`` ('0' follows '/'), so it sorts as ``d/`` among its siblings and is
-    skipped whole when that range lies before ``after`` or outside ``prefix``."""
+    skipped whole when that range lies before ``after`` or outside ``prefix``: a page reads
+    the folders on its path, each listed and sorted whole (a flat folder of a million
+    files costs a million names per page). Links are not followed, and names that are not
+    UTF-8 are left out."""
     entries = []
     with os.scandir(folder) as found:
         for entry in found:
@@ -141,7 +147,11 @@ def _walk(folder: Path, base: str, *, prefix: str, after: str) -> Iterator[tuple
             if not is_dir and not entry.is_file(follow_symlinks=False):
                 continue  # links and devices are not objects
             name = base + entry.name + ("/" if is_dir else "")
-            entries.append((name.encode(), name, entry, is_dir))
+            try:
+                encoded = name.encode("utf-8")  # S3 orders keys by their UTF-8 bytes
+            except UnicodeEncodeError:
+                continue  # a file name in another encoding cannot be an S3 key
+            entries.append((encoded, name, entry, is_dir))
     entries.sort(key=lambda item: item[0])
     for _, name, entry, is_dir in entries:
         if is_dir:

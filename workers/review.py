@@ -43,23 +43,26 @@ def decide(
     audited, never sent to platforms)."""
     with transaction(session_factory) as session:
         image = repository.image_by_sha256(session, sha256)
+        if image is not None:
+            repository.lock_image(session, image.id)  # first: the verdicts that move cases wait
         case = repository.case_for_image(session, image.id) if image is not None else None
         if image is None or case is None:
             raise DecisionRefused(404, "not-found", "no review case for an image with this sha256")
-        repository.lock_image(session, image.id)  # the verdicts that move cases wait
         decided_from = repository.decide_case(session, case, decision, note, actor=actor)
         if decided_from is None:
+            session.refresh(case)
             raise DecisionRefused(
                 409, "not-in-review", f"the case is {case.state.value}; nothing to decide"
             )
+        assert case.decided_at is not None
         queued = callbacks.enqueue_review_decided(
             session,
             image.id,
             decision=decision.value,
+            decided_at=case.decided_at,
             actor=actor,
             active_ensemble=active_ensemble,
         )
-        assert case.decided_at is not None
         return Decided(
             sha256=sha256,
             decision=decision,

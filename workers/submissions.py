@@ -154,6 +154,7 @@ def submit_objects(
             session_factory,
             request,
             caller,
+            policy,
             idempotency_key=idempotency_key,
             digest=digest,
         )
@@ -196,15 +197,19 @@ def _check_objects(objects: Sequence[ObjectRef], policy: SubmitPolicy, *, upload
 def _check_callback(
     session_factory: sessionmaker[Session], url: str, caller: Caller, policy: SubmitPolicy
 ) -> None:
+    with session_factory() as session:
+        _check_callback_in(session, url, caller, policy)
+
+
+def _check_callback_in(session: Session, url: str, caller: Caller, policy: SubmitPolicy) -> None:
     if policy.check_callback is None or caller.token_id is None:
         raise SubmissionRefused(
             422, "callback-not-allowed", "callbacks are sent for platform tokens only"
         )
-    with session_factory() as session:
-        try:
-            policy.check_callback(session, caller.token_id, url)
-        except ValueError as exc:
-            raise SubmissionRefused(422, "callback-not-allowed", str(exc)) from exc
+    try:
+        policy.check_callback(session, caller.token_id, url)
+    except ValueError as exc:
+        raise SubmissionRefused(422, "callback-not-allowed", str(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -217,11 +222,16 @@ def _record(
     session_factory: sessionmaker[Session],
     request: ScanRequest,
     caller: Caller,
+    policy: SubmitPolicy,
     *,
     idempotency_key: str | None,
     digest: str,
 ) -> _Made:
     with transaction(session_factory) as session:
+        if request.callback_url is not None:
+            # Checked again where the scan is recorded: an allow-list changed since the
+            # first check (made before any bytes were stored) is seen.
+            _check_callback_in(session, request.callback_url, caller, policy)
         scan_ids: list[str] = []
         source_ids: list[int] = []
         for ref in request.objects:

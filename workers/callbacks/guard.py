@@ -78,7 +78,9 @@ class CallbackRefused(ValueError):
 def system_resolver(host: str) -> list[str]:
     """Every address ``host`` resolves to, in the resolver's order; only the families this
     machine has an address of (``AI_ADDRCONFIG``: an IPv4-only pod is not handed AAAA
-    records first)."""
+    records first). So which addresses are judged depends on the machine: a private AAAA
+    record is not seen where IPv6 cannot be used, and is never dialled there either; only
+    addresses that were checked are ever connected to."""
     infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_ADDRCONFIG)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 

@@ -61,14 +61,16 @@ def enqueue_review_decided(
     image_id: int,
     *,
     decision: str,
+    decided_at: datetime,
     actor: str,
     active_ensemble: str,
 ) -> int:
     """Queue ``review.decided`` for every scan of this image that asked for a callback, in
-    the transaction that stores the decision; returns how many. Every decision is an event
-    of its own (a case decided again sends again). The platform is told what was decided
-    and when, nothing more: the moderator's name and note stay with us (the same image may
-    be scanned by several platforms, and a note is written for colleagues, not for them).
+    the transaction that stores the decision (``decided_at``: as the case records it);
+    returns how many. Each stored decision is an event of its own. The platform is told
+    what was decided and when, nothing more: the moderator's name and note stay with us
+    (the same image may be scanned by several platforms, and a note is written for
+    colleagues, not for them).
     The payload's ``data`` is ``{"scan": <scan document>, "review": {"decision",
     "decided_at"}}``."""
     now = utcnow()
@@ -76,7 +78,7 @@ def enqueue_review_decided(
     for scan in repository.callback_scans_of_image(session, image_id):
         data = {
             "scan": _scan_document(session, scan, active_ensemble),
-            "review": {"decision": decision, "decided_at": now.isoformat()},
+            "review": {"decision": decision, "decided_at": decided_at.isoformat()},
         }
         key = f"{REVIEW_DECIDED}:{scan.public_id}:{secrets.token_hex(8)}"
         queued += _queue(
