@@ -590,3 +590,31 @@ def test_the_cli_submits_and_shows_scans_through_the_same_services(
     over_http = client.get(f"/v1/scans/{scan_id}", headers=_auth(admin)).json()
     assert shown["finished"] and shown["external_id"] == "c1"
     assert shown == over_http
+
+
+def test_an_upload_that_finds_no_turn_in_time_is_told_to_come_back(
+    api: BuiltApi,
+    client: TestClient,
+    sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    from api import scans
+
+    token = _token(sessions, TokenRole.PLATFORM)
+    monkeypatch.setattr(scans, "_UPLOAD_WAIT_S", 0.2)
+    turns = client.app.state.upload_turns  # type: ignore[attr-defined]
+    client.app.state.upload_turns = asyncio.Semaphore(0)  # type: ignore[attr-defined]
+    busy = client.post(
+        "/v1/scans", files={"file": ("a.jpg", _jpeg(40), "image/jpeg")}, headers=_auth(token)
+    )
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "5"
+    assert busy.json()["type"].endswith(":busy")
+    client.app.state.upload_turns = turns  # type: ignore[attr-defined]
+    again = client.post(
+        "/v1/scans", files={"file": ("a.jpg", _jpeg(40), "image/jpeg")}, headers=_auth(token)
+    )
+    assert again.status_code == 202, again.text
+    with sessions() as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(Scan)) == 1
