@@ -369,7 +369,7 @@ def main() -> int:
     with (
         tempfile.TemporaryDirectory() as tmp,
         servers.start_postgres() as postgres,
-        servers.start_redis() as redis_server,
+        servers.start_redis() as redis_url,
     ):
         folder = Path(tmp)
         moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -383,7 +383,7 @@ def main() -> int:
         boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
             Bucket=BUCKET
         )
-        configure(Settings(broker_url=redis_server.url))
+        configure(Settings(broker_url=redis_url))
         try:
             for name, argv in chosen.items():
                 database = servers.recreate_database(
@@ -396,7 +396,7 @@ def main() -> int:
                 env = fleet_env(
                     folder,
                     database=database,
-                    redis_url=redis_server.url,
+                    redis_url=redis_url,
                     s3_endpoint=s3_endpoint,
                     **SETTINGS,
                 )

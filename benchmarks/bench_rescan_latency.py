@@ -174,9 +174,7 @@ def main() -> int:
     import logging
 
     import boto3
-    import port_for
     from moto.server import ThreadedMotoServer
-    from pytest_redis.executor import RedisExecutor
 
     from db import migrate
     from db.session import make_engine, make_sessionmaker, transaction
@@ -190,19 +188,12 @@ def main() -> int:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
     for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         os.environ.setdefault(variable, "bench")  # moto takes any credentials
-    with tempfile.TemporaryDirectory() as tmp, servers.start_postgres() as postgres:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        servers.start_postgres() as postgres,
+        servers.start_redis() as redis_url,
+    ):
         folder = Path(tmp)
-        broker = RedisExecutor(
-            str(servers.find_redis_server()),
-            databases=4,
-            redis_timeout=0,
-            loglevel="warning",
-            host="127.0.0.1",
-            port=port_for.select_random(),
-            datadir=folder,
-        )
-        broker.start()
-        redis_url = f"redis://127.0.0.1:{broker.port}/0"
         moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         moto.start()
         host, port = moto.get_host_and_port()
@@ -277,7 +268,6 @@ def main() -> int:
             for process in fleet:
                 process.stop()
             moto.stop()
-            broker.stop()
     report(args, quiet, busy, rate, after, listed)
     return 0
 

@@ -24,7 +24,8 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -259,6 +260,30 @@ def start_postgres(
     except BaseException:
         shutil.rmtree(base_dir, ignore_errors=True)
         raise
+
+
+@contextmanager
+def start_redis() -> Iterator[str]:
+    """A throwaway redis-server on a free port, with a data folder of its own, for scripts
+    outside pytest (the benchmarks); yields its URL (database 0) and stops it on exit. The
+    same executor pytest-redis gives the tests."""
+    from pytest_redis.executor import RedisExecutor
+
+    with tempfile.TemporaryDirectory(prefix="synthsentry-redis-") as folder:
+        executor = RedisExecutor(
+            str(find_redis_server()),
+            databases=4,
+            redis_timeout=0,
+            loglevel="warning",
+            host="127.0.0.1",
+            port=port_for.select_random(),
+            datadir=Path(folder),
+        )
+        executor.start()
+        try:
+            yield f"redis://127.0.0.1:{executor.port}/0"
+        finally:
+            executor.stop()
 
 
 def recreate_database(server_url: str, name: str) -> str:
