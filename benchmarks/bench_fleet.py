@@ -351,8 +351,6 @@ def main() -> int:
 
     import logging
 
-    from moto.server import ThreadedMotoServer
-
     from db import migrate
     from synthsentry.settings import Settings
     from tasks.app import configure
@@ -370,12 +368,9 @@ def main() -> int:
         tempfile.TemporaryDirectory() as tmp,
         servers.start_postgres() as postgres,
         servers.start_redis() as redis_url,
+        servers.start_s3() as s3_endpoint,
     ):
         folder = Path(tmp)
-        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        moto.start()
-        host, port = moto.get_host_and_port()
-        s3_endpoint = f"http://{host}:{port}"
         for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             os.environ.setdefault(variable, "bench")  # moto takes any credentials
         import boto3
@@ -384,34 +379,29 @@ def main() -> int:
             Bucket=BUCKET
         )
         configure(Settings(broker_url=redis_url))
-        try:
-            for name, argv in chosen.items():
-                database = servers.recreate_database(
-                    postgres.url, f"bench_{name}".replace("-", "_")
-                )
-                migrate.upgrade(database)
-                ids = take_in_all(database, s3_endpoint, payloads[:total])
-                # The tests' fleet environment: a published-format sumsub-mj5 checkpoint with
-                # random weights, this database, an emptied broker, moto's S3.
-                env = fleet_env(
-                    folder,
-                    database=database,
-                    redis_url=redis_url,
-                    s3_endpoint=s3_endpoint,
-                    **SETTINGS,
-                )
-                print(f"running {name} ...", file=sys.stderr, flush=True)
-                results[name] = run_consumer(
-                    name,
-                    argv,
-                    env,
-                    ids,
-                    args,
-                    folder,
-                    lambda db=database: take_in_all(db, s3_endpoint, payloads[total:]),
-                )
-        finally:
-            moto.stop()
+        for name, argv in chosen.items():
+            database = servers.recreate_database(postgres.url, f"bench_{name}".replace("-", "_"))
+            migrate.upgrade(database)
+            ids = take_in_all(database, s3_endpoint, payloads[:total])
+            # The tests' fleet environment: a published-format sumsub-mj5 checkpoint with
+            # random weights, this database, an emptied broker, moto's S3.
+            env = fleet_env(
+                folder,
+                database=database,
+                redis_url=redis_url,
+                s3_endpoint=s3_endpoint,
+                **SETTINGS,
+            )
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            results[name] = run_consumer(
+                name,
+                argv,
+                env,
+                ids,
+                args,
+                folder,
+                lambda db=database: take_in_all(db, s3_endpoint, payloads[total:]),
+            )
     report(results, args)
     return 0
 

@@ -36,7 +36,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # server starters, fleet processes
 
-from fleet_processes import FleetProcess, wait_for  # noqa: E402
+from fleet_processes import FleetProcess, fleet_env, wait_for  # noqa: E402
 
 BUCKET = "bench-rescan"
 
@@ -174,7 +174,6 @@ def main() -> int:
     import logging
 
     import boto3
-    from moto.server import ThreadedMotoServer
 
     from db import migrate
     from db.session import make_engine, make_sessionmaker, transaction
@@ -192,12 +191,9 @@ def main() -> int:
         tempfile.TemporaryDirectory() as tmp,
         servers.start_postgres() as postgres,
         servers.start_redis() as redis_url,
+        servers.start_s3() as s3_endpoint,
     ):
         folder = Path(tmp)
-        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        moto.start()
-        host, port = moto.get_host_and_port()
-        s3_endpoint = f"http://{host}:{port}"
         s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
         s3.create_bucket(Bucket=BUCKET)
         database = servers.recreate_database(postgres.url, "bench_rescan")
@@ -215,17 +211,15 @@ def main() -> int:
                 )
             )
 
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHSENTRY_")}
-        env.update(
-            SYNTHSENTRY_DATA_DIR=str(folder / "data"),
-            SYNTHSENTRY_DATABASE_URL=database,
-            SYNTHSENTRY_BROKER_URL=redis_url,
-            SYNTHSENTRY_S3_ENDPOINT_URL=s3_endpoint,
-            SYNTHSENTRY_FLEET_DETECTORS='["provenance"]',
-            SYNTHSENTRY_ALLOWED_BUCKETS=BUCKET,
-            SYNTHSENTRY_LOG_LEVEL="WARNING",
-            AWS_DEFAULT_REGION="us-east-1",
-            HF_HUB_OFFLINE="1",
+        env = fleet_env(
+            folder,
+            database=database,
+            redis_url=redis_url,
+            s3_endpoint=s3_endpoint,
+            model=False,
+            fleet_detectors='["provenance"]',
+            allowed_buckets=BUCKET,
+            log_level="WARNING",
         )
         fleet = [
             FleetProcess("intake", ["worker", "--intake", "--concurrency", "2"], env, folder),
@@ -267,7 +261,6 @@ def main() -> int:
             uploads.close()
             for process in fleet:
                 process.stop()
-            moto.stop()
     report(args, quiet, busy, rate, after, listed)
     return 0
 

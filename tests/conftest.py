@@ -262,27 +262,26 @@ def s3_client(endpoint: str) -> Any:
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A real S3-protocol server over HTTP on loopback (moto's server), for this session."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
+    with servers.start_s3() as endpoint:
+        yield endpoint
 
 
-def emptied_sessions(url: str) -> Iterator[sessionmaker_type[Session]]:
-    """Sessions on the committing database ``url``, every table emptied first (each test of
-    a module that commits starts from a clean slate); the engine is disposed afterwards."""
-    from db.session import make_engine, make_sessionmaker
-
-    engine = make_engine(url)
+def empty_tables(engine: sqlalchemy.Engine) -> None:
+    """Empty every table of a committing database (the migrations' bookkeeping aside), so a
+    test starts from a clean slate; a new table is never left out."""
     with engine.begin() as connection:
         tables = sorted(set(sqlalchemy.inspect(connection).get_table_names()) - {"alembic_version"})
         connection.execute(
             sqlalchemy.text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
         )
+
+
+def emptied_sessions(url: str) -> Iterator[sessionmaker_type[Session]]:
+    """Sessions on the committing database ``url``, every table emptied first
+    (``empty_tables``); the engine is disposed afterwards."""
+    from db.session import make_engine, make_sessionmaker
+
+    engine = make_engine(url)
+    empty_tables(engine)
     yield make_sessionmaker(engine)
     engine.dispose()

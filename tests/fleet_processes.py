@@ -132,38 +132,58 @@ def wait_for(
 
 
 def fleet_env(
-    tmp_path: Path, *, database: str, redis_url: str, s3_endpoint: str, **settings: str
+    tmp_path: Path,
+    *,
+    database: str,
+    redis_url: str,
+    s3_endpoint: str,
+    model: bool = True,
+    **settings: str,
 ) -> dict[str, str]:
     """The environment of a fleet process in tests: this test's database, broker and S3
-    server, a sumsub-mj5 detector built from a published-format checkpoint (random weights),
-    an emptied broker DB, plus ``settings`` as SYNTHSENTRY_<NAME> variables."""
+    server, an emptied broker DB, plus ``settings`` as SYNTHSENTRY_<NAME> variables; with
+    ``model``, a sumsub-mj5 detector built from a published-format checkpoint (random
+    weights)."""
     import redis
 
-    from checkpoints import SUMSUB_MOBILENET, write_sumsub_raw
-
     redis.Redis.from_url(redis_url).flushdb()
-    weights = tmp_path / "mj5.pt"
-    write_sumsub_raw(weights, SUMSUB_MOBILENET, seed=3)
-    config = tmp_path / "detectors.toml"
-    config.write_text(
-        f'[detectors.sumsub-mj5]\nfamily = "sumsub"\nweights = "{weights}"\n'
-        f'[detectors.sumsub-mj5.options]\nbackbone = "{SUMSUB_MOBILENET}"\nai_index = 1\n',
-        encoding="utf-8",
-    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHSENTRY_")}
     env.update(
         SYNTHSENTRY_DATA_DIR=str(tmp_path / "data"),
         SYNTHSENTRY_DATABASE_URL=database,
         SYNTHSENTRY_BROKER_URL=redis_url,
         SYNTHSENTRY_S3_ENDPOINT_URL=s3_endpoint,
-        SYNTHSENTRY_DETECTOR_CONFIG=str(config),
         AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY="testing",
         AWS_DEFAULT_REGION="us-east-1",
         HF_HUB_OFFLINE="1",
     )
+    if model:
+        from checkpoints import SUMSUB_MOBILENET, write_sumsub_raw
+
+        weights = tmp_path / "mj5.pt"
+        write_sumsub_raw(weights, SUMSUB_MOBILENET, seed=3)
+        config = tmp_path / "detectors.toml"
+        config.write_text(
+            f'[detectors.sumsub-mj5]\nfamily = "sumsub"\nweights = "{weights}"\n'
+            f'[detectors.sumsub-mj5.options]\nbackbone = "{SUMSUB_MOBILENET}"\nai_index = 1\n',
+            encoding="utf-8",
+        )
+        env["SYNTHSENTRY_DETECTOR_CONFIG"] = str(config)
     env.update({f"SYNTHSENTRY_{name.upper()}": value for name, value in settings.items()})
     return env
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``synthsentry ARGS`` as its own process in ``env``, run to the end."""
+    return subprocess.run(
+        [sys.executable, "-m", "synthsentry.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 class PersistentRedis:

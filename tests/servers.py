@@ -286,6 +286,21 @@ def start_redis() -> Iterator[str]:
             executor.stop()
 
 
+@contextmanager
+def start_s3() -> Iterator[str]:
+    """A real S3-protocol server over HTTP on loopback (moto's server, any credentials);
+    yields its endpoint and stops it on exit."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
 def recreate_database(server_url: str, name: str) -> str:
     """Create an empty database ``name`` on the server of ``server_url``; return its URL.
 

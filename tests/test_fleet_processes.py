@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ import sqlalchemy as sa
 
 from badfiles import sample_picture
 from conftest import DatabaseFactory, s3_client
-from fleet_processes import FleetProcess, PersistentRedis, fleet_env, running, wait_for
+from fleet_processes import FleetProcess, PersistentRedis, cli, fleet_env, running, wait_for
 
 BUCKET = "fleet-procs"
 
@@ -73,17 +72,6 @@ def _put_images(
     return keys
 
 
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "synthsentry.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
 def _counts(url: str) -> dict[str, int]:
     engine = sa.create_engine(url)
     with engine.connect() as connection:
@@ -118,7 +106,7 @@ def test_submit_to_verdict_through_real_workers(
 ) -> None:
     keys = _put_images(s3_endpoint, "batch", 6)
     with running(*_workers(env, tmp_path)) as processes:
-        submitted = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
+        submitted = cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
         assert submitted.returncode == 0, submitted.stderr
         counts = wait_for(
             lambda: (c := _counts(clean_database))["pending"] == 0 and c["sources"] == 7 and c,
@@ -127,15 +115,15 @@ def test_submit_to_verdict_through_real_workers(
             processes=processes,
         )
         # Submitting the same objects again is a no-op.
-        again = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
+        again = cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
         assert again.stdout.count("already submitted") == 7
     # Six scored, and broken.jpg "not scored": a JPEG the decoder refused goes to review.
     assert counts["verdicts"] == 7 and counts["detections"] == 6
     assert counts["review_cases"] == 7 and counts["rejected"] == 1
-    status = _cli(env, "status", f"s3://{BUCKET}/batch/img 00.png", "--json")
+    status = cli(env, "status", f"s3://{BUCKET}/batch/img 00.png", "--json")
     assert status.returncode == 0, status.stderr
     assert '"status": "scored"' in status.stdout and '"sumsub-mj5"' in status.stdout
-    broken = _cli(env, "status", f"s3://{BUCKET}/batch/broken.jpg", "--json")
+    broken = cli(env, "status", f"s3://{BUCKET}/batch/broken.jpg", "--json")
     assert '"reason": "decode_error"' in broken.stdout or '"reason": "truncated"' in broken.stdout
     assert '"verdict": "not_scored"' in broken.stdout and '"flagged": true' in broken.stdout
 
@@ -146,7 +134,7 @@ def test_sigkilled_model_process_loses_nothing(
     keys = _put_images(s3_endpoint, "killed", 12)
     intake, mj5 = _workers(env, tmp_path, "--batch-size", "1")  # prefork, one per process
     with running(intake, mj5) as processes:
-        submitted = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
+        submitted = cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
         assert submitted.returncode == 0, submitted.stderr
         # Kill the pool process that runs the model while a task is in flight: its attempt is
         # recorded, its detection is not yet stored.
@@ -196,7 +184,7 @@ def test_sigkilled_batching_worker_loses_nothing(
     with running(intake, reconcile, mj5) as processes:
         mj5.stop()  # a backlog first: the model worker starts on 16 waiting messages
         sent = time.monotonic()
-        submitted = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
+        submitted = cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
         assert submitted.returncode == 0, submitted.stderr
         wait_for(
             lambda: _counts(clean_database)["images"] == 17,
@@ -252,7 +240,7 @@ def test_a_message_that_kills_its_worker_every_time_is_given_up(
         "mj5", ["worker", "--detector", "sumsub-mj5", "--batch-size", "1"], env, tmp_path, dying
     )
     with running(intake, mj5) as processes:
-        submitted = _cli(env, "submit", f"s3://{BUCKET}/poison/p.png")
+        submitted = cli(env, "submit", f"s3://{BUCKET}/poison/p.png")
         assert submitted.returncode == 0, submitted.stderr
         counts = wait_for(
             lambda: (c := _counts(clean_database))["verdicts"] == 1 and c,
@@ -281,7 +269,7 @@ def test_work_the_broker_lost_is_sent_again(
     import redis
 
     keys = _put_images(s3_endpoint, "lost", 4)
-    submitted = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
+    submitted = cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
     assert submitted.returncode == 0, submitted.stderr
     redis.Redis.from_url(env["SYNTHSENTRY_BROKER_URL"]).flushdb()
     assert _counts(clean_database)["pending"] == 5
@@ -299,7 +287,7 @@ def test_work_the_broker_lost_is_sent_again(
     assert counts["verdicts"] == 5 and counts["detections"] == 4 and counts["rejected"] == 1
     assert "sending again the work of stalled uploads" in reconcile.log_path.read_text()
     # Nothing is pending, so a check finds nothing to send.
-    once = _cli(env, "reconcile", "--after", "1", "--once")
+    once = cli(env, "reconcile", "--after", "1", "--once")
     assert once.returncode == 0 and "sent 0 messages again" in once.stdout, once.stderr
 
 
@@ -361,7 +349,7 @@ def test_broker_restart_mid_run_loses_nothing(
     reconcile = FleetProcess("reconcile", ["reconcile", "--every", "2"], env, tmp_path)
     try:
         with running(*_workers(env, tmp_path), reconcile) as processes:
-            submitted = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys[:6]])
+            submitted = cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys[:6]])
             assert submitted.returncode == 0, submitted.stderr
             wait_for(
                 lambda: _counts(clean_database)["detections"] >= 1,
@@ -379,7 +367,7 @@ def test_broker_restart_mid_run_loses_nothing(
             )
             broker.start()
             # Work sent after the restart is taken by the reconnected workers too.
-            submitted = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys[6:]])
+            submitted = cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys[6:]])
             assert submitted.returncode == 0, submitted.stderr
             counts = wait_for(
                 lambda: (c := _counts(clean_database))["pending"] == 0 and c["sources"] == 11 and c,
@@ -524,7 +512,7 @@ def test_reconcile_warns_of_work_no_worker_consumes(
     keys = _put_images(s3_endpoint, "unconsumed", 3)
     intake = FleetProcess("intake", ["worker", "--intake"], env, tmp_path)
     with running(intake) as processes:
-        submitted = _cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
+        submitted = cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
         assert submitted.returncode == 0, submitted.stderr
         wait_for(
             lambda: _queued(env["SYNTHSENTRY_BROKER_URL"], "detect.sumsub-mj5") == 3,
@@ -538,7 +526,7 @@ def test_reconcile_warns_of_work_no_worker_consumes(
         timeout=10,
         what="the oldest detect message to be past the window",
     )
-    once = _cli(env, "reconcile", "--after", "1", "--once")
+    once = cli(env, "reconcile", "--after", "1", "--once")
     assert once.returncode == 0 and "sent 0 messages again" in once.stdout, once.stderr
     warning = next(
         json.loads(line[line.index("{") :])
@@ -558,7 +546,7 @@ def test_reconcile_warns_of_work_no_worker_consumes(
             what="the worker to drain its queue",
             processes=processes,
         )
-        again = _cli(env, "reconcile", "--after", "1", "--once")
+        again = cli(env, "reconcile", "--after", "1", "--once")
     assert again.returncode == 0 and "no worker consumes" not in again.stderr, again.stderr
 
 

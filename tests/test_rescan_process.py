@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +13,8 @@ import redis
 import sqlalchemy as sa
 
 from badfiles import sample_picture
-from conftest import DatabaseFactory, s3_client
-from fleet_processes import FleetProcess, running, wait_for
+from conftest import DatabaseFactory, empty_tables, s3_client
+from fleet_processes import FleetProcess, cli, fleet_env, running, wait_for
 
 BUCKET = "rescan-procs"
 
@@ -30,43 +27,20 @@ def database(committing_database: DatabaseFactory) -> str:
 @pytest.fixture
 def env(tmp_path: Path, database: str, redis_url: str, s3_endpoint: str) -> dict[str, str]:
     engine = sa.create_engine(database)
-    with engine.begin() as connection:
-        connection.execute(
-            sa.text(
-                "TRUNCATE review_cases, verdicts, detections, detection_attempts, sources, "
-                "images, rescans, audit_log RESTART IDENTITY CASCADE"
-            )
-        )
+    empty_tables(engine)
     engine.dispose()
-    redis.Redis.from_url(redis_url).flushdb()
     client = s3_client(s3_endpoint)
     if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
         client.create_bucket(Bucket=BUCKET)
-    values = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHSENTRY_")}
-    values.update(
-        SYNTHSENTRY_DATA_DIR=str(tmp_path / "data"),
-        SYNTHSENTRY_DATABASE_URL=database,
-        SYNTHSENTRY_BROKER_URL=redis_url,
-        SYNTHSENTRY_S3_ENDPOINT_URL=s3_endpoint,
-        SYNTHSENTRY_FLEET_DETECTORS='["provenance"]',
-        SYNTHSENTRY_ALLOWED_BUCKETS=BUCKET,
-        SYNTHSENTRY_LOG_LEVEL="INFO",
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-        HF_HUB_OFFLINE="1",
-    )
-    return values
-
-
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "synthsentry.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    return fleet_env(
+        tmp_path,
+        database=database,
+        redis_url=redis_url,
+        s3_endpoint=s3_endpoint,
+        model=False,
+        fleet_detectors='["provenance"]',
+        allowed_buckets=BUCKET,
+        log_level="INFO",
     )
 
 
@@ -92,7 +66,9 @@ def test_a_lister_killed_mid_listing_goes_on_where_it_stopped(
     total = 240
     for i in range(total):  # the lister never reads the bytes: any will do
         client.put_object(Bucket=BUCKET, Key=f"big/{i:04d}.png", Body=b"x")
-    created = _cli(env, "rescan", "create", "--bucket", BUCKET, "--prefix", "big/", "--json")
+    created = cli(
+        env, "rescan", "create", "--bucket", BUCKET, "--prefix", "big/", "--json", timeout=120
+    )
     assert created.returncode == 0, created.stderr
     public_id = json.loads(created.stdout)["id"]
     env = {**env, "SYNTHSENTRY_RESCAN_PAGE_SIZE": "3"}
@@ -141,14 +117,14 @@ def test_a_lister_killed_mid_listing_goes_on_where_it_stopped(
     # that page's messages (the reconciler sends them once they count as stalled).
     queued = redis.Redis.from_url(redis_url).llen("bulk.intake")
     assert total - 3 <= queued <= total
-    status = _cli(env, "rescan", "status", public_id, "--json")
+    status = cli(env, "rescan", "status", public_id, "--json", timeout=120)
     assert status.returncode == 0, status.stderr
     shown = json.loads(status.stdout)
     assert shown["state"] == "running" and shown["counts"]["listed"] == total
     assert shown["counts"]["pending"] == total and shown["total"] == total
-    listing = _cli(env, "rescan", "list")
+    listing = cli(env, "rescan", "list", timeout=120)
     assert public_id in listing.stdout and "running" in listing.stdout
-    cancelled = _cli(env, "rescan", "cancel", public_id)
+    cancelled = cli(env, "rescan", "cancel", public_id, timeout=120)
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout, cancelled.stderr
     actions = _query(database, "SELECT action FROM audit_log WHERE subject_type = 'rescan'")
     assert [a for (a,) in actions] == ["rescan.created", "rescan.running", "rescan.cancelled"]
@@ -166,14 +142,16 @@ def test_a_worker_serves_uploads_before_bulk_work_queued_earlier(
         client.put_object(Bucket=BUCKET, Key=key, Body=_png(i))
     keys_file = tmp_path / "keys.txt"
     keys_file.write_text("\n".join(keys[:3]) + "\n", encoding="utf-8")
-    created = _cli(env, "rescan", "create", "--bucket", BUCKET, "--keys-from", str(keys_file))
+    created = cli(
+        env, "rescan", "create", "--bucket", BUCKET, "--keys-from", str(keys_file), timeout=120
+    )
     assert created.returncode == 0, created.stderr
-    once = _cli(env, "reconcile", "--once")  # lists the three keys onto bulk.intake
+    once = cli(env, "reconcile", "--once", timeout=120)  # lists the three keys onto bulk.intake
     assert once.returncode == 0 and "listed 1 re-scan pages" in once.stdout, once.stderr
     broker = redis.Redis.from_url(redis_url)
     assert broker.llen("bulk.intake") == 3 and broker.llen("intake") == 0
     uploads = [f"s3://{BUCKET}/{key}" for key in keys[3:]]
-    submitted = _cli(env, "submit", *uploads)  # two uploads, queued last
+    submitted = cli(env, "submit", *uploads, timeout=120)  # two uploads, queued last
     assert submitted.returncode == 0, submitted.stderr
     assert broker.llen("intake") == 2
 
