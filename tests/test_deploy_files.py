@@ -274,3 +274,12 @@ def test_example_detector_config_parses(path: str) -> None:
     from workers.detectors.registry import Catalog
 
     assert "provenance" in Catalog.build(REPO / path).specs
+
+
+def test_the_image_copies_every_package_the_project_installs() -> None:
+    """A package left out of the image installs nothing: ``serve`` would fail at import."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", dockerfile, flags=re.MULTILINE))
+    assert packages <= copied, f"not copied into the image: {sorted(packages - copied)}"
