@@ -5,6 +5,7 @@ the object store, and the limits and policies read from the settings."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -15,6 +16,8 @@ from workers.dispatch import Dispatcher
 from workers.events import BucketPolicy
 from workers.intake import IntakeLimits
 from workers.objects import ObjectStore
+from workers.review import ReviewPolicy
+from workers.review_media import ReviewMedia
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,22 @@ class ApiContext:
     broker_url: str | None = None  # /readyz checks it; None in the embedded mode
     # Signing, timeouts and the address guard of callbacks (default: signing not configured).
     callbacks: CallbackPolicy = field(default_factory=CallbackPolicy)
+    # Human review: how long a claim lasts, the share sent to a blind second review.
+    review_lease: timedelta = timedelta(minutes=10)
+    second_review_share: float = 0.0
+    # The dashboard: sign-ins last this long; cookies are Secure outside development.
+    session_hours: float = 12.0
+    secure_cookies: bool = True
+    # The pictures the review pages show (None: the pages show none).
+    media: ReviewMedia | None = None
+
+    @property
+    def review_policy(self) -> ReviewPolicy:
+        return ReviewPolicy(
+            active_ensemble=self.active_ensemble,
+            lease=self.review_lease,
+            second_review_share=self.second_review_share,
+        )
 
 
 def get_context(request: Request) -> ApiContext:

@@ -25,6 +25,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -95,6 +96,8 @@ class ReviewState(enum.StrEnum):
     # ensemble configuration, a new detector version). A verdict that flags it again
     # reopens the case.
     WITHDRAWN = "withdrawn"
+    # A moderator was unsure, or two moderators reviewing blind disagreed: an admin decides.
+    ESCALATED = "escalated"
 
 
 class TokenRole(enum.StrEnum):
@@ -294,10 +297,58 @@ class ReviewCase(Base):
     opened_at: Mapped[datetime] = mapped_column(default=utcnow)
     claimed_at: Mapped[datetime | None]
     decided_at: Mapped[datetime | None]
+    # The opening verdict's ai_score (None: not scored), and the queue's order: the time
+    # the case opened, moved earlier by its score (``workers.review``), so a high score goes
+    # first and a long wait eventually overtakes it.
+    score: Mapped[float | None] = mapped_column(Float)
+    queue_key: Mapped[datetime] = mapped_column(default=utcnow)
+    # A claim is a lease: past this time the case is anybody's again.
+    lease_expires_at: Mapped[datetime | None]
+    # 2 when the case was sampled for a blind second review (agreement between moderators).
+    reviews_required: Mapped[int] = mapped_column(default=1, server_default="1")
 
     verdict: Mapped[Verdict] = relationship()
 
-    __table_args__ = (Index(None, "state", "opened_at"),)
+    __table_args__ = (
+        Index(None, "state", "opened_at"),
+        Index("ix_review_cases_state_queue_key", "state", "queue_key"),
+    )
+
+
+class ReviewDecisionRecord(Base):
+    """One moderator's decision on a case: the case keeps the final one, this table every
+    one (a blind second review, a decision escalated to an admin), for the case history,
+    agreement between moderators and the export of labelled examples."""
+
+    __tablename__ = "review_decisions"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("review_cases.id"), index=True)
+    actor: Mapped[str] = mapped_column(String(255), index=True)
+    decision: Mapped[ReviewDecision] = mapped_column(_enum(ReviewDecision, "review_decision"))
+    note: Mapped[str | None] = mapped_column(Text)
+    from_state: Mapped[str] = mapped_column(String(32))
+    # The verdict the moderator was shown (the image's current one under the active ensemble).
+    verdict_id: Mapped[int | None] = mapped_column(ForeignKey("verdicts.id"))
+    # True for a blind second review (the moderator did not see the first decision).
+    blind: Mapped[bool] = mapped_column(Boolean, default=False)
+    decided_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ReviewCaseSignal(Base):
+    """What a case can be filtered by in the queue: a detector that fired, a provenance
+    kind found, the kind of a source. Rewritten when a verdict opens or reopens the case."""
+
+    __tablename__ = "review_case_signals"
+    __table_args__ = (
+        UniqueConstraint("case_id", "kind", "value"),
+        Index(None, "kind", "value"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("review_cases.id"))
+    kind: Mapped[str] = mapped_column(String(16))  # detector | provenance | source
+    value: Mapped[str] = mapped_column(String(128))
 
 
 class AuditEvent(Base):
@@ -371,6 +422,26 @@ class ApiToken(Base):
     created_by: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+    # The review dashboard's default for this moderator: images blurred until asked.
+    blur_images: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+
+
+class DashboardSession(Base):
+    """A signed-in dashboard session, made by exchanging a moderator's or an admin's token.
+    Like a token, only the sha256 of its secret is stored; it ends at ``expires_at``, at
+    logout, or when its token is revoked."""
+
+    __tablename__ = "dashboard_sessions"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    public_id: Mapped[str] = mapped_column(String(32), unique=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+
+    token: Mapped[ApiToken] = relationship()
 
 
 # --- the platform API -------------------------------------------------------------------

@@ -96,6 +96,12 @@ class Runtime:
     callback_allow_private: bool = False
     rescan_page_size: int = 1000
     rescan_max_in_flight: int = 5000
+    review_lease_minutes: float = 10.0
+    review_second_opinion_share: float = 0.0
+    dashboard_session_hours: float = 12.0
+    review_media_cache_mb: int = 256
+    review_thumbnail_px: int = 320
+    review_display_px: int = 2048
     # Where batch figures go: the logs; a metrics exporter implements the same protocol.
     batch_observer: BatchObserver = field(default_factory=LogBatches)
 
@@ -160,6 +166,12 @@ class Runtime:
             callback_allow_private=settings.callback_allow_private_addresses,
             rescan_page_size=settings.rescan_page_size,
             rescan_max_in_flight=settings.rescan_max_in_flight,
+            review_lease_minutes=settings.review_lease_minutes,
+            review_second_opinion_share=settings.review_second_opinion_share,
+            dashboard_session_hours=settings.dashboard_session_hours,
+            review_media_cache_mb=settings.review_media_cache_mb,
+            review_thumbnail_px=settings.review_thumbnail_px,
+            review_display_px=settings.review_display_px,
         )
 
     def replace(self, **changes: Any) -> Runtime:

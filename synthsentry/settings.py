@@ -262,6 +262,37 @@ class Settings(BaseSettings):
         "while there is more (bounded queues, bounded memory).",
     )
 
+    # --- human review (the dashboard and /v1/reviews) ---------------------------------------
+    review_lease_minutes: float = Field(
+        10.0,
+        ge=1,
+        le=240,
+        description="How long a moderator holds a claimed case; the open case page renews "
+        "it every minute, and an abandoned case returns to the queue when it runs out.",
+    )
+    review_second_opinion_share: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Share of first decisions sent, blind, to a second moderator to measure "
+        "agreement (0: none). Disagreements go to the admins.",
+    )
+    dashboard_session_hours: float = Field(
+        12.0, gt=0, le=24 * 7, description="How long a dashboard sign-in lasts."
+    )
+    review_media_cache_mb: int = Field(
+        256,
+        ge=1,
+        description="Disk cache of the thumbnails and display copies the dashboard renders "
+        "(under <data_dir>/review-media).",
+    )
+    review_thumbnail_px: int = Field(
+        320, ge=64, le=1024, description="Longest side of a queue thumbnail."
+    )
+    review_display_px: int = Field(
+        2048, ge=256, le=8192, description="Longest side of the image on a case page."
+    )
+
     log_level: str = Field("INFO", description="Root log level.")
     log_json: bool = Field(True, description="One JSON object per log line (False: plain text).")
 

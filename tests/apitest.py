@@ -24,6 +24,8 @@ def api_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "allowed_buckets": BUCKET,
         "webhook_secret": "a-webhook-secret-for-tests-0123456789",
         "environment": "test",
+        # No random blind second reviews unless a test asks for them.
+        "review_second_opinion_share": 0.0,
     }
     values.update(overrides)
     return Settings(**values)

@@ -497,9 +497,14 @@ def test_a_result_and_a_moderators_decision_are_called_back_signed(
         decision = f"/v1/reviews/{document['sha256']}/decision"
         body = {"decision": "ai_generated", "note": "internal: matches a known generator"}
         assert client.post(decision, json=body, headers=_auth(platform)).status_code == 403
+        unclaimed = client.post(decision, json=body, headers=_auth(moderator))
+        assert unclaimed.status_code == 409, "only the holder of the case's lease may decide"
+        claimed = client.post("/v1/reviews/next", headers=_auth(moderator))
+        assert claimed.status_code == 200 and claimed.json()["sha256"] == document["sha256"]
         decided = client.post(decision, json=body, headers=_auth(moderator))
         assert decided.status_code == 200, decided.text
-        assert decided.json()["callbacks"] == 1 and decided.json()["decided_from"] == "open"
+        assert decided.json()["callbacks"] == 1 and decided.json()["decided_from"] == "claimed"
+        assert decided.json()["state"] == "decided"
         again = client.post(decision, json=body, headers=_auth(moderator))
         assert again.status_code == 409
         assert receiver.arrived.wait(30), "no decision callback within 30 s"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -19,6 +20,9 @@ TABLES = {
     "detections",
     "verdicts",
     "review_cases",
+    "review_decisions",
+    "review_case_signals",
+    "dashboard_sessions",
     "audit_log",
     "detection_attempts",
     "dead_letters",
@@ -213,7 +217,8 @@ def test_downgrades_of_attempts_and_not_scored_verdicts_keep_what_they_can(
             connection.execute(
                 sa.text(
                     "INSERT INTO review_cases (verdict_id, image_id, state, decision, "
-                    "opened_at) VALUES (:verdict, :image, 'decided', 'unsure', CURRENT_TIMESTAMP)"
+                    "opened_at, queue_key) VALUES (:verdict, :image, 'decided', 'unsure', "
+                    "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
                 ),
                 {"verdict": verdict, "image": image},
             )
@@ -241,3 +246,95 @@ def test_downgrades_of_attempts_and_not_scored_verdicts_keep_what_they_can(
     assert [tuple(c) for c in cases] == [(1, 1, "unsure")]
     assert labels == ["likely_ai"]
     assert [tuple(a) for a in attempts] == [(1, "mj5", 5)]
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_review_cases_from_before_the_dashboard_get_an_order_filters_and_decisions(
+    database: str, sqlite_url: str, committing_database: DatabaseFactory
+) -> None:
+    """0009 up: each existing case gets its score and queue order from the verdict that
+    opened it, its filter signals, and (when decided) its decision as a decision row."""
+    url = sqlite_url if database == "sqlite" else committing_database("dash", migrated=False)
+    migrate.upgrade(url, "0008")
+    engine = sa.create_engine(url)
+    detector_set = json.dumps(
+        {"detectors": [{"name": "mj5", "version": "1", "score": 0.8, "failed": False}]}
+    )
+    evidence = json.dumps({"items": [{"kind": "c2pa", "ai": True, "summary": "x"}]})
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO ensembles (id, version, digest, definition, created_at) VALUES "
+                "(1, 'weighted-mean@e', :digest, :definition, CURRENT_TIMESTAMP)"
+            ),
+            {"digest": "e" * 64, "definition": json.dumps({"threshold": 0.5})},
+        )
+        for image, state, decision in ((1, "open", None), (2, "decided", "ai_generated")):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO images (id, sha256, size_bytes, first_seen_at) "
+                    "VALUES (:id, :sha, 10, CURRENT_TIMESTAMP)"
+                ),
+                {"id": image, "sha": str(image) * 64},
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO sources (kind, ref_key, image_id, status, created_at, "
+                    "last_seen_at, seen_count, resend_count) VALUES ('hook', :ref, :id, "
+                    "'scored', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 1, 0)"
+                ),
+                {"ref": f"ref-{image}", "id": image},
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO detections (image_id, detector_name, detector_version, "
+                    "score, evidence, created_at) VALUES (:id, 'provenance', '1', 1.0, "
+                    ":evidence, CURRENT_TIMESTAMP)"
+                ),
+                {"id": image, "evidence": evidence},
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO verdicts (id, image_id, ensemble_version, ensemble_id, "
+                    "detector_set_digest, detector_set, ai_score, label, flagged, reason, "
+                    "created_at) VALUES (:id, :id, 'weighted-mean@e', 1, :digest, :set, 0.8, "
+                    "'likely_ai', true, 'x', CURRENT_TIMESTAMP)"
+                ),
+                {"id": image, "digest": str(image) * 64, "set": detector_set},
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO review_cases (verdict_id, image_id, state, decision, assignee, "
+                    "opened_at, decided_at) VALUES (:id, :id, :state, :decision, 'token:m', "
+                    "'2026-11-01 12:00:00', CURRENT_TIMESTAMP)"
+                ),
+                {"id": image, "state": state, "decision": decision},
+            )
+    engine.dispose()
+    migrate.upgrade(url)
+    engine = sa.create_engine(url)
+    with engine.connect() as connection:
+        cases = connection.execute(
+            sa.text("SELECT id, score, queue_key FROM review_cases ORDER BY id")
+        ).all()
+        signals = connection.execute(
+            sa.text("SELECT case_id, kind, value FROM review_case_signals ORDER BY 1, 2, 3")
+        ).all()
+        decisions = connection.execute(
+            sa.text("SELECT case_id, actor, decision FROM review_decisions")
+        ).all()
+    engine.dispose()
+    assert [c.score for c in cases] == [0.8, 0.8]
+    queue_key = cases[0].queue_key
+    if isinstance(queue_key, str):
+        queue_key = datetime.fromisoformat(queue_key)
+    # 0.8 of a day earlier than it opened.
+    assert queue_key.replace(tzinfo=None) == datetime(2026, 11, 1, 12) - timedelta(hours=19.2)
+    assert [tuple(s) for s in signals if s.case_id == 1] == [
+        (1, "detector", "mj5"),
+        (1, "provenance", "c2pa"),
+        (1, "source", "hook"),
+    ]
+    assert [tuple(d) for d in decisions] == [(2, "token:m", "ai_generated")]
+    migrate.downgrade(url, "0008")  # and back
+    assert _tables(url) >= {"review_cases"} and "review_decisions" not in _tables(url)

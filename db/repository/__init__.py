@@ -4,7 +4,7 @@
     sources       where each image came from; rejections; pending work
     detections    each detector's answer per image and detector version
     verdicts      ensemble configurations and the verdicts stored under them
-    review        review cases following the verdicts; the case beside its verdicts
+    review        review cases following the verdicts; claims, decisions, the queue
     audit         the append-only trail
     bookkeeping   the fleet's delivery attempts and dead letters
     tokens        API tokens (hashes only)
@@ -51,6 +51,14 @@ from db.repository.callbacks import (
     lock_token,
     replace_callback_hosts,
 )
+from db.repository.dashboard import (
+    DashboardSessionRecord,
+    add_dashboard_session,
+    dashboard_session_by_public_id,
+    delete_stale_dashboard_sessions,
+    end_dashboard_session,
+    set_blur_images,
+)
 from db.repository.detections import (
     DetectionRecord,
     current_versions,
@@ -87,9 +95,28 @@ from db.repository.rescans import (
     set_rescan_state,
 )
 from db.repository.review import (
+    HELD_STATES,
+    ModeratorTally,
+    QueueFilter,
+    QueueRow,
     case_for_image,
-    decide_case,
+    decided_cases,
+    decision_tallies,
+    decisions_of_case,
+    double_reviews,
+    drop_lease,
+    expired_leases,
     follow_verdict,
+    get_case,
+    held_by,
+    move_held_case,
+    next_candidates,
+    queue_page,
+    record_decision,
+    renew_lease,
+    signal_values,
+    state_counts,
+    take_lease,
 )
 from db.repository.scans import (
     add_idempotency_key,
@@ -140,7 +167,9 @@ from db.repository.verdicts import (
 )
 
 __all__ = [
+    "HELD_STATES",
     "CaseVerdicts",
+    "DashboardSessionRecord",
     "DeliveryRecord",
     "DeliveryView",
     "DetectionRecord",
@@ -148,6 +177,9 @@ __all__ = [
     "EnsembleVersionClash",
     "ImageFacts",
     "ItemCounts",
+    "ModeratorTally",
+    "QueueFilter",
+    "QueueRow",
     "RescanItem",
     "RescanRecord",
     "SourceRef",
@@ -157,6 +189,7 @@ __all__ = [
     "add_callback_attempt",
     "add_callback_delivery",
     "add_callback_secret",
+    "add_dashboard_session",
     "add_idempotency_key",
     "add_rescan",
     "add_scan",
@@ -182,18 +215,28 @@ __all__ = [
     "current_answers",
     "current_verdict",
     "current_versions",
-    "decide_case",
+    "dashboard_session_by_public_id",
+    "decided_cases",
+    "decision_tallies",
+    "decisions_of_case",
+    "delete_stale_dashboard_sessions",
     "delivery_view",
     "detections_by_version",
     "detections_for_image",
     "disable_callback_endpoint",
+    "double_reviews",
+    "drop_lease",
+    "end_dashboard_session",
+    "expired_leases",
     "follow_verdict",
     "get_callback_endpoint",
+    "get_case",
     "get_image",
     "get_or_create_image",
     "get_source",
     "get_token",
     "has_scored_verdict",
+    "held_by",
     "idempotency_key",
     "image_by_sha256",
     "image_page",
@@ -212,12 +255,17 @@ __all__ = [
     "mark_resent",
     "mark_source_rejected",
     "mark_source_scored",
+    "move_held_case",
+    "next_candidates",
     "objects_of_image",
     "postpone_checks",
+    "queue_page",
     "record_dead_letter",
+    "record_decision",
     "record_rescan_items",
     "record_source",
     "register_ensemble",
+    "renew_lease",
     "replace_callback_hosts",
     "rescan_by_public_id",
     "reusable_detections",
@@ -229,12 +277,16 @@ __all__ = [
     "scans_by_public_ids",
     "scans_of_image",
     "scans_of_object",
+    "set_blur_images",
     "set_rescan_state",
+    "signal_values",
     "source_by_ref",
     "sources_by_object",
     "sources_for_image",
     "stalled_sources",
+    "state_counts",
     "stored_object",
+    "take_lease",
     "token_by_public_id",
     "with_verdicts",
 ]

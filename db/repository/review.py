@@ -1,28 +1,73 @@
-"""Review cases: one per flagged image, following the verdicts stored for it.
+"""Review cases: one per flagged image, following the verdicts stored for it, and the
+moderators' work on them (claims, decisions, the queue they pick from).
 
 A case is opened by the first verdict that flags the image. A later verdict under the
 active ensemble configuration that finds no indication, with every detector answering,
-withdraws the case while nobody holds it; one that flags the image again reopens it. A
-verdict without evidence (inconclusive, or a detector failed) never withdraws a case, nor
-does one under a configuration that is not the active one (an ad-hoc scan with its own
-threshold): they may only open cases. A claimed or decided case keeps its state: the
-moderator's work is never taken away or undone by a re-score.
+withdraws the case while nobody holds it and nobody has decided it yet; one that flags the
+image again reopens it. A verdict without evidence (inconclusive, or a detector failed)
+never withdraws a case, nor does one under a configuration that is not the active one (an
+ad-hoc scan with its own threshold): they may only open cases. A claimed, escalated or
+decided case keeps its state: the moderator's work is never taken away or undone by a
+re-score.
+
+Claims are leases: ``assignee`` holds the case until ``lease_expires_at``. Every change of
+a case's state is a conditional UPDATE on the state it was read in (and, for a claim, on
+its holder), so two moderators racing for one case never both win, on PostgreSQL and on
+SQLite alike.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import Select, and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.models import ReviewCase, ReviewDecision, ReviewState, Verdict, VerdictLabel, utcnow
+from db.models import (
+    ApiToken,
+    Detection,
+    Ensemble,
+    Image,
+    ReviewCase,
+    ReviewCaseSignal,
+    ReviewDecision,
+    ReviewDecisionRecord,
+    ReviewState,
+    Source,
+    Verdict,
+    VerdictLabel,
+    utcnow,
+)
 from db.repository._sql import insert_ignore
 from db.repository.audit import append_audit
+
+# The queue's order: each point of score moves a case this much earlier than the time it
+# opened, so a 0.9 waits behind a 0.5 only if the 0.5 has waited ~10 hours longer. A case
+# without a score (a refused file sent to review) ranks as an even chance.
+SCORE_HOURS = 24.0
+NO_SCORE = 0.5
+
+# The states a moderator's claim may start from, and where an expired or released claim
+# goes back to: a claimed open case is CLAIMED; an escalated case keeps its state while an
+# admin holds it.
+HELD_STATES = (ReviewState.CLAIMED, ReviewState.ESCALATED)
+
+
+def queue_key(opened_at: datetime, score: float | None) -> datetime:
+    return opened_at - timedelta(hours=(NO_SCORE if score is None else score) * SCORE_HOURS)
 
 
 def case_for_image(session: Session, image_id: int) -> ReviewCase | None:
     return session.execute(
         select(ReviewCase).where(ReviewCase.image_id == image_id)
     ).scalar_one_or_none()
+
+
+def get_case(session: Session, case_id: int) -> ReviewCase | None:
+    return session.get(ReviewCase, case_id)
 
 
 def follow_verdict(
@@ -32,6 +77,7 @@ def follow_verdict(
     again; ``active``: the verdict is under the active ensemble configuration. Idempotent: a
     verdict the case already agrees with changes nothing."""
     if verdict.flagged:
+        now = utcnow()
         opened = insert_ignore(
             session,
             ReviewCase,
@@ -39,11 +85,14 @@ def follow_verdict(
                 "verdict_id": verdict.id,
                 "image_id": verdict.image_id,
                 "state": ReviewState.OPEN,
-                "opened_at": utcnow(),
+                "opened_at": now,
+                "score": verdict.ai_score,
+                "queue_key": queue_key(now, verdict.ai_score),
             },
         )
         case = _case(session, verdict.image_id)
         if opened:
+            _set_signals(session, case, verdict)
             _audit(session, case, "review_case.opened", verdict, actor)
         elif _transition(
             session,
@@ -51,54 +100,432 @@ def follow_verdict(
             ReviewState.WITHDRAWN,
             state=ReviewState.OPEN,
             verdict_id=verdict.id,
-            opened_at=utcnow(),
+            opened_at=now,
+            score=verdict.ai_score,
+            queue_key=queue_key(now, verdict.ai_score),
             assignee=None,
             claimed_at=None,
+            lease_expires_at=None,
         ):
+            _set_signals(session, case, verdict)
             _audit(session, case, "review_case.reopened", verdict, actor)
         return case
     if not (active and _clears(verdict)):
         return case_for_image(session, verdict.image_id)
     existing = case_for_image(session, verdict.image_id)
+    undecided = ~exists().where(ReviewDecisionRecord.case_id == ReviewCase.id)
     if existing is not None and _transition(
-        session, existing, ReviewState.OPEN, state=ReviewState.WITHDRAWN
+        session, existing, ReviewState.OPEN, undecided, state=ReviewState.WITHDRAWN
     ):
         _audit(session, existing, "review_case.withdrawn", verdict, actor)
     return existing
 
 
-def decide_case(
-    session: Session,
-    case: ReviewCase,
-    decision: ReviewDecision,
-    note: str | None,
-    *,
-    actor: str,
-) -> ReviewState | None:
-    """Record a moderator's decision on a case that is open or claimed; returns the state
-    it was decided from, or None when the case was not in review (withdrawn, or decided
-    already: a concurrent decision wins). Audited."""
-    for expected in (ReviewState.OPEN, ReviewState.CLAIMED):
-        if _transition(
+# --- filters ----------------------------------------------------------------------------
+
+
+def case_signals(session: Session, verdict: Verdict) -> set[tuple[str, str]]:
+    """What the queue filters a case by: each detector whose score reached the verdict's
+    threshold ("fired"), each provenance kind with a generative-AI finding, each kind of
+    place the bytes came from."""
+    threshold = 0.5
+    if verdict.ensemble_id is not None:
+        ensemble = session.get(Ensemble, verdict.ensemble_id)
+        if ensemble is not None:
+            threshold = float(ensemble.definition.get("threshold", threshold))
+    signals: set[tuple[str, str]] = set()
+    for entry in verdict.detector_set.get("detectors", []):
+        score = entry.get("score")
+        if isinstance(score, int | float) and score >= threshold:
+            signals.add(("detector", str(entry.get("name"))[:128]))
+    evidence = session.execute(
+        select(Detection.evidence).where(Detection.image_id == verdict.image_id)
+    ).scalars()
+    for document in evidence:
+        for item in document.get("items", []) or []:
+            if isinstance(item, dict) and item.get("ai") and isinstance(item.get("kind"), str):
+                signals.add(("provenance", item["kind"][:128]))
+    kinds = session.execute(
+        select(Source.kind).where(Source.image_id == verdict.image_id).distinct()
+    ).scalars()
+    signals.update(("source", kind.value) for kind in kinds)
+    return signals
+
+
+def _set_signals(session: Session, case: ReviewCase, verdict: Verdict) -> None:
+    session.execute(delete(ReviewCaseSignal).where(ReviewCaseSignal.case_id == case.id))
+    for kind, value in sorted(case_signals(session, verdict)):
+        session.add(ReviewCaseSignal(case_id=case.id, kind=kind, value=value))
+    session.flush()
+
+
+def signal_values(session: Session) -> dict[str, list[str]]:
+    """Every value each filter can take, for the queue's filter form."""
+    rows = session.execute(
+        select(ReviewCaseSignal.kind, ReviewCaseSignal.value)
+        .distinct()
+        .order_by(ReviewCaseSignal.kind, ReviewCaseSignal.value)
+    ).all()
+    values: dict[str, list[str]] = {}
+    for kind, value in rows:
+        values.setdefault(kind, []).append(value)
+    return values
+
+
+# --- the queue --------------------------------------------------------------------------
+
+
+_S = TypeVar("_S", bound=Select[*tuple[Any, ...]])
+
+
+@dataclass(frozen=True)
+class QueueFilter:
+    states: tuple[ReviewState, ...] = (ReviewState.OPEN, ReviewState.CLAIMED)
+    min_score: float | None = None
+    detector: str | None = None
+    provenance: str | None = None
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class QueueRow:
+    case_id: int
+    sha256: str
+    state: ReviewState
+    score: float | None
+    opened_at: datetime
+    queue_key: datetime
+    assignee: str | None
+    lease_expires_at: datetime | None
+    reviews_required: int
+    decision: ReviewDecision | None
+    signals: tuple[tuple[str, str], ...] = field(default=())
+
+
+def _filtered(statement: _S, filters: QueueFilter) -> _S:
+    statement = statement.where(ReviewCase.state.in_(filters.states))
+    if filters.min_score is not None:
+        statement = statement.where(ReviewCase.score >= filters.min_score)
+    for kind, value in (
+        ("detector", filters.detector),
+        ("provenance", filters.provenance),
+        ("source", filters.source),
+    ):
+        if value:
+            statement = statement.where(
+                exists().where(
+                    ReviewCaseSignal.case_id == ReviewCase.id,
+                    ReviewCaseSignal.kind == kind,
+                    ReviewCaseSignal.value == value,
+                )
+            )
+    return statement
+
+
+def queue_page(
+    session: Session, filters: QueueFilter, *, offset: int, limit: int
+) -> tuple[list[QueueRow], int]:
+    """One page of the queue in priority order (``queue_key``), and how many cases match."""
+    total = session.execute(
+        _filtered(select(func.count()).select_from(ReviewCase), filters)
+    ).scalar_one()
+    joined = select(ReviewCase, Image.sha256).join(Image, Image.id == ReviewCase.image_id)
+    rows = session.execute(
+        _filtered(joined, filters)
+        .order_by(ReviewCase.queue_key, ReviewCase.id)
+        .offset(offset)
+        .limit(limit)
+    ).all()
+    ids = [case.id for case, _ in rows]
+    signals: dict[int, list[tuple[str, str]]] = {}
+    if ids:
+        for case_id, kind, value in session.execute(
+            select(ReviewCaseSignal.case_id, ReviewCaseSignal.kind, ReviewCaseSignal.value)
+            .where(ReviewCaseSignal.case_id.in_(ids))
+            .order_by(ReviewCaseSignal.kind, ReviewCaseSignal.value)
+        ):
+            signals.setdefault(case_id, []).append((kind, value))
+    return [
+        QueueRow(
+            case_id=case.id,
+            sha256=sha256,
+            state=case.state,
+            score=case.score,
+            opened_at=case.opened_at,
+            queue_key=case.queue_key,
+            assignee=case.assignee,
+            lease_expires_at=case.lease_expires_at,
+            reviews_required=case.reviews_required,
+            decision=case.decision,
+            signals=tuple(signals.get(case.id, ())),
+        )
+        for case, sha256 in rows
+    ], int(total)
+
+
+def state_counts(session: Session) -> dict[ReviewState, int]:
+    rows = session.execute(select(ReviewCase.state, func.count()).group_by(ReviewCase.state))
+    counts = dict.fromkeys(ReviewState, 0)
+    counts.update({state: int(n) for state, n in rows})
+    return counts
+
+
+# --- leases -----------------------------------------------------------------------------
+
+
+def _live(now: datetime) -> Any:
+    return and_(ReviewCase.assignee.is_not(None), ReviewCase.lease_expires_at > now)
+
+
+def held_by(session: Session, actor: str, now: datetime) -> ReviewCase | None:
+    """The case ``actor`` holds a live lease on, if any (one job per moderator)."""
+    return (
+        session.execute(
+            select(ReviewCase)
+            .where(ReviewCase.assignee == actor, ReviewCase.state.in_(HELD_STATES), _live(now))
+            .order_by(ReviewCase.id)
+            .limit(1)
+        )
+        .scalars()
+        .first()
+    )
+
+
+def expired_leases(session: Session, now: datetime, *, limit: int = 100) -> Sequence[ReviewCase]:
+    """Cases whose holder's lease ran out, locked (others' expiry passes skip them)."""
+    return (
+        session.execute(
+            select(ReviewCase)
+            .where(
+                ReviewCase.state.in_(HELD_STATES),
+                ReviewCase.assignee.is_not(None),
+                ReviewCase.lease_expires_at <= now,
+            )
+            .order_by(ReviewCase.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        .scalars()
+        .all()
+    )
+
+
+def next_candidates(
+    session: Session, actor: str, *, exclude: Iterable[int] = (), limit: int = 8
+) -> Sequence[ReviewCase]:
+    """The first open cases in priority order that ``actor`` may take: never one they have
+    decided already (a blind second review goes to somebody else), locked without waiting
+    for cases another moderator is taking right now."""
+    decided_by_actor = exists().where(
+        ReviewDecisionRecord.case_id == ReviewCase.id, ReviewDecisionRecord.actor == actor
+    )
+    statement = (
+        select(ReviewCase)
+        .where(ReviewCase.state == ReviewState.OPEN, ~decided_by_actor)
+        .order_by(ReviewCase.queue_key, ReviewCase.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    excluded = list(exclude)
+    if excluded:
+        statement = statement.where(ReviewCase.id.not_in(excluded))
+    return session.execute(statement).scalars().all()
+
+
+def take_lease(
+    session: Session, case: ReviewCase, actor: str, *, now: datetime, until: datetime
+) -> bool:
+    """Claim ``case`` for ``actor`` until ``until``: an open case becomes claimed; an
+    escalated one stays escalated with a holder. Refused (False) when somebody else holds a
+    live lease, or the case moved on meanwhile."""
+    if case.state == ReviewState.OPEN:
+        return _transition(
             session,
             case,
-            expected,
-            state=ReviewState.DECIDED,
-            decision=decision,
-            note=note,
-            decided_at=utcnow(),
+            ReviewState.OPEN,
+            state=ReviewState.CLAIMED,
             assignee=actor,
-        ):
-            append_audit(
-                session,
-                actor=actor,
-                action="review_case.decided",
-                subject_type="review_case",
-                subject_id=case.id,
-                details={"from_state": expected.value, "decision": decision.value, "note": note},
-            )
-            return expected
-    return None
+            claimed_at=now,
+            lease_expires_at=until,
+        )
+    if case.state in HELD_STATES:
+        free = or_(
+            ReviewCase.assignee.is_(None),
+            ReviewCase.assignee == actor,
+            ReviewCase.lease_expires_at <= now,
+        )
+        return _transition(
+            session, case, case.state, free, assignee=actor, claimed_at=now, lease_expires_at=until
+        )
+    return False
+
+
+def renew_lease(
+    session: Session, case: ReviewCase, actor: str, *, now: datetime, until: datetime
+) -> bool:
+    """Extend ``actor``'s live lease; False when they do not hold one on the case."""
+    return _transition(
+        session,
+        case,
+        case.state,
+        ReviewCase.assignee == actor,
+        ReviewCase.lease_expires_at > now,
+        ReviewCase.state.in_(HELD_STATES),
+        lease_expires_at=until,
+    )
+
+
+def drop_lease(session: Session, case: ReviewCase, *, holder: str | None = None) -> bool:
+    """Give the case back to the queue it was taken from (``holder``: only if they still
+    hold it). A claimed case is open again; an escalated one waits for an admin again."""
+    if case.state not in HELD_STATES:
+        return False
+    conditions = [] if holder is None else [ReviewCase.assignee == holder]
+    back = ReviewState.OPEN if case.state == ReviewState.CLAIMED else ReviewState.ESCALATED
+    return _transition(
+        session,
+        case,
+        case.state,
+        *conditions,
+        state=back,
+        assignee=None,
+        claimed_at=None,
+        lease_expires_at=None,
+    )
+
+
+# --- decisions --------------------------------------------------------------------------
+
+
+def decisions_of_case(session: Session, case_id: int) -> Sequence[ReviewDecisionRecord]:
+    return (
+        session.execute(
+            select(ReviewDecisionRecord)
+            .where(ReviewDecisionRecord.case_id == case_id)
+            .order_by(ReviewDecisionRecord.id)
+        )
+        .scalars()
+        .all()
+    )
+
+
+def record_decision(
+    session: Session,
+    case: ReviewCase,
+    *,
+    actor: str,
+    decision: ReviewDecision,
+    note: str | None,
+    verdict_id: int | None,
+    blind: bool,
+    now: datetime,
+) -> ReviewDecisionRecord:
+    row = ReviewDecisionRecord(
+        case_id=case.id,
+        actor=actor,
+        decision=decision,
+        note=note,
+        from_state=case.state.value,
+        verdict_id=verdict_id,
+        blind=blind,
+        decided_at=now,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def move_held_case(
+    session: Session, case: ReviewCase, actor: str, *, now: datetime, **values: object
+) -> bool:
+    """Change a case ``actor`` holds a live lease on (a decision); False when they do not
+    hold it any more (it expired and somebody else took it, or it was decided)."""
+    return _transition(
+        session,
+        case,
+        case.state,
+        ReviewCase.assignee == actor,
+        ReviewCase.lease_expires_at > now,
+        ReviewCase.state.in_(HELD_STATES),
+        **values,
+    )
+
+
+@dataclass(frozen=True)
+class ModeratorTally:
+    actor: str
+    name: str | None
+    decisions: dict[ReviewDecision, int]
+    total: int
+
+
+def decision_tallies(session: Session) -> list[ModeratorTally]:
+    """Decisions per moderator, with the token's name where the actor is a token."""
+    rows = session.execute(
+        select(ReviewDecisionRecord.actor, ReviewDecisionRecord.decision, func.count())
+        .group_by(ReviewDecisionRecord.actor, ReviewDecisionRecord.decision)
+        .order_by(ReviewDecisionRecord.actor)
+    ).all()
+    by_actor: dict[str, dict[ReviewDecision, int]] = {}
+    for actor, decision, n in rows:
+        by_actor.setdefault(actor, {})[decision] = int(n)
+    public_ids = [a.removeprefix("token:") for a in by_actor if a.startswith("token:")]
+    names = {
+        public_id: name
+        for public_id, name in session.execute(
+            select(ApiToken.public_id, ApiToken.name).where(ApiToken.public_id.in_(public_ids))
+        )
+    }
+    return [
+        ModeratorTally(
+            actor=actor,
+            name=names.get(actor.removeprefix("token:")),
+            decisions=counts,
+            total=sum(counts.values()),
+        )
+        for actor, counts in by_actor.items()
+    ]
+
+
+def double_reviews(session: Session) -> list[tuple[int, ReviewDecision, ReviewDecision]]:
+    """Cases decided by two moderators independently (the blind second review): the case
+    and the first two decisions that were not an admin's ruling on an escalation."""
+    rows = session.execute(
+        select(ReviewDecisionRecord.case_id, ReviewDecisionRecord.decision)
+        .join(ReviewCase, ReviewCase.id == ReviewDecisionRecord.case_id)
+        .where(
+            ReviewCase.reviews_required == 2,
+            ReviewDecisionRecord.from_state == ReviewState.CLAIMED.value,
+        )
+        .order_by(ReviewDecisionRecord.case_id, ReviewDecisionRecord.id)
+    ).all()
+    firsts: dict[int, list[ReviewDecision]] = {}
+    for case_id, decision in rows:
+        firsts.setdefault(case_id, []).append(decision)
+    return [(case_id, d[0], d[1]) for case_id, d in firsts.items() if len(d) >= 2]
+
+
+def decided_cases(session: Session, *, after_id: int = 0, limit: int = 500) -> Sequence[Any]:
+    """Decided cases in id order after ``after_id``, with their image and the final
+    decision's record (the verdict shown to the moderator who made it): the labelled
+    examples, a page at a time."""
+    final = (
+        select(func.max(ReviewDecisionRecord.id))
+        .where(ReviewDecisionRecord.case_id == ReviewCase.id)
+        .correlate(ReviewCase)
+        .scalar_subquery()
+    )
+    return session.execute(
+        select(ReviewCase, Image, ReviewDecisionRecord)
+        .join(Image, Image.id == ReviewCase.image_id)
+        .outerjoin(ReviewDecisionRecord, ReviewDecisionRecord.id == final)
+        .where(ReviewCase.state == ReviewState.DECIDED, ReviewCase.id > after_id)
+        .order_by(ReviewCase.id)
+        .limit(limit)
+    ).all()
+
+
+# --- helpers ----------------------------------------------------------------------------
 
 
 def _clears(verdict: Verdict) -> bool:
@@ -117,13 +544,17 @@ def _case(session: Session, image_id: int) -> ReviewCase:
 
 
 def _transition(
-    session: Session, case: ReviewCase, expected: ReviewState, **values: object
+    session: Session,
+    case: ReviewCase,
+    expected: ReviewState,
+    *conditions: Any,
+    **values: object,
 ) -> bool:
-    """Change the case only if it is still in the ``expected`` state (a concurrent claim or
-    decision wins); True if changed."""
+    """Change the case only if it is still in the ``expected`` state and meets
+    ``conditions`` (a concurrent claim or decision wins); True if changed."""
     result = session.execute(
         update(ReviewCase)
-        .where(ReviewCase.id == case.id, ReviewCase.state == expected)
+        .where(ReviewCase.id == case.id, ReviewCase.state == expected, *conditions)
         .values(**values)
         .execution_options(synchronize_session=False)
     )

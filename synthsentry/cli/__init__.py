@@ -10,6 +10,7 @@ its own beyond parsing, wiring and printing; each command group is a module here
     scans       platform scans: submit, show (what /v1/scans does)
     callbacks   signed callbacks: deliver, failed, redeliver
     rescan      batch re-scans: create, status, cancel, list
+    review      human review: export labelled examples, expire lapsed claims
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from synthsentry.cli import (
     detectors,
     fleet,
     rescan,
+    review,
     scan,
     scans,
     serve,
@@ -41,7 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
         "human review. " + POLICY,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (scan, detectors, fleet, database, tokens, serve, scans, callbacks, rescan):
+    for group in (
+        scan,
+        detectors,
+        fleet,
+        database,
+        tokens,
+        serve,
+        scans,
+        callbacks,
+        rescan,
+        review,
+    ):
         group.register(commands)
     return parser
 

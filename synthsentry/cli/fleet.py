@@ -337,6 +337,7 @@ def reconcile_stalled(args: argparse.Namespace, settings: Settings) -> int:
 
     from tasks.app import configure
     from tasks.submit import CeleryDispatcher, resend_lost
+    from workers import review
     from workers.rescans import ObjectLister, advance_rescans
 
     # The database or the broker is away: one line per check until it is back (a traceback
@@ -372,6 +373,8 @@ def reconcile_stalled(args: argparse.Namespace, settings: Settings) -> int:
         if time.monotonic() >= next_check:
             next_check = time.monotonic() + args.every
             sent = attempt("reconcile check", lambda: resend_lost(context, after_s=after))
+            # Claims nobody renews go back to the review queue (audited).
+            attempt("review lease expiry", lambda: review.expire_leases(context.session_factory))
         pages = attempt(
             "re-scan step",
             lambda: advance_rescans(

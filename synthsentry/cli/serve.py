@@ -12,6 +12,7 @@ import functools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from synthsentry.cli.common import EXIT_OK, CliError, load_runtime
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from synthsentry.runtime import Runtime
     from workers.detectors.base import Detector
     from workers.embedded import EmbeddedWorker
+    from workers.objects import ObjectStore
+    from workers.review_media import ReviewMedia
 
 
 def register(commands: Commands) -> None:
@@ -102,20 +105,27 @@ def build_api(
         rescan_max_in_flight=runtime.rescan_max_in_flight,
         callbacks=policy,
         body_read_timeout_s=runtime.api_read_timeout_s,
+        review_lease=timedelta(minutes=runtime.review_lease_minutes),
+        second_review_share=runtime.review_second_opinion_share,
+        session_hours=runtime.dashboard_session_hours,
+        secure_cookies=runtime.environment != "development",
     )
     if not runtime.embedded_api:
         from tasks.app import configure
         from tasks.submit import CeleryDispatcher
 
         celery = configure(settings)
+        s3 = runtime.s3_client()  # boto3's client answers the ObjectStore calls
         return BuiltApi(
             context=context_of(
                 dispatcher=CeleryDispatcher(),
-                store=runtime.s3_client(),  # boto3's client answers the ObjectStore calls
+                store=s3,
                 embedded=False,
                 broker_url=str(celery.conf.broker_url),
+                media=_review_media(runtime, session_factory, s3),
             )
         )
+    from workers import review
     from workers.embedded import EmbeddedWorker
     from workers.fleet import FleetContext
     from workers.objects import LocalObjectStore
@@ -145,6 +155,8 @@ def build_api(
             max_in_flight=bounded,
         )
     )
+    # Claims nobody renews go back to the review queue (the reconciler's job in a fleet).
+    worker.add_sweeper(functools.partial(review.expire_leases, session_factory))
     # No separate sender process here: callbacks go out from a thread of this one.
     sender = functools.partial(
         callbacks.run_sender,
@@ -152,9 +164,31 @@ def build_api(
         sender=callbacks.CallbackSender(policy),
     )
     return BuiltApi(
-        context=context_of(dispatcher=worker, store=store, embedded=True),
+        context=context_of(
+            dispatcher=worker,
+            store=store,
+            embedded=True,
+            media=_review_media(runtime, session_factory, store),
+        ),
         worker=worker,
         threads=[sender],
+    )
+
+
+def _review_media(
+    runtime: Runtime, session_factory: sessionmaker[Session], store: ObjectStore
+) -> ReviewMedia:
+    """The review pages' pictures, rendered from the originals in ``store`` (or the files
+    a scan saw) and cached under the data folder."""
+    from workers.review_media import MediaCache, ReviewMedia
+
+    return ReviewMedia(
+        session_factory,
+        store,
+        runtime.limits,
+        MediaCache(runtime.data_dir / "review-media", runtime.review_media_cache_mb * 1024 * 1024),
+        thumbnail_side=runtime.review_thumbnail_px,
+        display_side=runtime.review_display_px,
     )
 
 
