@@ -8,6 +8,7 @@
     /v1/rescans              batch re-scans (admin)
     /v1/tokens               API tokens (admin)
     POST /s3-events          S3 upload notifications (shared secret)
+    /review, /admin          the review dashboard's pages (a signed-in moderator or admin)
 
 Importing this module loads FastAPI, SQLAlchemy and the services it serves, never torch:
 the API records and reads; models run in the workers.
@@ -21,7 +22,7 @@ from typing import Any
 from fastapi import Depends, FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import callbacks, limits, problems, rescans, reviews, scans, tokens, webhook
+from api import callbacks, dashboard, limits, problems, rescans, reviews, scans, tokens, webhook
 from api.context import ApiContext
 from api.guards import storable_text
 from api.problems import Problem
@@ -87,4 +88,6 @@ def create_app(context: ApiContext) -> FastAPI:
         # The S3 event endpoint keeps a record's bad text as that record's own refusal.
         guards = [] if router is webhook.router else [Depends(storable_text)]
         app.include_router(router, dependencies=guards)
+    # The moderators' and admins' pages: /review, /admin (``api.dashboard``).
+    dashboard.install(app)
     return app
