@@ -758,7 +758,7 @@ def test_claim_decide_and_what_another_moderator_sees(
     history = [[cell.text for cell in row] for row in _rows(shown, "history")]
     actions = [row[2] for row in history]
     assert actions == ["opened", "claimed", "decided"]
-    assert history[1][1] == anna.actor and history[2][5] == "AI-generated"
+    assert history[1][1] == "anna" and history[2][5] == "AI-generated"
     assert history[2][3] == "claimed"
     assert "matches Firefly" in after.text
     again = anna.post(f"{case_url}/decision", decision="ai_generated")

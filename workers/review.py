@@ -382,6 +382,7 @@ class QueuePage:
     counts: dict[ReviewState, int]
     live_claims: int
     filter_values: dict[str, list[str]]
+    actor_names: dict[str, str] = field(default_factory=dict)  # token:<id> -> its name
 
 
 def queue(
@@ -404,6 +405,7 @@ def queue(
             counts=counts,
             live_claims=counts[ReviewState.CLAIMED],
             filter_values=repository.signal_values(session),
+            actor_names=repository.actor_names(session, (r.assignee or "" for r in rows)),
         )
 
 
@@ -436,7 +438,7 @@ class CaseView:
     notice: str = INDICATION_NOT_PROOF
     lease_seconds_left: float | None = None
     hidden_decisions: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    actor_names: dict[str, str] = field(default_factory=dict)  # token:<id> -> its name
 
 
 def case_view(
@@ -466,6 +468,10 @@ def case_view(
             and case.state in (ReviewState.OPEN, ReviewState.CLAIMED)
         )
         history = list(repository.audit_trail(session, AUDIT_SUBJECT, [case.id]))
+        names = repository.actor_names(
+            session,
+            [case.assignee or "", *(e.actor for e in history), *(d.actor for d in decisions)],
+        )
         session.expunge_all()
     shown = [] if blind else decisions
     if blind:
@@ -487,6 +493,7 @@ def case_view(
         if case.lease_expires_at is not None and case.assignee == reviewer.actor
         else None,
         hidden_decisions=len(decisions) - len(shown),
+        actor_names=names,
     )
 
 

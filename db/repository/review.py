@@ -469,22 +469,27 @@ def decision_tallies(session: Session) -> list[ModeratorTally]:
     by_actor: dict[str, dict[ReviewDecision, int]] = {}
     for actor, decision, n in rows:
         by_actor.setdefault(actor, {})[decision] = int(n)
-    public_ids = [a.removeprefix("token:") for a in by_actor if a.startswith("token:")]
-    names = {
-        public_id: name
-        for public_id, name in session.execute(
-            select(ApiToken.public_id, ApiToken.name).where(ApiToken.public_id.in_(public_ids))
-        )
-    }
+    names = actor_names(session, by_actor)
     return [
         ModeratorTally(
             actor=actor,
-            name=names.get(actor.removeprefix("token:")),
+            name=names.get(actor),
             decisions=counts,
             total=sum(counts.values()),
         )
         for actor, counts in by_actor.items()
     ]
+
+
+def actor_names(session: Session, actors: Iterable[str]) -> dict[str, str]:
+    """The names of the tokens behind audited actors (``token:<public id>``)."""
+    public_ids = {a.removeprefix("token:") for a in actors if a and a.startswith("token:")}
+    if not public_ids:
+        return {}
+    rows = session.execute(
+        select(ApiToken.public_id, ApiToken.name).where(ApiToken.public_id.in_(public_ids))
+    )
+    return {f"token:{public_id}": name for public_id, name in rows}
 
 
 def double_reviews(session: Session) -> list[tuple[int, ReviewDecision, ReviewDecision]]:
