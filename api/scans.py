@@ -157,7 +157,7 @@ class ScanOut(BaseModel):
     image: dict[str, Any] | None
     detectors: list[DetectorOut]
     review: dict[str, Any] | None = Field(description="the review case, as scan --json shows it")
-    review_state: str = Field(description="none, open, claimed, decided or withdrawn")
+    review_state: str = Field(description="none, open, claimed, escalated, decided or withdrawn")
     decision: DecisionOut | None = Field(description="the moderator's decision, once made")
     detector_versions: dict[str, str]
     notice: str

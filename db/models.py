@@ -25,6 +25,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
     true,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -272,6 +273,10 @@ class Verdict(Base):
     image: Mapped[Image] = relationship(back_populates="verdicts")
 
 
+# The cases someone holds (a claimed case, an escalated one an admin took).
+HELD_CASE = "state IN ('claimed', 'escalated') AND assignee IS NOT NULL"
+
+
 class ReviewCase(Base):
     """A flagged image waiting for, or decided by, a human moderator.
 
@@ -312,6 +317,14 @@ class ReviewCase(Base):
     __table_args__ = (
         Index(None, "state", "opened_at"),
         Index("ix_review_cases_state_queue_key", "state", "queue_key"),
+        # One job per moderator: the database refuses a second held case, whatever races.
+        Index(
+            "uq_review_cases_one_held_case",
+            "assignee",
+            unique=True,
+            postgresql_where=text(HELD_CASE),
+            sqlite_where=text(HELD_CASE),
+        ),
     )
 
 

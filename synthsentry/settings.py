@@ -265,7 +265,7 @@ class Settings(BaseSettings):
     # --- human review (the dashboard and /v1/reviews) ---------------------------------------
     review_lease_minutes: float = Field(
         10.0,
-        ge=1,
+        ge=2,
         le=240,
         description="How long a moderator holds a claimed case; the open case page renews "
         "it every minute, and an abandoned case returns to the queue when it runs out.",

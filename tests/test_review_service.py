@@ -305,3 +305,119 @@ def test_labelled_examples_carry_what_the_moderator_saw(sessions: sessionmaker[S
     ]
     assert len(row["sources"]) == 1 and row["sources"][0].startswith("/x/")
     assert len(row["sha256"]) == 64
+
+
+def test_one_moderator_racing_themselves_still_holds_one_case(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Two tabs, a double key press, a client retrying: one job at a time all the same."""
+    cases = flag(sessions, 6)
+    start = threading.Barrier(4)
+    claims: list[int] = []
+    refusals: list[str] = []
+
+    def next_case() -> None:
+        start.wait()
+        claim = review.claim_next(sessions, ANNA, POLICY)
+        assert claim is not None
+        claims.append(claim.case_id)
+
+    def this_case(case_id: int) -> None:
+        start.wait()
+        try:
+            claims.append(review.claim(sessions, case_id, ANNA, POLICY).case_id)
+        except review.ReviewRefused as exc:
+            refusals.append(exc.kind)
+
+    for work in ([next_case] * 4, [lambda c=c: this_case(c) for c in cases[:4]]):
+        claims.clear()
+        threads = [threading.Thread(target=w) for w in work]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        with sessions() as session:
+            held = session.execute(
+                select(ReviewCase.id).where(ReviewCase.assignee == ANNA.actor)
+            ).all()
+        assert len(held) == 1, "one held case"
+        assert set(claims) == {held[0][0]}, "every answer names the case she holds"
+    assert refusals and set(refusals) == {"holding-another"}
+
+
+def test_a_lapsed_claim_of_ones_own_does_not_block_the_next(
+    sessions: sessionmaker[Session],
+) -> None:
+    first, _ = flag(sessions, 2)
+    short = review.ReviewPolicy(active_ensemble=ENSEMBLE.version, lease=timedelta(seconds=30))
+    review.claim(sessions, first, ANNA, short)
+    with transaction(sessions) as session:  # the lease ran out; no expiry pass ran yet
+        row = session.get(ReviewCase, first)
+        assert row is not None
+        row.lease_expires_at = utcnow() - timedelta(seconds=1)
+    with transaction(sessions) as session:
+        row = session.get(ReviewCase, first)
+        assert row is not None
+        other = session.execute(select(ReviewCase).where(ReviewCase.id != first)).scalar_one()
+        # Claimed directly (no expiry pass first): the lapsed claim is returned on the way.
+        taken = review._take(session, other, ANNA, short)
+    assert taken
+    assert "review_case.lease_expired" in actions(sessions, first)
+
+
+def test_an_expiry_pass_never_takes_back_a_claim_made_after_it_looked(
+    sessions: sessionmaker[Session],
+) -> None:
+    (case,) = flag(sessions, 1)
+    short = review.ReviewPolicy(active_ensemble=ENSEMBLE.version, lease=timedelta(seconds=30))
+    review.claim(sessions, case, ANNA, short)
+    later = utcnow() + timedelta(seconds=31)
+    with transaction(sessions) as session:
+        (seen,) = repository.expired_leases(session, later)
+        session.expunge(seen)
+    review.expire_leases(sessions, now=later)
+    review.claim(sessions, case, BORIS, POLICY)  # Boris takes it in between
+    with transaction(sessions) as session:
+        stale = session.merge(seen, load=False)
+        assert not repository.drop_lease(session, stale, holder=ANNA.actor, lapsed_at=later)
+    with sessions() as session:
+        row = session.get(ReviewCase, case)
+        assert row is not None and row.assignee == BORIS.actor
+
+
+def test_the_second_review_is_blind_for_admins_too(sessions: sessionmaker[Session]) -> None:
+    (case,) = flag(sessions, 1)
+    always = review.ReviewPolicy(active_ensemble=ENSEMBLE.version, second_review_share=1.0)
+    review.claim(sessions, case, ANNA, always)
+    review.decide(sessions, case, AI, "my first note", reviewer=ANNA, policy=always)
+    taken = review.claim_next(sessions, ADMIN, always)
+    assert taken is not None and taken.case_id == case
+    view = review.case_view(sessions, case, ADMIN, always)
+    assert view.blind and view.decisions == []
+    shown = " ".join(f"{e.actor} {e.details}" for e in view.history)
+    assert ANNA.actor not in shown and "my first note" not in shown
+    assert ANNA.actor not in view.actor_names
+    review.decide(sessions, case, AI, None, reviewer=ADMIN, policy=always)
+    assert review.agreement(sessions) == review.Agreement(cases=1, agreed=1)
+
+
+def test_moderators_pressing_next_together_each_get_a_case_while_any_is_open(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Taking one case never hides the others from a moderator asking at the same moment."""
+    cases = flag(sessions, 3)
+    moderators = [review.Reviewer(f"token:t{i}") for i in range(3)]
+    start = threading.Barrier(3)
+    got: dict[str, int | None] = {}
+
+    def next_case(reviewer: review.Reviewer) -> None:
+        start.wait()
+        claim = review.claim_next(sessions, reviewer, POLICY)
+        got[reviewer.actor] = claim.case_id if claim is not None else None
+
+    threads = [threading.Thread(target=next_case, args=(m,)) for m in moderators]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(c for c in got.values() if c is not None) == sorted(cases)

@@ -98,21 +98,55 @@ def expire_leases(session_factory: sessionmaker[Session], *, now: datetime | Non
     how many."""
     now = now or utcnow()
     expired = 0
-    with transaction(session_factory) as session:
-        for case in repository.expired_leases(session, now):
-            holder, until = case.assignee, case.lease_expires_at
-            if repository.drop_lease(session, case):
-                expired += 1
-                _audit(
-                    session,
-                    case,
-                    "system",
-                    "review_case.lease_expired",
-                    holder=holder,
-                    lease_expires_at=until.isoformat() if until else None,
-                    to_state=case.state.value,
-                )
-    return expired
+    while True:
+        with transaction(session_factory) as session:
+            lapsed = _drop_lapsed(session, now)
+        expired += lapsed
+        if lapsed < EXPIRY_PAGE:
+            return expired
+
+
+EXPIRY_PAGE = 100
+
+
+def _drop_lapsed(session: Session, now: datetime, holder: str | None = None) -> int:
+    dropped = 0
+    for case in repository.expired_leases(session, now, holder=holder, limit=EXPIRY_PAGE):
+        was, until, from_state = case.assignee, case.lease_expires_at, case.state.value
+        assert was is not None
+        if repository.drop_lease(session, case, holder=was, lapsed_at=now):
+            dropped += 1
+            _audit(
+                session,
+                case,
+                "system",
+                "review_case.lease_expired",
+                holder=was,
+                lease_expires_at=until.isoformat() if until else None,
+                from_state=from_state,
+                to_state=case.state.value,
+            )
+    return dropped
+
+
+def _take(session: Session, case: ReviewCase, reviewer: Reviewer, policy: ReviewPolicy) -> bool:
+    """Take ``case`` for the reviewer; False when somebody else got it first. Raises 409
+    when the reviewer holds another case: one job at a time, which the database enforces
+    (a lapsed lease of theirs that no expiry pass has returned yet is returned here)."""
+    for _ in range(2):
+        now = utcnow()
+        outcome = repository.take_lease(
+            session, case, reviewer.actor, now=now, until=now + policy.lease
+        )
+        if outcome is not repository.Lease.BUSY:
+            return outcome is repository.Lease.TAKEN
+        held = repository.held_by(session, reviewer.actor, now)
+        if held is not None:
+            raise ReviewRefused(
+                409, "holding-another", f"you hold case {held.id}; decide or release it first"
+            )
+        _drop_lapsed(session, now, holder=reviewer.actor)
+    raise ReviewRefused(409, "holding-another", "you hold another case; reload and try again")
 
 
 def claim_next(
@@ -124,20 +158,36 @@ def claim_next(
 ) -> Claim | None:
     """Claim the first open case in priority order (``skip``: cases the moderator just
     passed on). A moderator already holding a case gets that case back: one job at a
-    time. None when the queue has nothing for them."""
+    time, even when two of their requests race. None when the queue has nothing for them."""
     expire_leases(session_factory)
-    now = utcnow()
     with transaction(session_factory) as session:
-        held = repository.held_by(session, reviewer.actor, now)
+        held = repository.held_by(session, reviewer.actor, utcnow())
         if held is not None:
             return _claim_of(session, held)
-        for case in repository.next_candidates(session, reviewer.actor, exclude=skip):
-            if repository.take_lease(
-                session, case, reviewer.actor, now=now, until=now + policy.lease
-            ):
-                _audit(session, case, reviewer.actor, "review_case.claimed", via="next")
+        passed = set(skip)
+        while case := repository.next_candidate(session, reviewer.actor, exclude=passed):
+            passed.add(case.id)
+            try:
+                taken = _take(session, case, reviewer, policy)
+            except ReviewRefused:
+                # A request of theirs racing this one took a case first: that is their job.
+                held = repository.held_by(session, reviewer.actor, utcnow())
+                if held is None:
+                    raise
+                return _claim_of(session, held)
+            if taken:
+                _audit(
+                    session,
+                    case,
+                    reviewer.actor,
+                    "review_case.claimed",
+                    via="next",
+                    from_state="open",
+                )
                 return _claim_of(session, case)
-    return None
+        # Nothing left to take; a request of theirs racing this one may have taken the last.
+        held = repository.held_by(session, reviewer.actor, utcnow())
+        return _claim_of(session, held) if held is not None else None
 
 
 def claim(
@@ -154,7 +204,10 @@ def claim(
     with transaction(session_factory) as session:
         case = _locked_case(session, case_id)
         if case.assignee == reviewer.actor and _live(case, now):
-            repository.renew_lease(session, case, reviewer.actor, now=now, until=now + policy.lease)
+            if not repository.renew_lease(
+                session, case, reviewer.actor, now=now, until=now + policy.lease
+            ):
+                raise ReviewRefused(409, "lease-lost", "you no longer hold this case")
             return _claim_of(session, case)
         if case.state == ReviewState.ESCALATED and not reviewer.is_admin:
             raise ReviewRefused(403, "forbidden", "an escalated case is decided by an admin")
@@ -168,16 +221,12 @@ def claim(
             raise ReviewRefused(
                 409, "second-review", "you decided this case; a second moderator reviews it"
             )
-        held = repository.held_by(session, reviewer.actor, now)
-        if held is not None and held.id != case.id:
-            raise ReviewRefused(
-                409, "holding-another", f"you hold case {held.id}; decide or release it first"
-            )
-        if not repository.take_lease(
-            session, case, reviewer.actor, now=now, until=now + policy.lease
-        ):
+        from_state = case.state.value
+        if not _take(session, case, reviewer, policy):
             raise ReviewRefused(409, "claimed", "another moderator took this case just now")
-        _audit(session, case, reviewer.actor, "review_case.claimed", via="claim")
+        _audit(
+            session, case, reviewer.actor, "review_case.claimed", via="claim", from_state=from_state
+        )
         return _claim_of(session, case)
 
 
@@ -206,8 +255,16 @@ def release(session_factory: sessionmaker[Session], case_id: int, reviewer: Revi
         case = _locked_case(session, case_id)
         if not (case.assignee == reviewer.actor and _live(case, now)):
             raise ReviewRefused(409, "not-holder", "you do not hold this case")
+        from_state = case.state.value
         if repository.drop_lease(session, case, holder=reviewer.actor):
-            _audit(session, case, reviewer.actor, "review_case.released", to_state=case.state)
+            _audit(
+                session,
+                case,
+                reviewer.actor,
+                "review_case.released",
+                from_state=from_state,
+                to_state=case.state,
+            )
 
 
 # --- decisions --------------------------------------------------------------------------
@@ -266,6 +323,7 @@ def decide(
             first=earlier[0].decision if blind else None,
             sampled=first_round and _sampled(policy.second_review_share, rng),
         )
+        details["to_state"] = state.value
         if why:
             details["why"] = why
         if agreed is not None:
@@ -282,9 +340,24 @@ def decide(
         _audit(session, case, reviewer.actor, "review_case.decided", **details)
         queued = 0
         if state == ReviewState.ESCALATED:
-            _audit(session, case, reviewer.actor, "review_case.escalated", why=why)
+            _audit(
+                session,
+                case,
+                reviewer.actor,
+                "review_case.escalated",
+                why=why,
+                from_state=decided_from,
+                to_state=state,
+            )
         elif state == ReviewState.OPEN:
-            _audit(session, case, reviewer.actor, "review_case.second_review")
+            _audit(
+                session,
+                case,
+                reviewer.actor,
+                "review_case.second_review",
+                from_state=decided_from,
+                to_state=state,
+            )
         else:
             queued = callbacks.enqueue_review_decided(
                 session,
@@ -448,7 +521,7 @@ def case_view(
     policy: ReviewPolicy,
 ) -> CaseView:
     """Everything the case page shows: the evidence, where the bytes were seen, earlier
-    decisions (hidden from a moderator while a blind second review is open) and the case's
+    decisions (hidden from everyone while a blind second review is open) and the case's
     history."""
     now = utcnow()
     with session_factory() as session:
@@ -462,20 +535,22 @@ def case_view(
         )
         assert pair is not None
         decisions = list(repository.decisions_of_case(session, case.id))
-        blind = (
-            not reviewer.is_admin
-            and case.reviews_required == 2
-            and case.state in (ReviewState.OPEN, ReviewState.CLAIMED)
+        # While the second review is open nobody, admins included, sees the first decision
+        # or who made it: whoever looks may be the one asked to review it next.
+        blind = case.reviews_required == 2 and case.state in (
+            ReviewState.OPEN,
+            ReviewState.CLAIMED,
         )
         history = list(repository.audit_trail(session, AUDIT_SUBJECT, [case.id]))
-        names = repository.actor_names(
-            session,
-            [case.assignee or "", *(e.actor for e in history), *(d.actor for d in decisions)],
-        )
+        deciders = {d.actor for d in decisions} if blind else set()
+        if blind:
+            history = [_redacted(event, deciders) for event in history]
+        actors = [case.assignee or "", *(e.actor for e in history)]
+        if not blind:
+            actors += [d.actor for d in decisions]
+        names = repository.actor_names(session, actors)
         session.expunge_all()
     shown = [] if blind else decisions
-    if blind:
-        history = [_redacted(event) for event in history]
     return CaseView(
         case=case,
         sha256=image.sha256,
@@ -534,18 +609,26 @@ def _sources(session_factory: sessionmaker[Session], image_id: int) -> list[Sour
     return rows
 
 
-def _redacted(event: AuditEvent) -> AuditEvent:
-    if event.action != "review_case.decided":
+HIDDEN = "(hidden during a blind second review)"
+
+
+def _redacted(event: AuditEvent, deciders: set[str]) -> AuditEvent:
+    """``event`` as the case page shows it during a blind second review: who decided, and
+    what, is hidden."""
+    actor = HIDDEN if event.actor in deciders else event.actor
+    details = event.details
+    if event.action == "review_case.decided":
+        details = {k: v for k, v in details.items() if k == "from_state"}
+    if actor == event.actor and details is event.details:
         return event
-    kept = {k: v for k, v in event.details.items() if k == "from_state"}
     return AuditEvent(
         id=event.id,
         at=event.at,
-        actor="(hidden during a blind second review)",
+        actor=actor,
         action=event.action,
         subject_type=event.subject_type,
         subject_id=event.subject_id,
-        details=kept,
+        details=details,
     )
 
 
@@ -621,7 +704,7 @@ def labelled_examples(
                     LabelledExample(
                         sha256=image.sha256,
                         label=case.decision,
-                        decided_at=(case.decided_at or case.opened_at).isoformat(),
+                        decided_at=_aware(case.decided_at or case.opened_at).isoformat(),
                         decided_by=record.actor if record is not None else case.assignee or "",
                         ensemble_version=verdict.ensemble_version if verdict else None,
                         ai_score=verdict.ai_score if verdict else None,

@@ -96,6 +96,7 @@ from db.repository.rescans import (
 )
 from db.repository.review import (
     HELD_STATES,
+    Lease,
     ModeratorTally,
     QueueFilter,
     QueueRow,
@@ -111,7 +112,7 @@ from db.repository.review import (
     get_case,
     held_by,
     move_held_case,
-    next_candidates,
+    next_candidate,
     queue_page,
     record_decision,
     renew_lease,
@@ -178,6 +179,7 @@ __all__ = [
     "EnsembleVersionClash",
     "ImageFacts",
     "ItemCounts",
+    "Lease",
     "ModeratorTally",
     "QueueFilter",
     "QueueRow",
@@ -258,7 +260,7 @@ __all__ = [
     "mark_source_rejected",
     "mark_source_scored",
     "move_held_case",
-    "next_candidates",
+    "next_candidate",
     "objects_of_image",
     "postpone_checks",
     "queue_page",

@@ -18,12 +18,14 @@ SQLite alike.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import Select, and_, delete, exists, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.models import (
@@ -291,31 +293,34 @@ def held_by(session: Session, actor: str, now: datetime) -> ReviewCase | None:
     )
 
 
-def expired_leases(session: Session, now: datetime, *, limit: int = 100) -> Sequence[ReviewCase]:
-    """Cases whose holder's lease ran out, locked (others' expiry passes skip them)."""
-    return (
-        session.execute(
-            select(ReviewCase)
-            .where(
-                ReviewCase.state.in_(HELD_STATES),
-                ReviewCase.assignee.is_not(None),
-                ReviewCase.lease_expires_at <= now,
-            )
-            .order_by(ReviewCase.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        .scalars()
-        .all()
-    )
-
-
-def next_candidates(
-    session: Session, actor: str, *, exclude: Iterable[int] = (), limit: int = 8
+def expired_leases(
+    session: Session, now: datetime, *, holder: str | None = None, limit: int = 100
 ) -> Sequence[ReviewCase]:
-    """The first open cases in priority order that ``actor`` may take: never one they have
+    """Cases whose holder's lease ran out (``holder``: only theirs), locked (others' expiry
+    passes skip them)."""
+    statement = (
+        select(ReviewCase)
+        .where(
+            ReviewCase.state.in_(HELD_STATES),
+            ReviewCase.assignee.is_not(None),
+            ReviewCase.lease_expires_at <= now,
+        )
+        .order_by(ReviewCase.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    if holder is not None:
+        statement = statement.where(ReviewCase.assignee == holder)
+    return session.execute(statement).scalars().all()
+
+
+def next_candidate(
+    session: Session, actor: str, *, exclude: Iterable[int] = ()
+) -> ReviewCase | None:
+    """The first open case in priority order that ``actor`` may take: never one they have
     decided already (a blind second review goes to somebody else), locked without waiting
-    for cases another moderator is taking right now."""
+    for a case another moderator is taking right now. One row at a time: a moderator
+    locking several would hide them from everybody else meanwhile."""
     decided_by_actor = exists().where(
         ReviewDecisionRecord.case_id == ReviewCase.id, ReviewDecisionRecord.actor == actor
     )
@@ -323,21 +328,38 @@ def next_candidates(
         select(ReviewCase)
         .where(ReviewCase.state == ReviewState.OPEN, ~decided_by_actor)
         .order_by(ReviewCase.queue_key, ReviewCase.id)
-        .limit(limit)
+        .limit(1)
         .with_for_update(skip_locked=True)
     )
     excluded = list(exclude)
     if excluded:
         statement = statement.where(ReviewCase.id.not_in(excluded))
-    return session.execute(statement).scalars().all()
+    return session.execute(statement).scalars().first()
+
+
+class Lease(enum.Enum):
+    TAKEN = "taken"
+    GONE = "gone"  # somebody else holds it, or the case moved on meanwhile
+    BUSY = "busy"  # the moderator holds another case (the one-job index refused)
 
 
 def take_lease(
     session: Session, case: ReviewCase, actor: str, *, now: datetime, until: datetime
-) -> bool:
+) -> Lease:
     """Claim ``case`` for ``actor`` until ``until``: an open case becomes claimed; an
-    escalated one stays escalated with a holder. Refused (False) when somebody else holds a
-    live lease, or the case moved on meanwhile."""
+    escalated one stays escalated with a holder. The database's one-job index refuses a
+    second held case for the same moderator, even from a request racing this one."""
+    try:
+        with session.begin_nested():
+            taken = _take(session, case, actor, now=now, until=until)
+    except IntegrityError:
+        return Lease.BUSY
+    return Lease.TAKEN if taken else Lease.GONE
+
+
+def _take(
+    session: Session, case: ReviewCase, actor: str, *, now: datetime, until: datetime
+) -> bool:
     if case.state == ReviewState.OPEN:
         return _transition(
             session,
@@ -375,12 +397,18 @@ def renew_lease(
     )
 
 
-def drop_lease(session: Session, case: ReviewCase, *, holder: str | None = None) -> bool:
-    """Give the case back to the queue it was taken from (``holder``: only if they still
-    hold it). A claimed case is open again; an escalated one waits for an admin again."""
+def drop_lease(
+    session: Session, case: ReviewCase, *, holder: str, lapsed_at: datetime | None = None
+) -> bool:
+    """Give the case back to the queue it was taken from, if ``holder`` still holds it
+    (``lapsed_at``: and only if their lease had run out by then, so an expiry pass never
+    takes back a claim made after it looked). A claimed case is open again; an escalated
+    one waits for an admin again."""
     if case.state not in HELD_STATES:
         return False
-    conditions = [] if holder is None else [ReviewCase.assignee == holder]
+    conditions = [ReviewCase.assignee == holder]
+    if lapsed_at is not None:
+        conditions.append(ReviewCase.lease_expires_at <= lapsed_at)
     back = ReviewState.OPEN if case.state == ReviewState.CLAIMED else ReviewState.ESCALATED
     return _transition(
         session,

@@ -37,9 +37,12 @@ depends_on: str | Sequence[str] | None = None
 STATES_BEFORE = ("open", "claimed", "decided", "withdrawn")
 STATES_AFTER = (*STATES_BEFORE, "escalated")
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+# Times bound through the column type, so SQLite stores them in the application's format.
+_WHEN = sa.DateTime(timezone=True)
 # The queue's default: one point of score counts as a day of waiting (workers.review).
 _SCORE_HOURS = 24.0
 _NO_SCORE = 0.5
+HELD_CASE = "state IN ('claimed', 'escalated') AND assignee IS NOT NULL"
 
 
 def upgrade() -> None:
@@ -127,6 +130,15 @@ def upgrade() -> None:
     op.create_index(
         "ix_review_cases_state_queue_key", "review_cases", ["state", "queue_key"], unique=False
     )
+    # One job per moderator. No case is held before this revision (claims came with it).
+    op.create_index(
+        "uq_review_cases_one_held_case",
+        "review_cases",
+        ["assignee"],
+        unique=True,
+        postgresql_where=sa.text(HELD_CASE),
+        sqlite_where=sa.text(HELD_CASE),
+    )
 
 
 def _backfill() -> None:
@@ -144,7 +156,9 @@ def _backfill() -> None:
         score = row.ai_score
         weight = score if score is not None else _NO_SCORE
         bind.execute(
-            sa.text("UPDATE review_cases SET score = :score, queue_key = :key WHERE id = :id"),
+            sa.text(
+                "UPDATE review_cases SET score = :score, queue_key = :key WHERE id = :id"
+            ).bindparams(sa.bindparam("key", type_=_WHEN)),
             {
                 "score": score,
                 "key": opened - timedelta(hours=weight * _SCORE_HOURS),
@@ -165,6 +179,9 @@ def _backfill() -> None:
                     "INSERT INTO review_decisions (case_id, actor, decision, note, from_state, "
                     "verdict_id, blind, decided_at) VALUES (:case_id, :actor, :decision, "
                     ":note, 'claimed', :verdict_id, :blind, :decided_at)"
+                ).bindparams(
+                    sa.bindparam("decided_at", type_=_WHEN),
+                    sa.bindparam("blind", type_=sa.Boolean()),
                 ),
                 {
                     "case_id": row.id,
@@ -223,6 +240,7 @@ def downgrade() -> None:
         "UPDATE review_cases SET state = 'open', assignee = NULL, claimed_at = NULL "
         "WHERE state = 'escalated'"
     )
+    op.drop_index("uq_review_cases_one_held_case", table_name="review_cases")
     op.drop_index("ix_review_cases_state_queue_key", table_name="review_cases")
     op.drop_index(op.f("ix_dashboard_sessions_token_id"), table_name="dashboard_sessions")
     op.drop_table("dashboard_sessions")
