@@ -35,6 +35,9 @@ from apitest import build_test_api
 from conftest import DatabaseFactory, emptied_sessions
 
 BASE = "https://testserver"  # the session cookie is Secure outside development
+# Secure cookies carry the __Host- prefix (only this host, over HTTPS, for the whole site).
+SESSION = "__Host-ss_session"
+LOGIN_CSRF = "__Host-ss_login_csrf"
 ENSEMBLE = repository.EnsembleRecord(
     "weighted-mean@" + "d" * 16, "d" * 64, {"rule": "weighted-mean", "threshold": 0.5}
 )
@@ -296,7 +299,7 @@ def test_a_moderator_or_admin_token_signs_in_with_a_safe_cookie(
     assert client.get("/review").headers["location"].startswith("/review/login")
     reply = sign_in(client, token)
     assert reply.status_code == 303 and reply.headers["location"] == "/review"
-    cookie = _cookie_header(reply, "ss_session")
+    cookie = _cookie_header(reply, SESSION)
     flags = {part.strip().lower() for part in cookie.split(";")[1:]}
     assert {"httponly", "secure", "path=/", "samesite=lax", "max-age=43200"} <= flags
     assert token not in cookie  # the browser keeps a session, never the token
@@ -307,10 +310,10 @@ def test_a_moderator_or_admin_token_signs_in_with_a_safe_cookie(
     assert bool(admin_links) == (role == TokenRole.ADMIN)
     with sessions() as session:
         row = repository.dashboard_session_by_public_id(
-            session, client.cookies["ss_session"].split(".")[0]
+            session, client.cookies[SESSION].split(".")[0]
         )
     assert row is not None
-    secret = client.cookies["ss_session"].split(".")[1]
+    secret = client.cookies[SESSION].split(".")[1]
     assert row[0].secret_sha256 == hashlib.sha256(secret.encode()).hexdigest()
 
 
@@ -337,7 +340,7 @@ def test_platform_bad_and_revoked_tokens_are_refused_alike(
         client = _client(built)
         reply = sign_in(client, presented)
         assert reply.status_code == 401, presented
-        assert not [h for h in reply.headers.get_list("set-cookie") if "ss_session=" in h]
+        assert not [h for h in reply.headers.get_list("set-cookie") if SESSION + "=" in h]
         errors.add(parse(reply.text).find(id="login-error")[0].text.strip())
         assert client.get("/review").status_code == 303
     assert len(errors) == 1, "every refusal reads the same"
@@ -347,12 +350,12 @@ def test_signing_out_ends_the_session_for_good(
     built: BuiltApi, sessions: sessionmaker[Session]
 ) -> None:
     anna = signed_in(built, sessions, TokenRole.MODERATOR, "anna")
-    old = anna.client.cookies["ss_session"]
+    old = anna.client.cookies[SESSION]
     reply = anna.post("/review/logout")
     assert reply.status_code == 303 and reply.headers["location"].startswith("/review/login")
-    assert 'ss_session=""' in _cookie_header(reply, "ss_session")
+    assert SESSION + '=""' in _cookie_header(reply, SESSION)
     replay = _client(built)
-    replay.cookies.set("ss_session", old)
+    replay.cookies.set(SESSION, old)
     assert replay.get("/review").status_code == 303, "the old cookie no longer works"
     assert replay.post("/review/next", data={"csrf_token": anna.csrf}).status_code == 401
 
@@ -435,10 +438,10 @@ def test_the_sign_in_form_is_protected_against_login_csrf(
     # Another site's form: no double-submit cookie, whatever value it puts in the field.
     forged = fresh.post("/review/login", data={"token": token, "csrf_token": "x" * 43})
     assert forged.status_code == 403
-    assert not [h for h in forged.headers.get_list("set-cookie") if "ss_session=" in h]
+    assert not [h for h in forged.headers.get_list("set-cookie") if SESSION + "=" in h]
     form = fresh.get("/review/login")
-    cookie = _cookie_header(form, "ss_login_csrf").lower()
-    assert "httponly" in cookie and "samesite=strict" in cookie and "path=/review/login" in cookie
+    cookie = _cookie_header(form, LOGIN_CSRF).lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "path=/" in cookie
     mismatched = fresh.post("/review/login", data={"token": token, "csrf_token": "y" * 43})
     assert mismatched.status_code == 403
     missing = fresh.post("/review/login", data={"token": token})
@@ -656,7 +659,7 @@ def test_the_queue_counts_filters_and_pages(
     thumbnail = anna.client.get(f"/review/cases/{low[0]}/thumbnail")
     assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(thumbnail.content)).format == "JPEG"
-    assert thumbnail.headers["cache-control"].startswith("private")
+    assert thumbnail.headers["cache-control"] == "no-store"
 
 
 def _case_ids(parsed: ParsedPage) -> list[int]:
@@ -901,3 +904,19 @@ def test_the_labelled_examples_download(
     assert f'"sha256": "{sha256}"' in lines.text
     assert moderator.client.get("/admin/export.csv").status_code == 403
     assert re.search(r"labelled-examples\.csv", download.headers["content-disposition"])
+
+
+def test_a_malformed_token_or_session_cookie_is_refused_not_looked_up(
+    app_client: TestClient, sessions: sessionmaker[Session]
+) -> None:
+    """A NUL or any odd character never reaches the database (which cannot hold it)."""
+    real = _token(sessions, TokenRole.MODERATOR, "mona")
+    for token in (real.replace("_", "_\x00", 1), real + "\x00", "sst_zz_" + "a" * 43):
+        reply = sign_in(app_client, token)
+        assert reply.status_code == 401, (token, reply.text)
+        assert parse(reply.text).find(id="login-error")
+    for cookie in ("0" * 32 + ".sec\x00ret" + "a" * 20, "ab\x00cd.secret", "x" * 32 + ".y"):
+        app_client.cookies.set(SESSION, cookie)
+        reply = app_client.get("/review")
+        assert reply.status_code == 303, (cookie, reply.text)
+        assert reply.headers["location"].startswith("/review/login")

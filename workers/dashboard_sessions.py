@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -103,11 +104,14 @@ def sign_in(
     return NewSession(credential=f"{public_id}.{secret}", expires_at=expires_at)
 
 
+_CREDENTIAL = re.compile(r"([0-9a-f]{32})\.([A-Za-z0-9_-]{16,128})")
+
+
 def _parts(credential: str) -> tuple[str, str] | None:
-    public_id, dot, secret = credential.partition(".")
-    if not dot or not public_id or not secret or not credential.isascii():
-        return None
-    return public_id, secret
+    """The public id and secret of a well-formed credential; anything else (a stray NUL,
+    odd characters) is never looked up."""
+    match = _CREDENTIAL.fullmatch(credential)
+    return (match[1], match[2]) if match else None
 
 
 def resume(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from db.models import ApiToken, TokenRole
 from workers import callbacks
 
 PREFIX = "sst"
+_HEX_ID = re.compile(r"[0-9a-f]{1,32}")
+_SECRET = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _PUBLIC_ID_BYTES = 6  # 12 hex digits
 _SECRET_BYTES = 32
 _MAX_NAME = 255
@@ -119,8 +122,8 @@ def authenticate(session: Session, presented: str) -> ApiToken | None:
     secret or revoked: the caller answers 401 alike for all of them)."""
     prefix, _, rest = presented.partition("_")
     public_id, _, secret = rest.partition("_")
-    if prefix != PREFIX or not public_id or not secret or not secret.isascii():
-        return None
+    if prefix != PREFIX or not _HEX_ID.fullmatch(public_id) or not _SECRET.fullmatch(secret):
+        return None  # never looked up: a stray NUL or any odd character is not a token
     row = repository.token_by_public_id(session, public_id)
     # Compared even when there is no row, so timing does not tell a known id from another.
     expected = row.secret_sha256 if row is not None else "0" * 64

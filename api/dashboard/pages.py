@@ -310,11 +310,12 @@ def _picture(context: ApiContext, case_id: int, user: DashboardUser, *, full: bo
             data = context.media.thumbnail(picture.image_id, picture.sha256)
     except MediaUnavailable as exc:
         raise PageError(503 if exc.transient else 404, exc.reason) from exc
-    cache = "private, max-age=300" if full else "private, max-age=86400"
+    # Never kept by the browser: a released case's picture must not come back from the
+    # cache of a shared machine (the server keeps its own cache of renders).
     return Response(
         data,
         media_type="image/jpeg",
-        headers={"Cache-Control": cache, "Content-Disposition": "inline"},
+        headers={"Cache-Control": "no-store", "Content-Disposition": "inline"},
     )
 
 

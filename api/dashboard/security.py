@@ -5,7 +5,7 @@ Headers (``SecurityHeaders``, a pure ASGI middleware over ``/review`` and ``/adm
 Content-Security-Policy that allows only this origin's scripts, styles and images and no
 inline code (the templates carry none), no framing, no referrer, no MIME sniffing, and no
 caching of pages (a shared machine's back button must not show a case). Static files are
-cached for good under their versioned address; pictures privately.
+cached for good under their versioned address; pictures never (the server caches renders).
 
 CSRF (``check_csrf``, one dependency on both dashboard routers, so no form can forget it):
 every unsafe request is refused when the browser says it comes from another site
@@ -48,6 +48,13 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 LOGIN_CSRF_COOKIE = "ss_login_csrf"
+SECURE_LOGIN_CSRF_COOKIE = "__Host-" + LOGIN_CSRF_COOKIE  # see api.dashboard.session
+
+
+def login_csrf_cookie_name(context: ApiContext) -> str:
+    return SECURE_LOGIN_CSRF_COOKIE if context.secure_cookies else LOGIN_CSRF_COOKIE
+
+
 _LOGIN_CSRF_MAX_AGE = 3600
 _LOGIN_CSRF_BYTES = 32
 
@@ -122,7 +129,8 @@ async def check_csrf(request: Request) -> None:
     refuse_cross_site(request)
     if request.url.path == LOGIN_PATH:
         if not _same(
-            await _form_field(request, CSRF_FIELD), request.cookies.get(LOGIN_CSRF_COOKIE, "")
+            await _form_field(request, CSRF_FIELD),
+            request.cookies.get(login_csrf_cookie_name(request.app.state.context), ""),
         ):
             raise PageError(
                 403,
@@ -147,7 +155,7 @@ async def check_csrf(request: Request) -> None:
 def login_csrf_value(request: Request) -> str:
     """The sign-in form's double-submit value: the browser's own when it has a well-formed
     one (several open tabs keep working), a fresh one otherwise."""
-    value = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    value = request.cookies.get(login_csrf_cookie_name(request.app.state.context), "")
     if len(value) == 43 and value.isascii() and value.replace("-", "").replace("_", "").isalnum():
         return value
     return secrets.token_urlsafe(_LOGIN_CSRF_BYTES)
@@ -155,10 +163,10 @@ def login_csrf_value(request: Request) -> str:
 
 def set_login_csrf_cookie(response: Response, context: ApiContext, value: str) -> None:
     response.set_cookie(
-        LOGIN_CSRF_COOKIE,
+        login_csrf_cookie_name(context),
         value,
         max_age=_LOGIN_CSRF_MAX_AGE,
-        path=LOGIN_PATH,
+        path="/",  # the __Host- prefix asks for the whole site
         secure=context.secure_cookies,
         httponly=True,
         samesite="strict",
@@ -167,8 +175,8 @@ def set_login_csrf_cookie(response: Response, context: ApiContext, value: str) -
 
 def clear_login_csrf_cookie(response: Response, context: ApiContext) -> None:
     response.delete_cookie(
-        LOGIN_CSRF_COOKIE,
-        path=LOGIN_PATH,
+        login_csrf_cookie_name(context),
+        path="/",
         secure=context.secure_cookies,
         httponly=True,
         samesite="strict",

@@ -25,11 +25,21 @@ from workers.dashboard_sessions import DashboardUser, NewSession
 from workers.review import Reviewer
 
 SESSION_COOKIE = "ss_session"
+# With Secure cookies the name carries the __Host- prefix: the browser then takes the
+# cookie only from this host, over HTTPS, for the whole site, so a page on a sibling
+# subdomain cannot plant one.
+SECURE_SESSION_COOKIE = "__Host-" + SESSION_COOKIE
+
+
+def session_cookie_name(context: ApiContext) -> str:
+    return SECURE_SESSION_COOKIE if context.secure_cookies else SESSION_COOKIE
+
+
 _LOOKED_UP = "dashboard_user_looked_up"
 
 
 def credential_of(request: Request) -> str | None:
-    value = request.cookies.get(SESSION_COOKIE)
+    value = request.cookies.get(session_cookie_name(request.app.state.context))
     return value if value else None
 
 
@@ -90,7 +100,7 @@ def reviewer_of(user: DashboardUser) -> Reviewer:
 
 def set_session_cookie(response: Response, context: ApiContext, new: NewSession) -> None:
     response.set_cookie(
-        SESSION_COOKIE,
+        session_cookie_name(context),
         new.credential,
         max_age=int(context.session_hours * 3600),
         path="/",
@@ -102,5 +112,9 @@ def set_session_cookie(response: Response, context: ApiContext, new: NewSession)
 
 def clear_session_cookie(response: Response, context: ApiContext) -> None:
     response.delete_cookie(
-        SESSION_COOKIE, path="/", secure=context.secure_cookies, httponly=True, samesite="lax"
+        session_cookie_name(context),
+        path="/",
+        secure=context.secure_cookies,
+        httponly=True,
+        samesite="lax",
     )
