@@ -32,6 +32,7 @@ from workers import review, tokens
 from workers.names import identity, printable
 
 from apitest import build_test_api
+from badfiles import pixel_bomb_png
 from conftest import DatabaseFactory, emptied_sessions
 
 BASE = "https://testserver"  # the session cookie is Secure outside development
@@ -203,10 +204,11 @@ def make_case(
     detectors: tuple[str, ...] = ("mj5",),
     provenance: bool = False,
     source: SourceKind = SourceKind.CLI,
+    data: bytes | None = None,
 ) -> tuple[int, str]:
     """A flagged picture with a review case, as a scan leaves it: the file on disk, where
     it was seen, each detector's answer and the verdict. Returns (case id, sha256)."""
-    data = _jpeg(next(_seeds))
+    data = data if data is not None else _jpeg(next(_seeds))
     sha256 = hashlib.sha256(data).hexdigest()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{sha256[:16]}.jpg"
@@ -920,3 +922,20 @@ def test_a_malformed_token_or_session_cookie_is_refused_not_looked_up(
         reply = app_client.get("/review")
         assert reply.status_code == 303, (cookie, reply.text)
         assert reply.headers["location"].startswith("/review/login")
+
+
+def test_pictures_are_never_decoded_outside_the_intake_limits(
+    built: BuiltApi, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A stored file whose header declares 50000x50000 pixels: the thumbnail and the image
+    answer with the intake's refusal, nothing is decoded, and nothing is cached."""
+    bomb = pixel_bomb_png(50_000, 50_000)
+    case_id, _ = make_case(sessions, tmp_path / "files", data=bomb)
+    root = signed_in(built, sessions, TokenRole.ADMIN, "root")
+    for endpoint in ("thumbnail", "image"):
+        reply = root.client.get(f"/review/cases/{case_id}/{endpoint}")
+        assert reply.status_code == 404, reply.text
+        assert "pixels" in parse(reply.text).find(id="error-detail")[0].text
+    media = built.context.media
+    assert media is not None and media.memory.peak == 0, "no pixel was decoded"
+    assert media.cache.total_bytes() == 0
