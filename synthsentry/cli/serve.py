@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from api.context import ApiContext
     from synthsentry.cli.common import Commands
     from synthsentry.runtime import Runtime
+    from workers.budget import MemoryBudget
     from workers.detectors.base import Detector
     from workers.embedded import EmbeddedWorker
     from workers.objects import ObjectStore
@@ -80,6 +81,7 @@ def build_api(
     mode); nothing started yet."""
     from api.context import ApiContext
     from workers import callbacks
+    from workers.budget import MemoryBudget
     from workers.events import BucketPolicy
 
     try:
@@ -122,7 +124,9 @@ def build_api(
                 store=s3,
                 embedded=False,
                 broker_url=str(celery.conf.broker_url),
-                media=_review_media(runtime, session_factory, s3),
+                media=_review_media(
+                    runtime, session_factory, s3, MemoryBudget(runtime.intake_memory_bytes)
+                ),
             )
         )
     from workers import review
@@ -133,10 +137,13 @@ def build_api(
 
     runtime.object_store_dir.mkdir(parents=True, exist_ok=True)
     store = LocalObjectStore(runtime.object_store_dir)
+    # One budget for every decode in this process: scans and the review pages' pictures.
+    memory = MemoryBudget(runtime.intake_memory_bytes)
     ctx = FleetContext(
         session_factory=session_factory,
         s3=lambda: store,
         limits=runtime.limits,
+        memory=memory,
         ensemble=ensemble,
         detectors=list(runtime.fleet_detectors),
         max_attempts=runtime.max_detect_attempts,
@@ -168,7 +175,7 @@ def build_api(
             dispatcher=worker,
             store=store,
             embedded=True,
-            media=_review_media(runtime, session_factory, store),
+            media=_review_media(runtime, session_factory, store, memory),
         ),
         worker=worker,
         threads=[sender],
@@ -176,10 +183,14 @@ def build_api(
 
 
 def _review_media(
-    runtime: Runtime, session_factory: sessionmaker[Session], store: ObjectStore
+    runtime: Runtime,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+    memory: MemoryBudget,
 ) -> ReviewMedia:
     """The review pages' pictures, rendered from the originals in ``store`` (or the files
-    a scan saw) and cached under the data folder."""
+    a scan saw) and cached under the data folder; decodes reserve from ``memory``, the
+    process's budget for decoded images (SYNTHSENTRY_INTAKE_MEMORY_MB)."""
     from workers.review_media import MediaCache, ReviewMedia
 
     return ReviewMedia(
@@ -189,6 +200,7 @@ def _review_media(
         MediaCache(runtime.data_dir / "review-media", runtime.review_media_cache_mb * 1024 * 1024),
         thumbnail_side=runtime.review_thumbnail_px,
         display_side=runtime.review_display_px,
+        memory=memory,
     )
 
 
