@@ -82,9 +82,11 @@ def artifacts() -> Path:
     return artifacts_dir()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """One headless Chromium per pytest process (per xdist worker)."""
+    """One headless Chromium per test module. Not per session: while Playwright's sync API
+    is started it keeps an asyncio loop running in this thread, and a later module's own
+    event loop (``anyio.run``, ``asyncio.run``) would be refused."""
     executable = chromium_executable()
     if executable is None:
         pytest.fail(f"No Chromium for the browser tests: {INSTALL_HINT}.", pytrace=False)
