@@ -421,3 +421,29 @@ def test_moderators_pressing_next_together_each_get_a_case_while_any_is_open(
     for thread in threads:
         thread.join(60)
     assert sorted(c for c in got.values() if c is not None) == sorted(cases)
+
+
+def test_the_queue_on_the_embedded_sqlite_database(sqlite_url: str) -> None:
+    """The same queries on SQLite (the embedded defaults): order across states, pages,
+    filter values."""
+    from db.migrate import upgrade
+    from db.session import make_engine, make_sessionmaker
+
+    upgrade(sqlite_url)
+    engine = make_engine(sqlite_url)
+    lite = make_sessionmaker(engine)
+    low = flag(lite, 2, score=0.6, detectors=("mj5",))
+    high = flag(lite, 2, score=0.95, detectors=("cf",), source=SourceKind.HOOK)
+    claimed = review.claim_next(lite, ANNA, POLICY)
+    assert claimed is not None and claimed.case_id == high[0]
+    page = review.queue(lite, QueueFilter(), page=1, per_page=3)
+    assert [r.case_id for r in page.rows] == [*high, low[0]]
+    assert [r.state for r in page.rows][:2] == [ReviewState.CLAIMED, ReviewState.OPEN]
+    assert [r.case_id for r in review.queue(lite, QueueFilter(), page=2, per_page=3).rows] == [
+        low[1]
+    ]
+    assert page.filter_values == {
+        "detector": ["cf", "mj5"],
+        "source": ["cli", "hook"],
+    }
+    engine.dispose()

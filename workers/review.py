@@ -468,10 +468,18 @@ def queue(
     """One page of the queue in priority order, with the counts of cases per state."""
     expire_leases(session_factory)
     with session_factory() as session:
-        rows, total = repository.queue_page(
-            session, filters, offset=(max(page, 1) - 1) * per_page, limit=per_page
-        )
         counts = repository.state_counts(session)
+        # Filtered by state alone, the counts per state already say how many match.
+        by_state = filters.by_state_only
+        rows, total = repository.queue_page(
+            session,
+            filters,
+            offset=(max(page, 1) - 1) * per_page,
+            limit=per_page,
+            count=not by_state,
+        )
+        if by_state:
+            total = sum(counts[state] for state in set(filters.states))
         return QueuePage(
             rows=rows,
             total=total,
