@@ -18,7 +18,7 @@ from api.auth import Authenticator
 from api.context import ApiContext, ContextDep
 from api.problems import Problem
 from db.models import ApiToken, ReviewDecision, ReviewState, TokenRole
-from db.repository import QueueFilter
+from db.repository import HELD_STATES, QueueFilter
 from workers import review
 
 router = APIRouter(prefix="/v1/reviews", tags=["review"])
@@ -119,7 +119,7 @@ async def list_queue(
                 state=row.state,
                 score=row.score,
                 opened_at=row.opened_at,
-                claimed=row.assignee is not None,
+                claimed=row.state in HELD_STATES and row.assignee is not None,
                 second_review=row.reviews_required == 2,
                 signals={
                     kind: [v for k, v in row.signals if k == kind]

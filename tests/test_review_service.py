@@ -447,3 +447,53 @@ def test_the_queue_on_the_embedded_sqlite_database(sqlite_url: str) -> None:
         "source": ["cli", "hook"],
     }
     engine.dispose()
+
+
+def test_on_sqlite_a_claim_is_part_of_its_transaction_and_one_job_holds(
+    sqlite_url: str,
+) -> None:
+    """pysqlite commits when a SAVEPOINT that opened the transaction is released: a claim
+    must not be committed before the rest of its transaction (its audit row)."""
+    from db.migrate import upgrade
+    from db.session import make_engine, make_sessionmaker
+
+    upgrade(sqlite_url)
+    engine = make_engine(sqlite_url)
+    lite = make_sessionmaker(engine)
+    first, second = flag(lite, 2)
+    now = utcnow()
+    with pytest.raises(RuntimeError), transaction(lite) as session:
+        case = session.get(ReviewCase, first)
+        assert case is not None
+        taken = repository.take_lease(session, case, ANNA.actor, now=now, until=now + POLICY.lease)
+        assert taken is repository.Lease.TAKEN
+        raise RuntimeError("the audit row could not be written")
+    with lite() as session:
+        row = session.get(ReviewCase, first)
+        assert row is not None and row.state == ReviewState.OPEN and row.assignee is None
+    review.claim(lite, first, ANNA, POLICY)
+    with transaction(lite) as session:
+        other = session.get(ReviewCase, second)
+        assert other is not None
+        busy = repository.take_lease(session, other, ANNA.actor, now=now, until=now + POLICY.lease)
+    assert busy is repository.Lease.BUSY
+    with pytest.raises(review.ReviewRefused) as refused:
+        review.claim(lite, second, ANNA, POLICY)
+    assert refused.value.kind == "holding-another"
+    engine.dispose()
+
+
+def test_tallies_wait_until_a_blind_second_review_is_over(
+    sessions: sessionmaker[Session],
+) -> None:
+    (case,) = flag(sessions, 1)
+    always = review.ReviewPolicy(active_ensemble=ENSEMBLE.version, second_review_share=1.0)
+    review.claim(sessions, case, ANNA, always)
+    review.decide(sessions, case, HUMAN, None, reviewer=ANNA, policy=always)
+    assert review.moderator_tallies(sessions) == [], "an admin may be the second reviewer"
+    review.claim(sessions, case, BORIS, always)
+    review.decide(sessions, case, HUMAN, None, reviewer=BORIS, policy=always)
+    assert {t.actor: t.total for t in review.moderator_tallies(sessions)} == {
+        ANNA.actor: 1,
+        BORIS.actor: 1,
+    }

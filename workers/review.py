@@ -223,6 +223,10 @@ def claim(
             )
         from_state = case.state.value
         if not _take(session, case, reviewer, policy):
+            session.refresh(case)
+            if case.assignee == reviewer.actor and _live(case, utcnow()):
+                # Their own request racing this one (a double click) took it first.
+                return _claim_of(session, case)
             raise ReviewRefused(409, "claimed", "another moderator took this case just now")
         _audit(
             session, case, reviewer.actor, "review_case.claimed", via="claim", from_state=from_state

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Select, and_, delete, exists, func, or_, select, text, union_all, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from db.models import (
     ApiToken,
@@ -262,6 +262,8 @@ def queue_page(
     )
     # One index range per state, each cut at the page's end, then merged: Postgres would
     # otherwise sort every case in the states asked for to find the first few.
+    if not filters.states:
+        return [], 0
     # (Each range is wrapped in a SELECT of its own: SQLite allows no LIMIT on a member of
     # a UNION otherwise.)
     per_state = [
@@ -397,24 +399,45 @@ def take_lease(
     session: Session, case: ReviewCase, actor: str, *, now: datetime, until: datetime
 ) -> Lease:
     """Claim ``case`` for ``actor`` until ``until``: an open case becomes claimed; an
-    escalated one stays escalated with a holder. The database's one-job index refuses a
-    second held case for the same moderator, even from a request racing this one."""
-    try:
-        with session.begin_nested():
-            taken = _take(session, case, actor, now=now, until=until)
-    except IntegrityError:
-        return Lease.BUSY
-    return Lease.TAKEN if taken else Lease.GONE
+    escalated one stays escalated with a holder. Never a second held case for the same
+    moderator, even from a request of theirs racing this one: the update itself requires
+    that they hold no other case, and on PostgreSQL, where a concurrent transaction's claim
+    is not visible to it, the one-job index refuses what the condition cannot see (under a
+    SAVEPOINT, so the refusal leaves the transaction usable). SQLite has one writer at a
+    time, so there the condition alone is atomic; and no SAVEPOINT is used there, since
+    pysqlite would commit the claim when it is released."""
+    other = aliased(ReviewCase)
+    holds_no_other = ~exists().where(
+        other.assignee == actor, other.state.in_(HELD_STATES), other.id != case.id
+    )
+    if session.get_bind().dialect.name == "sqlite":
+        taken = _take(session, case, actor, holds_no_other, now=now, until=until)
+    else:
+        try:
+            with session.begin_nested():
+                taken = _take(session, case, actor, holds_no_other, now=now, until=until)
+        except IntegrityError:
+            return Lease.BUSY
+    if taken:
+        return Lease.TAKEN
+    held_elsewhere = not session.execute(select(holds_no_other)).scalar_one()
+    return Lease.BUSY if held_elsewhere else Lease.GONE
 
 
 def _take(
-    session: Session, case: ReviewCase, actor: str, *, now: datetime, until: datetime
+    session: Session,
+    case: ReviewCase,
+    actor: str,
+    *conditions: Any,
+    now: datetime,
+    until: datetime,
 ) -> bool:
     if case.state == ReviewState.OPEN:
         return _transition(
             session,
             case,
             ReviewState.OPEN,
+            *conditions,
             state=ReviewState.CLAIMED,
             assignee=actor,
             claimed_at=now,
@@ -427,7 +450,14 @@ def _take(
             ReviewCase.lease_expires_at <= now,
         )
         return _transition(
-            session, case, case.state, free, assignee=actor, claimed_at=now, lease_expires_at=until
+            session,
+            case,
+            case.state,
+            free,
+            *conditions,
+            assignee=actor,
+            claimed_at=now,
+            lease_expires_at=until,
         )
     return False
 
@@ -539,8 +569,16 @@ class ModeratorTally:
 
 def decision_tallies(session: Session) -> list[ModeratorTally]:
     """Decisions per moderator, with the token's name where the actor is a token."""
+    # A first decision whose blind second review is still open is not counted yet: the
+    # admin reading this page may be the one asked to review that case.
+    in_blind_review = and_(
+        ReviewCase.reviews_required == 2,
+        ReviewCase.state.in_((ReviewState.OPEN, ReviewState.CLAIMED)),
+    )
     rows = session.execute(
         select(ReviewDecisionRecord.actor, ReviewDecisionRecord.decision, func.count())
+        .join(ReviewCase, ReviewCase.id == ReviewDecisionRecord.case_id)
+        .where(~in_blind_review)
         .group_by(ReviewDecisionRecord.actor, ReviewDecisionRecord.decision)
         .order_by(ReviewDecisionRecord.actor)
     ).all()
