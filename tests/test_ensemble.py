@@ -1,4 +1,5 @@
-"""Ensemble v0: weighted mean of calibrated scores; abstentions never count as "human"."""
+"""The ensemble: a weighted mean (or a fitted logistic combination) of calibrated scores;
+abstentions never count as "human"; stored definitions read back to the same version."""
 
 from __future__ import annotations
 
@@ -176,8 +177,12 @@ def test_an_ensemble_config_refuses_impossible_values() -> None:
         EnsembleConfig(weights={"a": -1.0})
     with pytest.raises(ValueError, match="weights must be finite and >= 0: a"):
         EnsembleConfig(weights={"a": math.inf})
-    with pytest.raises(ValueError, match="calibrations must be finite: a"):
+    with pytest.raises(ValueError, match="calibration must be finite"):
         EnsembleConfig(calibrations={"a": Calibration(a=math.nan)})
+    with pytest.raises(ValueError, match="logistic rule"):
+        EnsembleConfig(intercept=0.5)
+    with pytest.raises(ValueError, match="unknown ensemble rule"):
+        EnsembleConfig(rule="median")  # type: ignore[arg-type]
 
 
 def test_weights_of_detectors_outside_the_ensemble_make_no_new_version() -> None:
@@ -192,3 +197,77 @@ def test_weights_of_detectors_outside_the_ensemble_make_no_new_version() -> None
     assert unrelated.version == plain.version
     member = EnsembleConfig.for_detectors(specs, threshold=0.5, weights={"sumsub-mj5": 3.0})
     assert member.version != plain.version
+
+
+# --- stored configurations, the logistic rule, isotonic calibration ---------------------
+
+
+def test_the_versions_of_existing_configurations_never_change() -> None:
+    """Verdicts carry these versions: a new feature must leave old definitions alone."""
+    assert EnsembleConfig().version == "weighted-mean@066c9f0d6f5577e5"
+    config = EnsembleConfig(
+        threshold=0.7,
+        weights={"a": 2.0, "b": 1.0},
+        calibrations={"a": Calibration(1.5, -0.2)},
+        decisive=frozenset({"provenance"}),
+        review_unscored=frozenset({"truncated"}),
+    )
+    assert config.digest == "aeba556b025d8f4d147a78b301d1f5667be684fd10a0a0e7e9d9053c8ad420fe"
+
+
+def _s(name: str, score: float | None) -> DetectorScore:
+    return DetectorScore(name, "1", score)
+
+
+def _logistic() -> EnsembleConfig:
+    return EnsembleConfig(
+        rule="logistic",
+        threshold=0.6,
+        weights={"mj5": 1.2, "cf": -0.3},
+        calibrations={
+            "mj5": Calibration(0.8, 0.1),
+            "cf": Calibration(x=(0.0, 0.5, 1.0), y=(0.1, 0.4, 0.9)),
+        },
+        intercept=-0.4,
+        abstention_weights={"cf": 0.7},
+    )
+
+
+@pytest.mark.parametrize("config", [EnsembleConfig(threshold=0.3), _logistic()])
+def test_a_stored_definition_reads_back_to_the_same_configuration(config: EnsembleConfig) -> None:
+    again = EnsembleConfig.from_definition(config.definition())
+    assert again.definition() == config.definition() and again.version == config.version
+    edited = {**config.definition(), "weights": {"mj5": 1.0, "x": 1.0}}
+    if config.rule == "weighted-mean":  # 1.0 is the default there: not canonical
+        with pytest.raises(ValueError, match="canonical"):
+            EnsembleConfig.from_definition(edited)
+    with pytest.raises(ValueError, match="unknown ensemble rule"):
+        EnsembleConfig.from_definition({**config.definition(), "rule": "vote"})
+
+
+def test_the_logistic_rule_is_the_fitted_formula() -> None:
+    config = _logistic()
+    both = combine([_s("mj5", 0.9), _s("cf", 0.25)], config)
+    p_mj5 = 1 / (1 + math.exp(-(0.8 * math.log(0.9 / 0.1) + 0.1)))
+    p_cf = 0.1 + (0.4 - 0.1) * (0.25 - 0.0) / 0.5
+    z = -0.4 + 1.2 * math.log(p_mj5 / (1 - p_mj5)) - 0.3 * math.log(p_cf / (1 - p_cf))
+    assert both.ai_score == pytest.approx(1 / (1 + math.exp(-z)))
+    # cf abstains: its abstention weight is added, its logit is not.
+    silent = combine([_s("mj5", 0.9), _s("cf", None)], config)
+    z_silent = -0.4 + 0.7 + 1.2 * math.log(p_mj5 / (1 - p_mj5))
+    assert silent.ai_score == pytest.approx(1 / (1 + math.exp(-z_silent)))
+    assert silent.flagged == (silent.ai_score >= 0.6)
+    nobody = combine([_s("mj5", None), _s("cf", None)], config)
+    assert nobody.label == VerdictLabel.INCONCLUSIVE and nobody.ai_score is None
+
+
+def test_an_isotonic_calibration_interpolates_and_stays_flat_beyond_its_ends() -> None:
+    iso = Calibration(x=(0.2, 0.6, 0.8), y=(0.1, 0.3, 0.9))
+    assert iso.kind == "isotonic" and not iso.is_identity
+    assert iso.apply(0.0) == 0.1 and iso.apply(1.0) == 0.9
+    assert iso.apply(0.4) == pytest.approx(0.2) and iso.apply(0.7) == pytest.approx(0.6)
+    assert Calibration.from_definition(iso.definition()) == iso
+    with pytest.raises(ValueError, match="must not decrease"):
+        Calibration(x=(0.2, 0.1), y=(0.1, 0.2))
+    with pytest.raises(ValueError, match="at least two"):
+        Calibration(x=(0.2,), y=(0.1,))

@@ -183,6 +183,10 @@ def test_isotonic_matches_scikit_learn_and_is_monotone() -> None:
     report = before_after(reported[held_out], applied[: held_out.size], y[held_out])
     assert report.after.ece < report.before.ece / 2
     json.dumps(isotonic.as_dict(), allow_nan=False)
+    stored = isotonic.to_calibration()  # as an ensemble configuration applies it
+    assert [stored.apply(float(p)) for p in probes[:-1]] == pytest.approx(
+        list(applied[:-1]), abs=1e-12
+    )
 
 
 def test_report_metrics_agree_with_scikit_learn_and_the_definition() -> None:

@@ -13,7 +13,9 @@ configuration is never mistaken for a verdict under another.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,33 +26,101 @@ from typing import Any, Literal
 from db.models import VerdictLabel
 from workers.detectors.base import DetectorSpec
 
-Rule = Literal["weighted-mean"]
+Rule = Literal["weighted-mean", "logistic"]
+# The weighted mean of calibrated probabilities over the detectors that answered.
 WEIGHTED_MEAN: Rule = "weighted-mean"
+# A fitted logistic combination: sigmoid(intercept + sum of weight x logit(calibrated p)
+# over the detectors that answered + sum of abstention weights over those that did not).
+LOGISTIC: Rule = "logistic"
+RULES: tuple[Rule, ...] = (WEIGHTED_MEAN, LOGISTIC)
 
 # A decisive detector's answer at or above this flags the image on its own.
 DECISIVE_MIN_SCORE = 0.5
 DEFAULT_WEIGHT = 1.0
+# What a detector without a fitted weight contributes to a logistic combination: nothing.
+LOGISTIC_DEFAULT_WEIGHT = 0.0
+# Probabilities are clamped this far from 0 and 1 before a logit.
+LOGIT_EPS = 1e-7
+
+
+def logit(p: float) -> float:
+    q = min(max(p, LOGIT_EPS), 1.0 - LOGIT_EPS)
+    return math.log(q / (1.0 - q))
+
+
+def sigmoid(z: float) -> float:
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Platt scaling on the logit: ``p' = sigmoid(a * logit(p) + b)``. Identity by default;
-    fitted per detector on a labelled set when one is available."""
+    """Platt scaling on the logit, ``p' = sigmoid(a * logit(p) + b)``, or, when ``x`` and
+    ``y`` are given, an isotonic map: piecewise-linear through the points (x, y), flat
+    beyond the ends. Identity by default; fitted per detector on a labelled set
+    (``synthsentry calibrate``)."""
 
     a: float = 1.0
     b: float = 0.0
+    x: tuple[float, ...] = ()
+    y: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y) or (self.x and len(self.x) < 2):
+            raise ValueError("an isotonic calibration needs at least two (x, y) points")
+        if any(b < a for a, b in itertools.pairwise(self.x)) or any(
+            b < a for a, b in itertools.pairwise(self.y)
+        ):
+            raise ValueError("an isotonic calibration's points must not decrease")
+        values = (self.a, self.b, *self.x, *self.y)
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError("a calibration must be finite")
+        if any(not 0.0 <= v <= 1.0 for v in (*self.x, *self.y)):
+            raise ValueError("an isotonic calibration maps [0, 1] to [0, 1]")
+
+    @property
+    def kind(self) -> str:
+        return "isotonic" if self.x else "platt"
 
     @property
     def is_identity(self) -> bool:
-        return self.a == 1.0 and self.b == 0.0
+        return not self.x and self.a == 1.0 and self.b == 0.0
 
     def apply(self, p: float) -> float:
         if self.is_identity:
             return p
-        eps = 1e-7
-        q = min(max(p, eps), 1.0 - eps)
-        z = self.a * math.log(q / (1.0 - q)) + self.b
-        return 1.0 / (1.0 + math.exp(-z))
+        if self.x:
+            return _interpolate(p, self.x, self.y)
+        return sigmoid(self.a * logit(p) + self.b)
+
+    def definition(self) -> dict[str, Any]:
+        if self.x:
+            return {"kind": "isotonic", "x": list(self.x), "y": list(self.y)}
+        return {"kind": "platt", "a": float(self.a), "b": float(self.b)}
+
+    @classmethod
+    def from_definition(cls, document: Mapping[str, Any]) -> Calibration:
+        kind = document.get("kind")
+        if kind == "platt":
+            return cls(a=float(document["a"]), b=float(document["b"]))
+        if kind == "isotonic":
+            return cls(
+                x=tuple(float(v) for v in document["x"]),
+                y=tuple(float(v) for v in document["y"]),
+            )
+        raise ValueError(f"unknown calibration kind {kind!r}")
+
+
+def _interpolate(p: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    if p <= xs[0]:
+        return ys[0]
+    if p >= xs[-1]:
+        return ys[-1]
+    i = bisect.bisect_right(xs, p)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 if x1 == x0 else y0 + (y1 - y0) * (p - x0) / (x1 - x0)
 
 
 @dataclass(frozen=True)
@@ -73,20 +143,24 @@ class EnsembleConfig:
     # no detector scored them: a recognised image format the decoder refused is how an
     # upload could opt out of moderation.
     review_unscored: frozenset[str] = frozenset()
+    # The logistic rule only: the constant term, and what each detector's abstaining adds.
+    intercept: float = 0.0
+    abstention_weights: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"unknown ensemble rule {self.rule!r} (known: {', '.join(RULES)})")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"the threshold must be within [0, 1], got {self.threshold!r}")
-        bad = sorted(name for name, w in self.weights.items() if not 0.0 <= w < math.inf)
-        if bad:
-            raise ValueError(f"ensemble weights must be finite and >= 0: {', '.join(bad)}")
-        bad = sorted(
-            name
-            for name, c in self.calibrations.items()
-            if not (math.isfinite(c.a) and math.isfinite(c.b))
-        )
-        if bad:
-            raise ValueError(f"calibrations must be finite: {', '.join(bad)}")
+        if self.rule == WEIGHTED_MEAN:
+            bad = sorted(name for name, w in self.weights.items() if not 0.0 <= w < math.inf)
+            if bad:
+                raise ValueError(f"ensemble weights must be finite and >= 0: {', '.join(bad)}")
+            if self.intercept != 0.0 or self.abstention_weights:
+                raise ValueError("an intercept and abstention weights belong to the logistic rule")
+        values = [*self.weights.values(), *self.abstention_weights.values(), self.intercept]
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError("ensemble weights and the intercept must be finite")
 
     @classmethod
     def for_detectors(
@@ -112,22 +186,26 @@ class EnsembleConfig:
             review_unscored=frozenset(review_unscored),
         )
 
+    @property
+    def default_weight(self) -> float:
+        return LOGISTIC_DEFAULT_WEIGHT if self.rule == LOGISTIC else DEFAULT_WEIGHT
+
     def weight(self, detector: str) -> float:
-        return self.weights.get(detector, DEFAULT_WEIGHT)
+        return self.weights.get(detector, self.default_weight)
 
     def definition(self) -> dict[str, Any]:
-        """The canonical, JSON-ready definition: equal definitions decide alike. Weights of
-        1 and identity calibrations are left out, since they are what an absent entry means;
-        so is an empty ``review_unscored`` (configurations from before it keep their digest)."""
+        """The canonical, JSON-ready definition: equal definitions decide alike. Default
+        weights and identity calibrations are left out, since they are what an absent entry
+        means; so is an empty ``review_unscored``, and the logistic rule's terms under the
+        weighted mean (configurations from before them keep their digest)."""
+        default = self.default_weight
         definition: dict[str, Any] = {
             "rule": self.rule,
             "threshold": float(self.threshold),
-            "default_weight": DEFAULT_WEIGHT,
-            "weights": {
-                name: float(w) for name, w in sorted(self.weights.items()) if w != DEFAULT_WEIGHT
-            },
+            "default_weight": default,
+            "weights": {name: float(w) for name, w in sorted(self.weights.items()) if w != default},
             "calibrations": {
-                name: {"kind": "platt", "a": float(c.a), "b": float(c.b)}
+                name: c.definition()
                 for name, c in sorted(self.calibrations.items())
                 if not c.is_identity
             },
@@ -136,7 +214,40 @@ class EnsembleConfig:
         }
         if self.review_unscored:
             definition["review_unscored"] = sorted(self.review_unscored)
+        if self.rule == LOGISTIC:
+            definition["intercept"] = float(self.intercept)
+            definition["abstention_weights"] = {
+                name: float(w) for name, w in sorted(self.abstention_weights.items()) if w != 0.0
+            }
         return definition
+
+    @classmethod
+    def from_definition(cls, definition: Mapping[str, Any]) -> EnsembleConfig:
+        """The configuration a stored definition describes (``ensembles.definition``);
+        refused unless it reads back to the same definition, so its digest, and the version
+        of every verdict made under it, are the ones stored."""
+        rule = definition.get("rule")
+        if rule not in RULES:
+            raise ValueError(f"unknown ensemble rule {rule!r} (known: {', '.join(RULES)})")
+        config = cls(
+            rule=rule,
+            threshold=float(definition["threshold"]),
+            weights={k: float(v) for k, v in definition.get("weights", {}).items()},
+            calibrations={
+                k: Calibration.from_definition(v)
+                for k, v in definition.get("calibrations", {}).items()
+            },
+            decisive=frozenset(definition.get("decisive", ())),
+            decisive_min_score=float(definition.get("decisive_min_score", DECISIVE_MIN_SCORE)),
+            review_unscored=frozenset(definition.get("review_unscored", ())),
+            intercept=float(definition.get("intercept", 0.0)),
+            abstention_weights={
+                k: float(v) for k, v in definition.get("abstention_weights", {}).items()
+            },
+        )
+        if config.definition() != dict(definition):
+            raise ValueError("the definition does not read back to itself (not canonical)")
+        return config
 
     @cached_property
     def digest(self) -> str:
@@ -182,12 +293,21 @@ def detector_set(scores: Sequence[DetectorScore]) -> dict[str, Any]:
 
 
 def combine(scores: Sequence[DetectorScore], config: EnsembleConfig) -> VerdictDecision:
-    """Weighted mean of calibrated probabilities over the detectors that answered.
+    """The configuration's rule over calibrated probabilities: their weighted mean over
+    the detectors that answered, or the fitted logistic combination (``LOGISTIC``).
 
     Abstentions (score None) and failures are left out of the mean, never counted as
-    "human": a provenance check that finds nothing says nothing about the pixels.
+    "human": a provenance check that finds nothing says nothing about the pixels. The
+    logistic rule adds what it learnt an abstention tells (its abstention weight), which
+    is a fitted fact about the data, not an assumption that silence means "real".
     """
-    answered = [s for s in scores if s.score is not None and config.weight(s.name) > 0]
+    logistic = config.rule == LOGISTIC
+    answered = [
+        s
+        for s in scores
+        if s.score is not None
+        and (config.weight(s.name) != 0 if logistic else config.weight(s.name) > 0)
+    ]
     failed = [s for s in scores if s.error is not None]
     combined = detector_set(scores)
     digest = _digest(combined)
@@ -203,12 +323,18 @@ def combine(scores: Sequence[DetectorScore], config: EnsembleConfig) -> VerdictD
         for s in answered
         if s.name in config.decisive and (s.score or 0.0) >= config.decisive_min_score
     ]
-    total_weight = sum(config.weight(s.name) for s in answered)
     calibrated = {
         s.name: config.calibrations.get(s.name, Calibration()).apply(s.score or 0.0)
         for s in answered
     }
-    ai_score = sum(config.weight(name) * p for name, p in calibrated.items()) / total_weight
+    if logistic:
+        silent = sum(config.abstention_weights.get(s.name, 0.0) for s in scores if s.score is None)
+        z = config.intercept + silent
+        z += sum(config.weight(name) * logit(p) for name, p in calibrated.items())
+        ai_score = sigmoid(z)
+    else:
+        total_weight = sum(config.weight(s.name) for s in answered)
+        ai_score = sum(config.weight(name) * p for name, p in calibrated.items()) / total_weight
     parts = ", ".join(f"{name} {p:.2f}" for name, p in sorted(calibrated.items()))
     flagged = ai_score >= config.threshold or bool(decisive)
     if decisive:
@@ -230,6 +356,11 @@ def combine(scores: Sequence[DetectorScore], config: EnsembleConfig) -> VerdictD
         reason += f"; not counted: {', '.join(s.name for s in failed)} failed"
     label = VerdictLabel.LIKELY_AI if flagged else VerdictLabel.NO_INDICATION
     return VerdictDecision(ai_score, label, flagged, reason, combined, digest)
+
+
+def _counts(config: EnsembleConfig, detector: str) -> bool:
+    weight = config.weight(detector)
+    return weight != 0 if config.rule == LOGISTIC else weight > 0
 
 
 def not_scored(reason: str, message: str, config: EnsembleConfig) -> VerdictDecision:

@@ -37,7 +37,7 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-from workers.ensemble import Calibration
+from workers.ensemble import LOGIT_EPS, Calibration
 
 FloatArray = npt.NDArray[np.float64]
 IndexArray = npt.NDArray[np.intp]
@@ -45,7 +45,7 @@ IndexArray = npt.NDArray[np.intp]
 CalibrationKind = Literal["platt", "temperature", "isotonic"]
 
 # The ensemble clamps a probability to [EPS, 1 - EPS] before taking its logit.
-EPS = 1e-7
+EPS = LOGIT_EPS
 # Platt and temperature scaling fit one or two numbers; from fewer examples of a class than
 # this they describe the sample more than the detector.
 PARAMETRIC_MIN_PER_CLASS = 10
@@ -177,6 +177,10 @@ class IsotonicCalibrator:
         answered = ~np.isnan(array)
         out[answered] = np.interp(array[answered], self.x_thresholds, self.y_thresholds)
         return out
+
+    def to_calibration(self) -> Calibration:
+        """The same map as the ensemble stores and applies it."""
+        return Calibration(x=self.x_thresholds, y=self.y_thresholds)
 
     def as_dict(self) -> dict[str, Any]:
         return {
