@@ -241,6 +241,25 @@ class Ensemble(Base):
     digest: Mapped[str] = mapped_column(String(64), unique=True)
     definition: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Where a fitted configuration came from (``synthsentry calibrate``): the detectors it
+    # combines, the data it was fitted on, the false-positive guarantee of its threshold.
+    # Not part of the digest: it describes the configuration, it does not decide verdicts.
+    provenance: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON().with_variant(JSONB(), "postgresql")
+    )
+
+
+class EnsembleActivation(Base):
+    """An operator made a stored configuration the active one (``synthsentry ensemble
+    activate``): the newest activation is what the fleet and the scan decide with instead
+    of the settings' configuration. Never updated; also in the audit trail."""
+
+    __tablename__ = "ensemble_activations"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    ensemble_id: Mapped[int] = mapped_column(ForeignKey("ensembles.id"), index=True)
+    activated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(255))
 
 
 class Verdict(Base):

@@ -96,6 +96,10 @@ class Runtime:
     callback_allow_private: bool = False
     rescan_page_size: int = 1000
     rescan_max_in_flight: int = 5000
+    # The stored configuration an operator activated (workers.ensembles), read when the
+    # process starts, and the detectors it combines; None: the settings' configuration.
+    stored_ensemble: EnsembleConfig | None = None
+    stored_ensemble_detectors: tuple[str, ...] = ()
     review_lease_minutes: float = 10.0
     review_second_opinion_share: float = 0.0
     dashboard_session_hours: float = 12.0
@@ -204,13 +208,24 @@ class Runtime:
 
     @property
     def fleet_ensemble(self) -> EnsembleConfig:
-        """The configuration the fleet decides with (its detectors' specs)."""
+        """The configuration the fleet decides with: the activated stored one, or the one
+        the settings describe over its detectors' specs."""
         unknown = [name for name in self.fleet_detectors if name not in self.catalog.specs]
         if unknown:
             raise SpecError(
                 f"SYNTHSENTRY_FLEET_DETECTORS names unknown detectors: {', '.join(unknown)}; "
                 f"known: {', '.join(sorted(self.catalog.specs))}"
             )
+        if self.stored_ensemble is not None:
+            if set(self.stored_ensemble_detectors) != set(self.fleet_detectors):
+                raise SpecError(
+                    f"the active ensemble configuration {self.stored_ensemble.version} "
+                    f"combines {', '.join(sorted(self.stored_ensemble_detectors))}; this "
+                    f"fleet runs {', '.join(sorted(self.fleet_detectors))} "
+                    "(SYNTHSENTRY_FLEET_DETECTORS): activate a configuration for these "
+                    "detectors, or run the ones it combines"
+                )
+            return self.stored_ensemble
         return self.ensemble(self.catalog.specs[name] for name in self.fleet_detectors)
 
     # --- detectors ----------------------------------------------------------------------

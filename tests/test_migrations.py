@@ -23,6 +23,7 @@ TABLES = {
     "review_decisions",
     "review_case_signals",
     "dashboard_sessions",
+    "ensemble_activations",
     "audit_log",
     "detection_attempts",
     "dead_letters",

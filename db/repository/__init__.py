@@ -11,6 +11,7 @@
     scans         scans platforms asked the API for; idempotency keys
     callbacks     signing secrets, allowed hosts, endpoints, the delivery outbox
     rescans       batch re-scans: the request, its listing's cursor, its counts
+    ensembles     stored ensemble configurations, their provenance and activations
 
 Every write that an event, a retry or a re-run can repeat is an idempotent insert keyed by
 a unique constraint (``INSERT ... ON CONFLICT DO NOTHING`` on Postgres and SQLite), so
@@ -67,6 +68,13 @@ from db.repository.detections import (
     latest_detections,
     reusable_detections,
     save_detection,
+)
+from db.repository.ensembles import (
+    active_configuration,
+    add_activation,
+    configuration_by_version,
+    list_configurations,
+    store_configuration,
 )
 from db.repository.images import (
     ImageFacts,
@@ -189,7 +197,9 @@ __all__ = [
     "StoredObject",
     "TokenRecord",
     "VerdictRecord",
+    "active_configuration",
     "actor_names",
+    "add_activation",
     "add_callback_attempt",
     "add_callback_delivery",
     "add_callback_secret",
@@ -212,6 +222,7 @@ __all__ = [
     "case_for_image",
     "claim_active_rescan",
     "claim_due_deliveries",
+    "configuration_by_version",
     "count_attempt",
     "count_finished_items",
     "count_rows",
@@ -246,6 +257,7 @@ __all__ = [
     "image_page",
     "latest_detections",
     "latest_verdict",
+    "list_configurations",
     "list_deliveries",
     "list_rescans",
     "list_tokens",
@@ -289,6 +301,7 @@ __all__ = [
     "sources_for_image",
     "stalled_sources",
     "state_counts",
+    "store_configuration",
     "stored_object",
     "take_lease",
     "token_by_public_id",

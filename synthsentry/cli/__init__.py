@@ -11,6 +11,7 @@ its own beyond parsing, wiring and printing; each command group is a module here
     callbacks   signed callbacks: deliver, failed, redeliver
     rescan      batch re-scans: create, status, cancel, list
     review      human review: export labelled examples, expire lapsed claims
+    ensemble    stored ensemble configurations: list, show, activate
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from synthsentry.cli import (
     callbacks,
     database,
     detectors,
+    ensemble,
     fleet,
     rescan,
     review,
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         callbacks,
         rescan,
         review,
+        ensemble,
     ):
         group.register(commands)
     return parser

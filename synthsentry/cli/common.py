@@ -9,6 +9,8 @@ from synthsentry.settings import Settings
 if TYPE_CHECKING:
     import argparse
 
+    from sqlalchemy.orm import Session, sessionmaker
+
     from synthsentry.runtime import Runtime
 
     # What a command group's register() adds its parsers to.
@@ -41,6 +43,26 @@ def load_runtime(settings: Settings, *, fleet: bool = False) -> Runtime:
     except (SpecError, ValueError) as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
     return runtime
+
+
+def with_active_ensemble(runtime: Runtime, session_factory: sessionmaker[Session]) -> Runtime:
+    """``runtime`` deciding with the configuration an operator activated, when there is one
+    (``workers.ensembles``); a fleet whose detectors differ from the ones it combines is a
+    usage error, never a silent fallback to the settings' configuration."""
+    from workers import ensembles
+    from workers.detectors.registry import SpecError
+
+    stored = ensembles.active(session_factory)
+    if stored is None:
+        return runtime
+    activated = runtime.replace(
+        stored_ensemble=stored.config, stored_ensemble_detectors=stored.detectors
+    )
+    try:
+        _ = activated.fleet_ensemble
+    except (SpecError, ValueError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+    return activated
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:

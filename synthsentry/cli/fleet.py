@@ -21,6 +21,7 @@ from synthsentry.cli.common import (
     CliError,
     load_runtime,
     parse_s3_uri,
+    with_active_ensemble,
 )
 from synthsentry.cli.database import prepare_database
 from synthsentry.cli.output import print_json_line, print_status_line
@@ -187,7 +188,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
         batching = runtime.batching()
         # One thread per message: a batch runs while the next one fills.
         pool, concurrency = "threads", 2 * runtime.batch_size
-    prepare_database(runtime)
+    runtime = with_active_ensemble(runtime, prepare_database(runtime))
     # Installed before the pool starts: prefork children inherit it, unbuilt.
     worker.install(worker.WorkerState(runtime, batching=batching))
     queue = QUEUES.intake if args.intake else QUEUES.detect(args.detector)
@@ -272,6 +273,7 @@ def ingest_sqs(args: argparse.Namespace, settings: Settings) -> int:
     runtime = load_runtime(settings, fleet=True)
     policy = _policy(runtime)
     session_factory = prepare_database(runtime)
+    runtime = with_active_ensemble(runtime, session_factory)
     configure(settings)
     context = runtime.fleet_context()
     sqs = boto3.client("sqs", endpoint_url=args.endpoint_url, region_name=runtime.s3_region)
@@ -300,7 +302,7 @@ def submit_objects(args: argparse.Namespace, settings: Settings) -> int:
 
     objects = [parse_s3_uri(uri) for uri in args.uris]
     runtime = load_runtime(settings, fleet=True)
-    prepare_database(runtime)
+    runtime = with_active_ensemble(runtime, prepare_database(runtime))
     configure(settings)
     context = runtime.fleet_context()
     s3 = runtime.s3_client()
@@ -350,7 +352,7 @@ def reconcile_stalled(args: argparse.Namespace, settings: Settings) -> int:
         after = runtime.visibility_timeout_s + runtime.task_time_limit_s
     if after <= 0 or args.every <= 0 or args.rescan_every <= 0:
         raise CliError("--after, --every and --rescan-every must be positive", EXIT_USAGE)
-    prepare_database(runtime)
+    runtime = with_active_ensemble(runtime, prepare_database(runtime))
     configure(settings)
     context = runtime.fleet_context()
     store = cast("ObjectLister", runtime.s3_client())  # boto3's client lists objects too
@@ -403,7 +405,7 @@ def show_status(args: argparse.Namespace, settings: Settings) -> int:
     objects = [parse_s3_uri(uri) for uri in args.uris]
     runtime = load_runtime(settings, fleet=True)
     session_factory = prepare_database(runtime)
-    active = runtime.fleet_ensemble.version
+    active = with_active_ensemble(runtime, session_factory).fleet_ensemble.version
     with session_factory() as session:
         for bucket, key in objects:
             outcomes = status_of(session, bucket, key, active_ensemble=active)

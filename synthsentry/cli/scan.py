@@ -14,7 +14,12 @@ from synthsentry.cli.output import POLICY, print_json_line, print_table, with_pr
 from synthsentry.settings import Settings
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
     from synthsentry.cli.common import Commands
+    from synthsentry.runtime import Runtime
+    from workers.detectors.base import DetectorSpec
+    from workers.ensemble import EnsembleConfig
 
 
 def register(commands: Commands) -> None:
@@ -63,17 +68,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     paths = list(iter_image_paths(args.paths))
     session_factory = prepare_database(runtime)
     detectors = load_detectors(args.detector, runtime)
+    ensemble, active = _ensemble(args, runtime, session_factory, [d.spec for d in detectors])
     scanner = Scanner(
         detectors,
         session_factory,
         runtime.limits,
-        runtime.ensemble(d.spec for d in detectors),
+        ensemble,
         batch_size=runtime.batch_size,
         decode_threads=runtime.intake_threads,
         memory_budget=runtime.intake_memory_bytes,
-        # With its own threshold or detectors a scan is ad hoc: its verdicts are stored and
-        # may open review cases, but only the configured ensemble's verdicts withdraw one.
-        active=args.threshold is None and not args.detector,
+        active=active,
     )
     outcomes = []
     for outcome in with_progress(
@@ -86,3 +90,34 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if not args.json:
         print_table(outcomes, sys.stdout)
     return EXIT_OK
+
+
+def _ensemble(
+    args: argparse.Namespace,
+    runtime: Runtime,
+    session_factory: sessionmaker[Session],
+    specs: list[DetectorSpec],
+) -> tuple[EnsembleConfig, bool]:
+    """The configuration this scan decides with, and whether it is the active one. With
+    its own threshold or detectors a scan is ad hoc: its verdicts are stored and may open
+    review cases, but only the active configuration's verdicts withdraw one. A configuration
+    an operator activated decides when it combines exactly this scan's detectors; with
+    other detectors the scan is ad hoc too, and says so."""
+    from workers import ensembles
+
+    settings_config = runtime.ensemble(specs)
+    detectors = [spec.name for spec in specs]
+    if args.threshold is not None or args.detector:
+        return settings_config, False
+    stored = ensembles.active(session_factory)
+    if stored is None:
+        return settings_config, True
+    if set(stored.detectors) == set(detectors):
+        return stored.config, True
+    print(
+        f"synthsentry: the active ensemble configuration {stored.version} combines "
+        f"{', '.join(sorted(stored.detectors))}; this scan runs {', '.join(sorted(detectors))}, "
+        "so its verdicts are ad hoc",
+        file=sys.stderr,
+    )
+    return settings_config, False

@@ -13,7 +13,14 @@ import json
 import time
 from typing import TYPE_CHECKING
 
-from synthsentry.cli.common import EXIT_OK, EXIT_USAGE, CliError, load_runtime, parse_s3_uri
+from synthsentry.cli.common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    CliError,
+    load_runtime,
+    parse_s3_uri,
+    with_active_ensemble,
+)
 from synthsentry.cli.database import prepare_database
 from synthsentry.cli.output import POLICY
 from synthsentry.settings import Settings
@@ -55,6 +62,7 @@ def submit_scans(args: argparse.Namespace, settings: Settings) -> int:
     objects = [submissions.ObjectRef(*parse_s3_uri(uri)) for uri in args.uris]
     runtime = load_runtime(settings, fleet=True)
     session_factory = prepare_database(runtime)
+    runtime = with_active_ensemble(runtime, session_factory)
     dispatcher: Dispatcher = LeftForSweep()
     if not runtime.embedded_api:
         from tasks.app import configure
@@ -98,6 +106,7 @@ def show_scan(args: argparse.Namespace, settings: Settings) -> int:
 
     runtime = load_runtime(settings, fleet=True)
     session_factory = prepare_database(runtime)
+    runtime = with_active_ensemble(runtime, session_factory)
     deadline = time.monotonic() + max(0.0, args.wait)
     while True:
         try:

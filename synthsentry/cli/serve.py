@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from synthsentry.cli.common import EXIT_OK, CliError, load_runtime
+from synthsentry.cli.common import EXIT_OK, CliError, load_runtime, with_active_ensemble
 from synthsentry.cli.database import prepare_database
 from synthsentry.settings import Settings
 
@@ -226,6 +226,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     runtime = load_runtime(settings, fleet=True)
     session_factory = prepare_database(runtime, pool_size=10)
+    runtime = with_active_ensemble(runtime, session_factory)
     built = build_api(runtime, session_factory, settings)
     app = create_app(built.context)
     built.start()
