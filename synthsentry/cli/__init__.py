@@ -12,6 +12,7 @@ its own beyond parsing, wiring and printing; each command group is a module here
     rescan      batch re-scans: create, status, cancel, list
     review      human review: export labelled examples, expire lapsed claims
     ensemble    stored ensemble configurations: list, show, activate
+    eval        measure the detectors and the ensemble on a labelled set
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from synthsentry.cli import (
     database,
     detectors,
     ensemble,
+    evaluate,
     fleet,
     rescan,
     review,
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         callbacks,
         rescan,
         review,
+        evaluate,
         ensemble,
     ):
         group.register(commands)
