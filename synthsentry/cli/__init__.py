@@ -13,6 +13,7 @@ its own beyond parsing, wiring and printing; each command group is a module here
     review      human review: export labelled examples, expire lapsed claims
     ensemble    stored ensemble configurations: list, show, activate
     eval        measure the detectors and the ensemble on a labelled set
+    calibrate   fit a configuration and a threshold with a false-positive guarantee
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from synthsentry.cli import (
+    calibrate,
     callbacks,
     database,
     detectors,
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         rescan,
         review,
         evaluate,
+        calibrate,
         ensemble,
     ):
         group.register(commands)

@@ -122,7 +122,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 file=sys.stderr,
             )
     else:
-        session_factory = _evaluation_database(runtime, args.database)
+        session_factory = evaluation_database(runtime, args.database)
         detectors = load_detectors(args.detector, runtime)
         scoring = Scoring(
             detectors,
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def _evaluation_database(runtime: Runtime, url: str | None) -> sessionmaker[Session]:
+def evaluation_database(runtime: Runtime, url: str | None) -> sessionmaker[Session]:
     """Sessions on the evaluation's database, migrated to this release. It is a database
     of the evaluation's own: its verdicts are measurements, and the service's review
     queue must never see them."""

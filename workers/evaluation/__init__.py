@@ -7,4 +7,7 @@ with a stated false-positive guarantee: plain functions over arrays of scores an
     metrics       ROC AUC, average precision, rates at thresholds, Brier, ECE, intervals
     calibration   Platt / temperature / isotonic per detector; the ensemble's combination
     threshold     the Neyman-Pearson order-statistic threshold for a target FPR
+    run           ``synthsentry eval``: score a set through the scan engine, measure it
+    report        the evaluation's self-contained HTML report
+    calibrate     ``synthsentry calibrate``: fit a configuration and its threshold
 """
