@@ -424,3 +424,7 @@ def test_corpus_csv(corpus_dir: Path, tmp_path: Path) -> None:
         i.generator == (r["generator"] or None) if i.label == 1 else i.generator is None
         for i, r in zip(loaded.items, labelled, strict=True)
     )
+    # The manifest itself is a dataset: read as the CSV it describes, its other rows reported.
+    direct = load_labelled(manifest)
+    assert direct.items == loaded.items
+    assert [p.kind for p in direct.problems] == [p.kind for p in problems]

@@ -49,6 +49,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -638,7 +639,8 @@ def load_labelled(path: Path | str) -> Loaded:
     children is an ``{ai,real}`` tree; a folder of GenImage generator folders (or one
     generator folder) is GenImage; a ``.csv`` whose header names ``path`` is a CSV of
     paths; a ``.csv`` naming ``sha256`` and ``label``, or a ``.jsonl``, is the review's
-    export. Anything else raises :class:`DatasetError` saying what was found."""
+    export; a ``.tsv`` is a corpus manifest (:func:`load_manifest`). Anything else
+    raises :class:`DatasetError` saying what was found."""
     path = Path(path)
     if path.is_dir():
         probe = _Collector()
@@ -659,6 +661,8 @@ def load_labelled(path: Path | str) -> Loaded:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return load_review_export(path)
+    if suffix == ".tsv":
+        return load_manifest(path)
     if suffix == ".csv":
         header, _ = _read_csv(path)
         if "path" in header:
@@ -670,10 +674,22 @@ def load_labelled(path: Path | str) -> Loaded:
             "column (path,label,...) nor the review export's sha256 and label; found "
             f"{','.join(header) or 'nothing'}"
         )
-    raise DatasetError(f"{path}: not a folder, a .csv or a .jsonl; cannot tell what it holds")
+    raise DatasetError(
+        f"{path}: not a folder, a .csv, a .jsonl or a .tsv manifest; cannot tell what it holds"
+    )
 
 
 # --- the shared corpus -------------------------------------------------------------------
+
+
+def load_manifest(manifest: Path | str) -> Loaded:
+    """A corpus manifest (``shared/corpus/MANIFEST.tsv``, see :func:`corpus_csv`) read as
+    the CSV it describes: its ``ai`` and ``real`` rows, with the other rows reported."""
+    with tempfile.TemporaryDirectory() as folder:
+        converted = Path(folder) / "manifest.csv"
+        _, problems = corpus_csv(manifest, converted)
+        items, read_problems = load_csv(converted)
+    return Loaded(items, [*problems, *read_problems])
 
 
 def corpus_csv(manifest: Path | str, out_csv: Path | str) -> tuple[int, list[Problem]]:

@@ -147,6 +147,8 @@ def _layout(path: Path) -> Layout:
         return "flat" if names & FOLDER_LABELS.keys() else "genimage"
     if path.suffix.lower() == ".jsonl":
         return REVIEW_EXPORT
+    if path.suffix.lower() == ".tsv":
+        return "csv"  # a corpus manifest, read as the CSV it describes
     with path.open(newline="", encoding="utf-8-sig") as f:
         header = next(csv.reader(f), [])
     return "csv" if "path" in {name.strip().lower() for name in header} else REVIEW_EXPORT
