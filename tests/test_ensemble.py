@@ -3,6 +3,7 @@ abstentions never count as "human"; stored definitions read back to the same ver
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -271,3 +272,27 @@ def test_an_isotonic_calibration_interpolates_and_stays_flat_beyond_its_ends() -
         Calibration(x=(0.2, 0.1), y=(0.1, 0.2))
     with pytest.raises(ValueError, match="at least two"):
         Calibration(x=(0.2,), y=(0.1,))
+
+
+def test_under_a_fitted_logistic_rule_a_decisive_finding_flags_whatever_its_weight() -> None:
+    """A check that never answered on the fit split gets a weight of 0: it must still flag,
+    and a row where only it answered is not 'no detector produced a score'."""
+    config = EnsembleConfig(
+        rule="logistic",
+        threshold=0.9,
+        weights={"mj5": 1.5, "provenance": 0.0},
+        intercept=-2.0,
+        decisive=frozenset({"provenance"}),
+    )
+    claim = combine([_s("mj5", 0.01), _s("provenance", 1.0)], config)
+    assert claim.flagged and claim.label == VerdictLabel.LIKELY_AI
+    alone = combine([DetectorScore("mj5", "1", None, error="boom"), _s("provenance", 1.0)], config)
+    assert alone.ai_score == pytest.approx(1 / (1 + math.exp(2.0))) and alone.flagged
+
+
+def test_a_definition_writes_no_negative_zero_and_refuses_a_legacy_record() -> None:
+    config = EnsembleConfig(rule="logistic", weights={"a": 1.0}, intercept=-0.0)
+    assert '"intercept":0.0' in json.dumps(config.definition(), separators=(",", ":"))
+    assert config.version == EnsembleConfig(rule="logistic", weights={"a": 1.0}).version
+    with pytest.raises(ValueError, match="legacy"):
+        EnsembleConfig.from_definition({"rule": "weighted-mean", "legacy_version": "v0"})

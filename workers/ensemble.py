@@ -97,8 +97,8 @@ class Calibration:
 
     def definition(self) -> dict[str, Any]:
         if self.x:
-            return {"kind": "isotonic", "x": list(self.x), "y": list(self.y)}
-        return {"kind": "platt", "a": float(self.a), "b": float(self.b)}
+            return {"kind": "isotonic", "x": [_f(v) for v in self.x], "y": [_f(v) for v in self.y]}
+        return {"kind": "platt", "a": _f(self.a), "b": _f(self.b)}
 
     @classmethod
     def from_definition(cls, document: Mapping[str, Any]) -> Calibration:
@@ -111,6 +111,12 @@ class Calibration:
                 y=tuple(float(v) for v in document["y"]),
             )
         raise ValueError(f"unknown calibration kind {kind!r}")
+
+
+def _f(value: float) -> float:
+    """A float as a definition holds it: -0.0 is written 0.0 (JSONB keeps no negative zero,
+    and a definition must read back to the digest it was stored under)."""
+    return float(value) + 0.0
 
 
 def _interpolate(p: float, xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -201,23 +207,23 @@ class EnsembleConfig:
         default = self.default_weight
         definition: dict[str, Any] = {
             "rule": self.rule,
-            "threshold": float(self.threshold),
+            "threshold": _f(self.threshold),
             "default_weight": default,
-            "weights": {name: float(w) for name, w in sorted(self.weights.items()) if w != default},
+            "weights": {name: _f(w) for name, w in sorted(self.weights.items()) if w != default},
             "calibrations": {
                 name: c.definition()
                 for name, c in sorted(self.calibrations.items())
                 if not c.is_identity
             },
             "decisive": sorted(self.decisive),
-            "decisive_min_score": float(self.decisive_min_score),
+            "decisive_min_score": _f(self.decisive_min_score),
         }
         if self.review_unscored:
             definition["review_unscored"] = sorted(self.review_unscored)
         if self.rule == LOGISTIC:
-            definition["intercept"] = float(self.intercept)
+            definition["intercept"] = _f(self.intercept)
             definition["abstention_weights"] = {
-                name: float(w) for name, w in sorted(self.abstention_weights.items()) if w != 0.0
+                name: _f(w) for name, w in sorted(self.abstention_weights.items()) if w != 0.0
             }
         return definition
 
@@ -229,6 +235,8 @@ class EnsembleConfig:
         rule = definition.get("rule")
         if rule not in RULES:
             raise ValueError(f"unknown ensemble rule {rule!r} (known: {', '.join(RULES)})")
+        if "threshold" not in definition:
+            raise ValueError("the definition names no threshold (a legacy record)")
         config = cls(
             rule=rule,
             threshold=float(definition["threshold"]),
@@ -302,12 +310,10 @@ def combine(scores: Sequence[DetectorScore], config: EnsembleConfig) -> VerdictD
     is a fitted fact about the data, not an assumption that silence means "real".
     """
     logistic = config.rule == LOGISTIC
-    answered = [
-        s
-        for s in scores
-        if s.score is not None
-        and (config.weight(s.name) != 0 if logistic else config.weight(s.name) > 0)
-    ]
+    # Under the weighted mean a weight of 0 leaves a detector out; under the logistic rule
+    # every detector with a score answers (a weight of 0 adds nothing to the sum), so an
+    # image is inconclusive only when none answered, as the fitted regression treats it.
+    answered = [s for s in scores if s.score is not None and _counts(config, s.name)]
     failed = [s for s in scores if s.error is not None]
     combined = detector_set(scores)
     digest = _digest(combined)
@@ -318,6 +324,8 @@ def combine(scores: Sequence[DetectorScore], config: EnsembleConfig) -> VerdictD
             why += f" ({len(failed)} failed: {', '.join(s.name for s in failed)})"
         return VerdictDecision(None, VerdictLabel.INCONCLUSIVE, False, why, combined, digest)
 
+    # A decisive finding flags whatever its weight under a fitted logistic rule: a check
+    # that never answered on the fit split gets a weight of 0, and must still flag.
     decisive = [
         s
         for s in answered
@@ -359,8 +367,7 @@ def combine(scores: Sequence[DetectorScore], config: EnsembleConfig) -> VerdictD
 
 
 def _counts(config: EnsembleConfig, detector: str) -> bool:
-    weight = config.weight(detector)
-    return weight != 0 if config.rule == LOGISTIC else weight > 0
+    return config.rule == LOGISTIC or config.weight(detector) > 0
 
 
 def not_scored(reason: str, message: str, config: EnsembleConfig) -> VerdictDecision:
