@@ -206,6 +206,19 @@ class Runtime:
             review_unscored=(r.value for r in self.review_unscored),
         )
 
+    def with_active_ensemble(self, session_factory: sessionmaker[Session]) -> Runtime:
+        """This runtime deciding with the configuration an operator activated, when there
+        is one (``workers.ensembles``); ``fleet_ensemble`` then refuses a fleet whose
+        detectors differ from the ones it combines."""
+        from workers import ensembles
+
+        stored = ensembles.active(session_factory)
+        if stored is None or stored.config is None:
+            return self
+        return self.replace(
+            stored_ensemble=stored.config, stored_ensemble_detectors=stored.detectors
+        )
+
     @property
     def fleet_ensemble(self) -> EnsembleConfig:
         """The configuration the fleet decides with: the activated stored one, or the one
@@ -224,6 +237,15 @@ class Runtime:
                     f"fleet runs {', '.join(sorted(self.fleet_detectors))} "
                     "(SYNTHSENTRY_FLEET_DETECTORS): activate a configuration for these "
                     "detectors, or run the ones it combines"
+                )
+            specs = [self.catalog.specs[name] for name in self.fleet_detectors]
+            decisive = {spec.name for spec in specs if spec.decisive}
+            if set(self.stored_ensemble.decisive) != decisive:
+                raise SpecError(
+                    f"the active ensemble configuration {self.stored_ensemble.version} "
+                    f"treats {', '.join(sorted(self.stored_ensemble.decisive)) or 'no detector'}"
+                    f" as decisive; the detector specs say {', '.join(sorted(decisive)) or 'none'}"
+                    ": calibrate and activate a configuration for the specs in force"
                 )
             return self.stored_ensemble
         return self.ensemble(self.catalog.specs[name] for name in self.fleet_detectors)

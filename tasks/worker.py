@@ -97,7 +97,10 @@ class _Installed:
     def get(self) -> WorkerState:
         with self._lock:
             if self._state is None:
-                self._state = WorkerState(build_runtime())
+                # Started without `synthsentry worker` (celery's own command): the settings,
+                # and the configuration an operator activated, as that command reads them.
+                runtime = build_runtime()
+                self._state = WorkerState(runtime.with_active_ensemble(runtime.session_factory()))
             return self._state
 
 

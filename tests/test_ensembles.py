@@ -147,3 +147,41 @@ def test_the_scan_and_the_fleet_decide_with_the_activated_configuration(tmp_path
     rows = [json.loads(line) for line in shown.stdout.splitlines()]
     assert [r["active"] for r in rows] == [True, False]
     assert rows[0]["provenance"]["source"] == "settings"
+
+
+def test_legacy_records_are_listed_never_activated_and_the_newest_activation_wins(
+    sessions: sessionmaker[Session],
+) -> None:
+    from datetime import timedelta
+
+    from db import repository
+    from db.models import EnsembleActivation, utcnow
+    from db.session import transaction
+
+    with transaction(sessions) as session:
+        legacy = repository.register_ensemble(
+            session,
+            repository.EnsembleRecord(
+                "v0-weighted-mean", "0" * 64, {"rule": "weighted-mean", "legacy_version": "v0"}
+            ),
+        )
+        legacy.provenance = {"detectors": ["provenance"]}
+    (listed,) = ensembles.configurations(sessions)
+    assert listed.config is None and listed.version == "v0-weighted-mean"
+    with pytest.raises(ensembles.EnsembleRefused, match="legacy"):
+        ensembles.activate(
+            sessions, "v0-weighted-mean", actor="cli:ops", running_detectors=["provenance"]
+        )
+    first = ensembles.save(sessions, FITTED, detectors=["provenance"], provenance={})
+    second = ensembles.save(
+        sessions, EnsembleConfig(threshold=0.6), detectors=["provenance"], provenance={}
+    )
+    ensembles.activate(sessions, first.version, actor="a", running_detectors=["provenance"])
+    ensembles.activate(sessions, second.version, actor="b", running_detectors=["provenance"])
+    with transaction(sessions) as session:  # an earlier clock wrote the newest activation
+        newest = session.execute(
+            select(EnsembleActivation).order_by(EnsembleActivation.id.desc()).limit(1)
+        ).scalar_one()
+        newest.activated_at = utcnow() - timedelta(hours=1)
+    active = ensembles.active(sessions)
+    assert active is not None and active.version == second.version

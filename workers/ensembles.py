@@ -37,7 +37,9 @@ class EnsembleRefused(Refused):
 @dataclass(frozen=True)
 class StoredEnsemble:
     version: str
-    config: EnsembleConfig
+    # None: a definition this release cannot read back to its digest (the legacy records
+    # of verdicts stored before configurations were): listed, never activated.
+    config: EnsembleConfig | None
     detectors: tuple[str, ...]  # the detectors it combines (empty: not recorded)
     provenance: dict[str, Any]
     created_at: str
@@ -53,7 +55,7 @@ class StoredEnsemble:
             "created_at": self.created_at,
             "verdicts": self.verdicts,
             "detectors": list(self.detectors),
-            "definition": self.config.definition(),
+            "definition": self.config.definition() if self.config is not None else None,
             "provenance": self.provenance,
         }
 
@@ -95,11 +97,19 @@ def show(session_factory: sessionmaker[Session], version: str) -> StoredEnsemble
 
 
 def active(session_factory: sessionmaker[Session]) -> StoredEnsemble | None:
-    """The activated configuration, or None: the settings' configuration decides."""
+    """The activated configuration, or None: the settings' configuration decides. Read on
+    its own (every process start asks), with no count of the verdicts made under it."""
     with session_factory() as session:
         found = repository.active_configuration(session)
-        version = found[0].version if found is not None else None
-    return show(session_factory, version) if version is not None else None
+        if found is None:
+            return None
+        row, activation = found
+        stored = _stored(row, activation.activated_at, -1, active=True)
+    if stored.config is None:
+        raise EnsembleRefused(
+            409, "unreadable", f"the active configuration {stored.version} cannot be read"
+        )
+    return stored
 
 
 def activate(
@@ -115,6 +125,10 @@ def activate(
         row = repository.configuration_by_version(session, version)
         if row is None:
             raise EnsembleRefused(404, "not-found", f"no stored ensemble configuration {version!r}")
+        if _stored(row, None, 0, active=False).config is None:
+            raise EnsembleRefused(
+                409, "unreadable", f"{version} is a legacy record, not a configuration"
+            )
         recorded = tuple((row.provenance or {}).get("detectors", ()))
         if not recorded:
             raise EnsembleRefused(
@@ -151,9 +165,15 @@ def _stored(
     row: Ensemble, activated_at: datetime | None, verdicts: int, *, active: bool
 ) -> StoredEnsemble:
     provenance = dict(row.provenance or {})
+    try:
+        config: EnsembleConfig | None = EnsembleConfig.from_definition(row.definition)
+    except (KeyError, TypeError, ValueError):
+        config = None
+    if config is not None and config.digest != row.digest:
+        config = None  # it would decide under another version than the one stored
     return StoredEnsemble(
         version=row.version,
-        config=EnsembleConfig.from_definition(row.definition),
+        config=config,
         detectors=tuple(provenance.get("detectors", ())),
         provenance=provenance,
         created_at=_iso(row.created_at),

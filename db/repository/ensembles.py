@@ -68,7 +68,8 @@ def active_configuration(session: Session) -> tuple[Ensemble, EnsembleActivation
     row = session.execute(
         select(Ensemble, EnsembleActivation)
         .join(EnsembleActivation, EnsembleActivation.ensemble_id == Ensemble.id)
-        .order_by(EnsembleActivation.activated_at.desc(), EnsembleActivation.id.desc())
+        # By id, the order the database wrote them in: a caller's clock may be behind.
+        .order_by(EnsembleActivation.id.desc())
         .limit(1)
     ).first()
     return (row[0], row[1]) if row is not None else None

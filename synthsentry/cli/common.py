@@ -8,10 +8,13 @@ from synthsentry.settings import Settings
 
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Sequence
 
     from sqlalchemy.orm import Session, sessionmaker
 
     from synthsentry.runtime import Runtime
+    from workers.detectors.base import DetectorSpec
+    from workers.ensemble import EnsembleConfig
 
     # What a command group's register() adds its parsers to.
     Commands = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -49,20 +52,42 @@ def with_active_ensemble(runtime: Runtime, session_factory: sessionmaker[Session
     """``runtime`` deciding with the configuration an operator activated, when there is one
     (``workers.ensembles``); a fleet whose detectors differ from the ones it combines is a
     usage error, never a silent fallback to the settings' configuration."""
-    from workers import ensembles
     from workers.detectors.registry import SpecError
+    from workers.ensembles import EnsembleRefused
 
-    stored = ensembles.active(session_factory)
-    if stored is None:
-        return runtime
-    activated = runtime.replace(
-        stored_ensemble=stored.config, stored_ensemble_detectors=stored.detectors
-    )
     try:
+        activated = runtime.with_active_ensemble(session_factory)
         _ = activated.fleet_ensemble
+    except EnsembleRefused as exc:
+        raise CliError(exc.detail, EXIT_USAGE) from exc
     except (SpecError, ValueError) as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
     return activated
+
+
+def deciding_ensemble(
+    runtime: Runtime, session_factory: sessionmaker[Session], specs: Sequence[DetectorSpec]
+) -> tuple[EnsembleConfig, str | None]:
+    """The configuration these detectors decide with: the one an operator activated when
+    it combines exactly them, else the settings' one; and, in that second case while one is
+    active, the sentence saying why it is not used."""
+    from workers import ensembles
+
+    settings_config = runtime.ensemble(specs)
+    try:
+        stored = ensembles.active(session_factory)
+    except ensembles.EnsembleRefused as exc:
+        raise CliError(exc.detail, EXIT_USAGE) from exc
+    if stored is None:
+        return settings_config, None
+    names = sorted(spec.name for spec in specs)
+    if stored.config is not None and set(stored.detectors) == set(names):
+        return stored.config, None
+    return settings_config, (
+        f"the active ensemble configuration {stored.version} combines "
+        f"{', '.join(sorted(stored.detectors))}; these detectors are {', '.join(names)}: the "
+        "settings' configuration is used"
+    )
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:

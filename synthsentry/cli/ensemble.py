@@ -79,6 +79,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         )
     except ensembles.EnsembleRefused as exc:
         raise CliError(exc.detail, EXIT_USAGE if exc.status < 500 else 1) from exc
+    if not stored.active:
+        raise CliError(f"{stored.version} was activated, but another activation is newer")
     print(
         f"{stored.version} is active; processes that start from now on decide with it "
         "(restart the fleet's workers, the reconciler and the API to switch them)"
@@ -89,6 +91,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 def _line(stored: StoredEnsemble) -> str:
     mark = "*" if stored.active else " "
     source = stored.provenance.get("source", "stored under a verdict")
+    if stored.config is None:
+        return f"{mark} {stored.version}  (a legacy record: verdicts {stored.verdicts})"
     return (
         f"{mark} {stored.version}  {stored.config.rule}  threshold "
         f"{stored.config.threshold:.4g}  detectors {','.join(stored.detectors) or '-'}  "

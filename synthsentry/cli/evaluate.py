@@ -9,8 +9,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
-from synthsentry.cli.common import EXIT_OK, EXIT_USAGE, CliError, load_runtime
-from synthsentry.cli.database import safe_url
+from synthsentry.cli.common import EXIT_OK, EXIT_USAGE, CliError, deciding_ensemble, load_runtime
+from synthsentry.cli.database import prepare_database, safe_url
 from synthsentry.cli.detectors import load_detectors
 from synthsentry.cli.output import POLICY, with_progress
 from synthsentry.settings import Settings
@@ -124,11 +124,18 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     else:
         session_factory = evaluation_database(runtime, args.database)
         detectors = load_detectors(args.detector, runtime)
+        ensemble = runtime.ensemble(d.spec for d in detectors)
+        if args.threshold is None:  # the configuration in force, as the fleet decides
+            ensemble, unused = deciding_ensemble(
+                runtime, prepare_database(runtime), [d.spec for d in detectors]
+            )
+            if unused is not None:
+                print(f"note: {unused}", file=sys.stderr)
         scoring = Scoring(
             detectors,
             session_factory,
             runtime.limits,
-            runtime.ensemble(d.spec for d in detectors),
+            ensemble,
             batch_size=runtime.batch_size,
             decode_threads=runtime.intake_threads,
             memory_budget=runtime.intake_memory_bytes,

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from synthsentry.cli.common import EXIT_OK, EXIT_USAGE, CliError, load_runtime
+from synthsentry.cli.common import EXIT_OK, EXIT_USAGE, CliError, deciding_ensemble, load_runtime
 from synthsentry.cli.database import prepare_database
 from synthsentry.cli.detectors import load_detectors
 from synthsentry.cli.output import POLICY, print_json_line, print_table, with_progress
@@ -103,21 +103,9 @@ def _ensemble(
     review cases, but only the active configuration's verdicts withdraw one. A configuration
     an operator activated decides when it combines exactly this scan's detectors; with
     other detectors the scan is ad hoc too, and says so."""
-    from workers import ensembles
-
-    settings_config = runtime.ensemble(specs)
-    detectors = [spec.name for spec in specs]
     if args.threshold is not None or args.detector:
-        return settings_config, False
-    stored = ensembles.active(session_factory)
-    if stored is None:
-        return settings_config, True
-    if set(stored.detectors) == set(detectors):
-        return stored.config, True
-    print(
-        f"synthsentry: the active ensemble configuration {stored.version} combines "
-        f"{', '.join(sorted(stored.detectors))}; this scan runs {', '.join(sorted(detectors))}, "
-        "so its verdicts are ad hoc",
-        file=sys.stderr,
-    )
-    return settings_config, False
+        return runtime.ensemble(specs), False
+    config, unused = deciding_ensemble(runtime, session_factory, specs)
+    if unused is not None:
+        print(f"synthsentry: {unused}, and this scan's verdicts are ad hoc", file=sys.stderr)
+    return config, unused is None
