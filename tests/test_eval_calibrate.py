@@ -149,3 +149,31 @@ def test_moderators_decisions_tune_the_fleet_from_the_command_line(tmp_path: Pat
     _export(small, population(200, seed=6))
     refused = _cli(tmp_path / "data", "calibrate", str(small))
     assert refused.returncode == 2 and "more real images" in refused.stderr
+
+
+def test_what_cannot_be_fitted_is_refused_with_why_not_a_traceback() -> None:
+    only_provenance = population(1000, seed=7)
+    provenance_only = Scored(
+        labels=only_provenance.labels,
+        scores={PROVENANCE: only_provenance.scores[PROVENANCE]},
+        versions={PROVENANCE: "1"},
+        recorded=False,
+    )
+    # The check never answers on a real image: nothing tells a real image's evidence apart.
+    with pytest.raises(CalibrationRefused, match="combination cannot be fitted"):
+        calibrate(provenance_only, base=BASE, request=Request(alpha=0.05, delta=0.1))
+    # Half the held-out scores tie at the top: no threshold within [0, 1] flags a third.
+    with pytest.raises(CalibrationRefused, match="tie at the top"):
+        calibrate(
+            provenance_only,
+            base=BASE,
+            request=Request(alpha=None, review_share=0.3, combine="weighted-mean"),
+        )
+    one_real = Scored(
+        labels=np.array([1] * 50 + [0]),
+        scores={MODEL: np.linspace(0, 1, 51)},
+        versions={MODEL: "1"},
+        recorded=False,
+    )
+    with pytest.raises(CalibrationRefused, match="cannot be split"):
+        calibrate(one_real, base=BASE, request=Request(alpha=0.05))

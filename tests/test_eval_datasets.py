@@ -383,7 +383,7 @@ def test_load_labelled_says_when_it_cannot_tell(tmp_path: Path) -> None:
         load_labelled(tmp_path)
     with pytest.raises(DatasetError, match="cannot tell what this CSV holds"):
         load_labelled(_text(tmp_path / "other.csv", "file,verdict\n"))
-    with pytest.raises(DatasetError, match=r"not a folder, a \.csv or a \.jsonl"):
+    with pytest.raises(DatasetError, match=r"not a folder, a \.csv, a \.jsonl or a \.tsv"):
         load_labelled(_text(tmp_path / "labels.txt", "path,label\n"))
     with pytest.raises(DatasetError, match="does not exist"):
         load_labelled(tmp_path / "nowhere.csv")

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from synthsentry.cli.common import EXIT_OK, EXIT_USAGE, CliError, load_runtime
+from synthsentry.cli.common import EXIT_OK, EXIT_USAGE, CliError, deciding_ensemble, load_runtime
 from synthsentry.cli.database import prepare_database
 from synthsentry.cli.detectors import load_detectors
 from synthsentry.cli.evaluate import evaluation_database
@@ -106,7 +106,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     unknown = sorted(set(scores.scores) - set(runtime.catalog.specs))
     if unknown:
         raise CliError(f"the set names unknown detectors: {', '.join(unknown)}", EXIT_USAGE)
-    base = runtime.ensemble(runtime.catalog.specs[name] for name in scores.scores)
+    # The configuration in force is what the fitted one is compared with, and gives its
+    # decisive rules and rejection reasons.
+    base, unused = deciding_ensemble(
+        runtime, service, [runtime.catalog.specs[name] for name in scores.scores]
+    )
+    if unused is not None:
+        print(f"note: {unused}", file=sys.stderr)
     request = Request(
         method=args.method,
         combine=args.combine,
@@ -166,13 +172,15 @@ def _summary(version: str, provenance: dict[str, Any], out: Any) -> None:
             f"order statistic {guarantee['k']}, bound {guarantee['violation_probability']:.3g})",
             file=out,
         )
+        print(f"          about: {provenance['scope']}", file=out)
     else:
         print(
             f"threshold {guarantee['threshold']:.6g}: flags {guarantee['flagged_share']:.3g} of "
             "the held-out set (a review volume, no false-positive guarantee)",
             file=out,
         )
-    print("\nheld-out       log loss   Brier     ECE      AUC      FPR@thr  TPR@thr", file=out)
+    print(f"\nheld-out ({provenance['held_out']['note']})", file=out)
+    print("               log loss   Brier     ECE      AUC      FPR@thr  TPR@thr", file=out)
     for side in ("before", "after"):
         m = held[side]
         print(

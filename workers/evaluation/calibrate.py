@@ -55,6 +55,19 @@ FloatArray = npt.NDArray[np.float64]
 Combine = Literal["logistic", "weighted-mean"]
 
 
+# What the guarantee is about. Review cases open only for images a configuration flagged:
+# fitted on moderators' decisions, the real images are the ones sent to review, and the
+# bound is on the share of those a new threshold still flags, not of all real uploads.
+SCOPE_FILES = "real images drawn like the labelled set's"
+SCOPE_RECORDED = (
+    "real images like those the earlier configuration sent to review (a review export holds "
+    "only flagged images): not all real uploads; add a random sample of decided uploads for "
+    "a guarantee over all of them"
+)
+# The held-out rates at the chosen threshold come from the images that chose it.
+HELD_OUT_NOTE = "rates at the threshold are on the held-out images that chose it (optimistic)"
+
+
 class CalibrationRefused(ValueError):
     """A calibration that cannot be made as asked, with what would make it possible."""
 
@@ -88,7 +101,14 @@ def calibrate(scored: Scored, *, base: EnsembleConfig, request: Request) -> Cali
         raise CalibrationRefused("the set has no detector scores to fit")
     matrix = np.column_stack([scored.scores[name] for name in names])
     labels = scored.labels
-    fit, held = split_held_out(labels, held_out_share=request.held_out, seed=request.seed)
+    try:
+        fit, held = split_held_out(labels, held_out_share=request.held_out, seed=request.seed)
+    except ValueError as exc:  # a class too small to be split
+        raise CalibrationRefused(
+            f"the set cannot be split into a fit and a held-out part with both classes "
+            f"({int(np.count_nonzero(labels == 1))} AI, {int(np.count_nonzero(labels == 0))} "
+            f"real): {exc}"
+        ) from exc
 
     calibrators: dict[str, Calibrator] = {}
     skipped: dict[str, str] = {}
@@ -99,9 +119,12 @@ def calibrate(scored: Scored, *, base: EnsembleConfig, request: Request) -> Cali
             skipped[name] = str(exc)  # left as it is: its raw score
     calibrations = {name: _as_calibration(c) for name, c in calibrators.items()}
     if request.combine == LOGISTIC:
-        combination = fit_combination(
-            matrix[fit], labels[fit], detectors=names, calibrators=calibrators
-        )
+        try:
+            combination = fit_combination(
+                matrix[fit], labels[fit], detectors=names, calibrators=calibrators
+            )
+        except TooFewExamples as exc:
+            raise CalibrationRefused(f"the combination cannot be fitted: {exc}") from exc
         config = replace(
             base,
             rule=LOGISTIC,
@@ -131,6 +154,7 @@ def calibrate(scored: Scored, *, base: EnsembleConfig, request: Request) -> Cali
     real = held_labels == 0
     provenance: dict[str, Any] = {
         "source": "calibrate",
+        "scope": SCOPE_RECORDED if scored.recorded else SCOPE_FILES,
         "method": request.method,
         "combine": request.combine,
         "recorded_scores": scored.recorded,
@@ -147,15 +171,10 @@ def calibrate(scored: Scored, *, base: EnsembleConfig, request: Request) -> Cali
             "base_version": base.version,
             "ensemble": _compare(before, after, held_labels, base.threshold, threshold),
             "detectors": {
-                name: before_after(
-                    matrix[held, j],
-                    calibrators[name].apply(matrix[held, j])
-                    if name in calibrators
-                    else matrix[held, j],
-                    held_labels,
-                ).as_dict()
+                name: _detector_report(matrix[held, j], calibrators.get(name), held_labels)
                 for j, name in enumerate(names)
             },
+            "note": HELD_OUT_NOTE,
             # The flag as the fleet will raise it: the score, or a decisive detector.
             "flag_fpr_on_real": float(np.mean(flags[real])) if real.any() else None,
         },
@@ -172,6 +191,18 @@ def ensemble_scores(config: EnsembleConfig, names: Sequence[str], matrix: FloatA
         if decision.ai_score is not None:
             out[i] = decision.ai_score
     return out
+
+
+def _detector_report(
+    scores: FloatArray, calibrator: Calibrator | None, labels: npt.NDArray[np.int64]
+) -> dict[str, Any] | None:
+    """One detector's held-out calibration before and after; None when it answered on no
+    held-out image (nothing to compare)."""
+    after = calibrator.apply(scores) if calibrator is not None else scores
+    try:
+        return before_after(scores, after, labels).as_dict()
+    except ValueError:
+        return None
 
 
 def _complete_flags(
@@ -200,6 +231,11 @@ def _threshold(
 ) -> dict[str, Any]:
     if request.review_share is not None:
         volume = threshold_for_review_volume(scores, request.review_share)
+        if volume.threshold > 1.0:
+            raise CalibrationRefused(
+                f"the top {request.review_share:g} of the held-out scores tie at the top: no "
+                "threshold within [0, 1] flags that share; ask for a larger share"
+            )
         return {"kind": "review_share", **volume.as_dict()}
     assert request.alpha is not None
     try:
