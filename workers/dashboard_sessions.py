@@ -18,12 +18,12 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
 from db import repository
-from db.models import TokenRole, utcnow
+from db.models import TokenRole, as_utc, utcnow
 from workers import tokens
 
 # The roles that may sign in: platforms use the API, never the pages.
@@ -73,10 +73,6 @@ def _digest(secret: str) -> str:
 
 def csrf_token_of(secret: str) -> str:
     return hmac.new(secret.encode("ascii"), _CSRF_LABEL, hashlib.sha256).hexdigest()
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def sign_in(
@@ -133,7 +129,7 @@ def resume(
     row, token = found
     if (
         row.revoked_at is not None
-        or _aware(row.expires_at) <= now
+        or as_utc(row.expires_at) <= now
         or token.revoked_at is not None
         or token.role not in DASHBOARD_ROLES
     ):
@@ -146,7 +142,7 @@ def resume(
         role=token.role,
         blur_images=token.blur_images,
         csrf_token=csrf_token_of(secret),
-        expires_at=_aware(row.expires_at),
+        expires_at=as_utc(row.expires_at),
     )
 
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository
-from db.models import Ensemble
+from db.models import Ensemble, as_utc
 from db.session import transaction
 from workers.ensemble import EnsembleConfig
 from workers.refusals import Refused
@@ -125,7 +125,7 @@ def activate(
         row = repository.configuration_by_version(session, version)
         if row is None:
             raise EnsembleRefused(404, "not-found", f"no stored ensemble configuration {version!r}")
-        if _stored(row, None, 0, active=False).config is None:
+        if _config_of(row) is None:
             raise EnsembleRefused(
                 409, "unreadable", f"{version} is a legacy record, not a configuration"
             )
@@ -165,15 +165,9 @@ def _stored(
     row: Ensemble, activated_at: datetime | None, verdicts: int, *, active: bool
 ) -> StoredEnsemble:
     provenance = dict(row.provenance or {})
-    try:
-        config: EnsembleConfig | None = EnsembleConfig.from_definition(row.definition)
-    except (KeyError, TypeError, ValueError):
-        config = None
-    if config is not None and config.digest != row.digest:
-        config = None  # it would decide under another version than the one stored
     return StoredEnsemble(
         version=row.version,
-        config=config,
+        config=_config_of(row),
         detectors=tuple(provenance.get("detectors", ())),
         provenance=provenance,
         created_at=_iso(row.created_at),
@@ -183,5 +177,15 @@ def _stored(
     )
 
 
+def _config_of(row: Ensemble) -> EnsembleConfig | None:
+    """The configuration a stored row describes, or None when this release cannot read it
+    back to its digest (it would decide under another version than the one stored)."""
+    try:
+        config = EnsembleConfig.from_definition(row.definition)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return config if config.digest == row.digest else None
+
+
 def _iso(moment: datetime) -> str:
-    return (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)).isoformat()
+    return as_utc(moment).isoformat()

@@ -41,13 +41,13 @@ import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from sqlalchemy.orm import Session
 
 from db import repository
-from db.models import Rescan, RescanState, utcnow
+from db.models import Rescan, RescanState, as_utc, utcnow
 from db.session import transaction
 from workers import fleet
 from workers.dispatch import Dispatcher
@@ -279,10 +279,7 @@ class RescanView:
 
 
 def _aware(moment: datetime | None) -> datetime | None:
-    # SQLite (the embedded mode) hands timestamps back without their zone: they are UTC.
-    if moment is not None and moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment
+    return as_utc(moment) if moment is not None else None
 
 
 def _view(rescan: Rescan, *, now: datetime | None = None) -> RescanView:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,6 +35,7 @@ from db.models import (
     ReviewState,
     Source,
     Verdict,
+    as_utc,
     utcnow,
 )
 from db.repository import QueueFilter, QueueRow
@@ -549,10 +550,7 @@ def case_view(
         decisions = list(repository.decisions_of_case(session, case.id))
         # While the second review is open nobody, admins included, sees the first decision
         # or who made it: whoever looks may be the one asked to review it next.
-        blind = case.reviews_required == 2 and case.state in (
-            ReviewState.OPEN,
-            ReviewState.CLAIMED,
-        )
+        blind = repository.in_blind_review(case)
         history = list(repository.audit_trail(session, AUDIT_SUBJECT, [case.id]))
         deciders = {d.actor for d in decisions} if blind else set()
         if blind:
@@ -561,6 +559,8 @@ def case_view(
         if not blind:
             actors += [d.actor for d in decisions]
         names = repository.actor_names(session, actors)
+        detections = list(repository.detections_for_image(session, case.image_id))
+        sources = list(repository.sources_for_image(session, case.image_id))
         session.expunge_all()
     shown = [] if blind else decisions
     return CaseView(
@@ -570,13 +570,13 @@ def case_view(
         format=image.format,
         opened_by=pair.opened_by,
         current=pair.current,
-        detectors=_evidence(session_factory, case.image_id, pair.current or pair.opened_by),
-        sources=_sources(session_factory, case.image_id),
+        detectors=_evidence(detections, pair.current or pair.opened_by),
+        sources=sources,
         decisions=shown,
         history=history,
         held_by_viewer=case.assignee == reviewer.actor and _live(case, now),
         blind=blind,
-        lease_seconds_left=(_aware(case.lease_expires_at) - now).total_seconds()
+        lease_seconds_left=(as_utc(case.lease_expires_at) - now).total_seconds()
         if case.lease_expires_at is not None and case.assignee == reviewer.actor
         else None,
         hidden_decisions=len(decisions) - len(shown),
@@ -584,15 +584,10 @@ def case_view(
     )
 
 
-def _evidence(
-    session_factory: sessionmaker[Session], image_id: int, verdict: Verdict
-) -> list[DetectorEvidence]:
-    """Each detector's answer that ``verdict`` combined (its name and version), or the
-    newest answer of a detector the verdict did not name."""
+def _evidence(rows: list[Detection], verdict: Verdict) -> list[DetectorEvidence]:
+    """Of the image's detections, each detector's answer that ``verdict`` combined (its
+    name and version), or the newest answer of a detector the verdict did not name."""
     wanted = {d.get("name"): d.get("version") for d in verdict.detector_set.get("detectors", [])}
-    with session_factory() as session:
-        rows = list(repository.detections_for_image(session, image_id))
-        session.expunge_all()
     chosen: dict[str, Detection] = {}
     for row in sorted(rows, key=lambda d: d.id):
         if wanted.get(row.detector_name) in (None, row.detector_version) or (
@@ -612,13 +607,6 @@ def _evidence(
         )
         for d in sorted(chosen.values(), key=lambda d: d.detector_name)
     ]
-
-
-def _sources(session_factory: sessionmaker[Session], image_id: int) -> list[Source]:
-    with session_factory() as session:
-        rows = list(repository.sources_for_image(session, image_id))
-        session.expunge_all()
-    return rows
 
 
 HIDDEN = "(hidden during a blind second review)"
@@ -716,7 +704,7 @@ def labelled_examples(
                     LabelledExample(
                         sha256=image.sha256,
                         label=case.decision,
-                        decided_at=_aware(case.decided_at or case.opened_at).isoformat(),
+                        decided_at=as_utc(case.decided_at or case.opened_at).isoformat(),
                         decided_by=record.actor if record is not None else case.assignee or "",
                         ensemble_version=verdict.ensemble_version if verdict else None,
                         ai_score=verdict.ai_score if verdict else None,
@@ -743,17 +731,12 @@ def _place(source: Source) -> str:
 # --- helpers ----------------------------------------------------------------------------
 
 
-def _aware(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes; every time stored here is UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
 def _live(case: ReviewCase, now: datetime) -> bool:
     return (
         case.state in repository.HELD_STATES
         and case.assignee is not None
         and case.lease_expires_at is not None
-        and _aware(case.lease_expires_at) > now
+        and as_utc(case.lease_expires_at) > now
     )
 
 
@@ -775,7 +758,7 @@ def _claim_of(session: Session, case: ReviewCase) -> Claim:
         case_id=case.id,
         sha256=image.sha256,
         state=case.state,
-        lease_expires_at=_aware(case.lease_expires_at),
+        lease_expires_at=as_utc(case.lease_expires_at),
     )
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from datetime import UTC, timedelta
+from datetime import timedelta
 from typing import Annotated
 from urllib.parse import urlencode
 
@@ -60,7 +60,7 @@ from api.dashboard.session import (
     set_session_cookie,
 )
 from api.guards import storable_text, unstorable
-from db.models import ReviewDecision, ReviewState, utcnow
+from db.models import ReviewDecision, ReviewState, as_utc, utcnow
 from db.repository import QueueFilter
 from db.session import transaction
 from workers import dashboard_sessions, review
@@ -267,9 +267,7 @@ def _claimable(view: review.CaseView, user: DashboardUser) -> bool:
     if view.held_by_viewer:
         return False
     expires = case.lease_expires_at
-    if expires is not None and expires.tzinfo is None:
-        expires = expires.replace(tzinfo=UTC)
-    someone_holds = case.assignee is not None and expires is not None and expires > utcnow()
+    someone_holds = case.assignee is not None and expires is not None and as_utc(expires) > utcnow()
     if case.state == ReviewState.OPEN:
         return True
     if case.state == ReviewState.ESCALATED:

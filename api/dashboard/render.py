@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from api.problems import Problem
-from db.models import ReviewDecision, utcnow
+from db.models import ReviewDecision, as_utc, utcnow
 from workers.dashboard_sessions import DashboardUser
 from workers.review import ReviewRefused
 
@@ -116,9 +116,7 @@ def _when(moment: datetime | str | None) -> str:
         return "—"
     if isinstance(moment, str):
         moment = datetime.fromisoformat(moment)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return as_utc(moment).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def duration(seconds: float) -> str:
@@ -137,9 +135,7 @@ def duration(seconds: float) -> str:
 
 
 def _waited(since: datetime) -> str:
-    if since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
-    return duration((utcnow() - since).total_seconds())
+    return duration((utcnow() - as_utc(since)).total_seconds())
 
 
 def _score(value: float | None) -> str:

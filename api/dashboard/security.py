@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.context import ApiContext
 from api.dashboard.render import LOGIN_PATH, STATIC_PREFIX, PageError
-from api.dashboard.session import current_user
+from api.dashboard.session import cookie_name, current_user
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -48,11 +48,10 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 LOGIN_CSRF_COOKIE = "ss_login_csrf"
-SECURE_LOGIN_CSRF_COOKIE = "__Host-" + LOGIN_CSRF_COOKIE  # see api.dashboard.session
 
 
 def login_csrf_cookie_name(context: ApiContext) -> str:
-    return SECURE_LOGIN_CSRF_COOKIE if context.secure_cookies else LOGIN_CSRF_COOKIE
+    return cookie_name(context, LOGIN_CSRF_COOKIE)
 
 
 _LOGIN_CSRF_MAX_AGE = 3600

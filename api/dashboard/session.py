@@ -25,14 +25,17 @@ from workers.dashboard_sessions import DashboardUser, NewSession
 from workers.review import Reviewer
 
 SESSION_COOKIE = "ss_session"
-# With Secure cookies the name carries the __Host- prefix: the browser then takes the
-# cookie only from this host, over HTTPS, for the whole site, so a page on a sibling
-# subdomain cannot plant one.
-SECURE_SESSION_COOKIE = "__Host-" + SESSION_COOKIE
+
+
+def cookie_name(context: ApiContext, name: str) -> str:
+    """``name`` as the dashboard's cookies are named: with Secure cookies it carries the
+    __Host- prefix, so the browser takes the cookie only from this host, over HTTPS, for
+    the whole site, and a page on a sibling subdomain cannot plant one."""
+    return f"__Host-{name}" if context.secure_cookies else name
 
 
 def session_cookie_name(context: ApiContext) -> str:
-    return SECURE_SESSION_COOKIE if context.secure_cookies else SESSION_COOKIE
+    return cookie_name(context, SESSION_COOKIE)
 
 
 _LOOKED_UP = "dashboard_user_looked_up"

@@ -58,6 +58,15 @@ NO_SCORE = 0.5
 HELD_STATES = (ReviewState.CLAIMED, ReviewState.ESCALATED)
 
 
+# A case sampled for a second review (reviews_required 2) waits for it in these states:
+# meanwhile nobody may see the first decision or who made it.
+BLIND_REVIEW_STATES = (ReviewState.OPEN, ReviewState.CLAIMED)
+
+
+def in_blind_review(case: ReviewCase) -> bool:
+    return case.reviews_required == 2 and case.state in BLIND_REVIEW_STATES
+
+
 def queue_key(opened_at: datetime, score: float | None) -> datetime:
     return opened_at - timedelta(hours=(NO_SCORE if score is None else score) * SCORE_HOURS)
 
@@ -572,8 +581,7 @@ def decision_tallies(session: Session) -> list[ModeratorTally]:
     # A first decision whose blind second review is still open is not counted yet: the
     # admin reading this page may be the one asked to review that case.
     in_blind_review = and_(
-        ReviewCase.reviews_required == 2,
-        ReviewCase.state.in_((ReviewState.OPEN, ReviewState.CLAIMED)),
+        ReviewCase.reviews_required == 2, ReviewCase.state.in_(BLIND_REVIEW_STATES)
     )
     rows = session.execute(
         select(ReviewDecisionRecord.actor, ReviewDecisionRecord.decision, func.count())

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from synthsentry.cli.common import EXIT_OK, EXIT_USAGE, CliError, deciding_ensemble, load_runtime
 from synthsentry.cli.database import prepare_database
 from synthsentry.cli.detectors import load_detectors
-from synthsentry.cli.evaluate import evaluation_database
+from synthsentry.cli.evaluate import evaluation_database, scoring_engine
 from synthsentry.cli.output import with_progress
 from synthsentry.settings import Settings
 
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from workers import ensembles
     from workers.evaluation.calibrate import CalibrationRefused, Request, calibrate
     from workers.evaluation.datasets import DatasetError
-    from workers.evaluation.run import EvaluationError, Scoring, open_dataset, scored
+    from workers.evaluation.run import EvaluationError, open_dataset, scored
 
     runtime = load_runtime(settings)
     alpha = args.alpha if args.alpha is not None or args.review_share is not None else 0.01
@@ -90,14 +90,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     scoring = None
     if dataset.layout != "review_export":
         detectors = load_detectors(args.detector, runtime)
-        scoring = Scoring(
+        scoring = scoring_engine(
+            runtime,
             detectors,
             evaluation_database(runtime, args.database),
-            runtime.limits,
             runtime.ensemble(d.spec for d in detectors),
-            batch_size=runtime.batch_size,
-            decode_threads=runtime.intake_threads,
-            memory_budget=runtime.intake_memory_bytes,
         )
     try:
         scores = scored(dataset, scoring=scoring, progress=progress)

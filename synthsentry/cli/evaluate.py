@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
     from synthsentry.cli.common import Commands
     from synthsentry.runtime import Runtime
+    from workers.detectors.base import Detector
+    from workers.ensemble import EnsembleConfig
+    from workers.evaluation.run import Scoring
 
 T = TypeVar("T")
 
@@ -88,7 +91,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from workers.evaluation.run import (
         REVIEW_EXPORT,
         EvaluationError,
-        Scoring,
         evaluate,
         new_run_folder,
         open_dataset,
@@ -131,15 +133,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             )
             if unused is not None:
                 print(f"note: {unused}", file=sys.stderr)
-        scoring = Scoring(
-            detectors,
-            session_factory,
-            runtime.limits,
-            ensemble,
-            batch_size=runtime.batch_size,
-            decode_threads=runtime.intake_threads,
-            memory_budget=runtime.intake_memory_bytes,
-        )
+        scoring = scoring_engine(runtime, detectors, session_factory, ensemble)
 
     def progress(items: Iterable[T], *, total: int, what: str) -> Iterable[T]:
         return with_progress(items, total=total, what=what, enabled=not args.no_progress)
@@ -165,6 +159,27 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     print(f"\nresults  {written.results}")
     print(f"report   {written.report}")
     return EXIT_OK
+
+
+def scoring_engine(
+    runtime: Runtime,
+    detectors: list[Detector],
+    session_factory: sessionmaker[Session],
+    ensemble: EnsembleConfig,
+) -> Scoring:
+    """The scan engine as this runtime sizes it (batch, decode threads, memory budget),
+    scoring into the evaluation's database."""
+    from workers.evaluation.run import Scoring
+
+    return Scoring(
+        detectors,
+        session_factory,
+        runtime.limits,
+        ensemble,
+        batch_size=runtime.batch_size,
+        decode_threads=runtime.intake_threads,
+        memory_budget=runtime.intake_memory_bytes,
+    )
 
 
 def evaluation_database(runtime: Runtime, url: str | None) -> sessionmaker[Session]:

@@ -32,7 +32,7 @@ from random import SystemRandom
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository
-from db.models import CallbackDelivery, DeliveryState, utcnow
+from db.models import CallbackDelivery, DeliveryState, as_utc, utcnow
 from db.session import transaction
 from workers.callbacks.guard import CallbackRefused, check_url
 from workers.callbacks.secrets import SecretUnreadable, sign
@@ -198,7 +198,7 @@ def _finish(
         )
         row = repository.lock_delivery(session, item.delivery_id)
         assert row is not None
-        if row.state != DeliveryState.PENDING or _aware(row.next_attempt_at) != item.lease_until:
+        if row.state != DeliveryState.PENDING or as_utc(row.next_attempt_at) != item.lease_until:
             return  # redelivered, or taken over after the lease ran out: theirs to record
         row.attempts += 1
         row.last_status = answer.status
@@ -241,7 +241,7 @@ def _decide(
             "callback endpoint disabled", extra={"endpoint_id": row.endpoint_id, "stopped": stopped}
         )
         return "disabled"
-    deadline = _aware(row.created_at) + sender.policy.retry_window
+    deadline = as_utc(row.created_at) + sender.policy.retry_window
     if answer.refused or now >= deadline:
         row.state = DeliveryState.FAILED
         row.finished_at = now
@@ -277,8 +277,3 @@ def run_sender(
         if sent < limit:
             stop.wait(idle_s)
     log.info("callback sender stopped")
-
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite gives timestamps back without their zone; they are all UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy.orm import Session
 
 from db import repository
-from db.models import ApiToken, CallbackDelivery, DeliveryState, TokenRole, utcnow
+from db.models import ApiToken, CallbackDelivery, DeliveryState, TokenRole, as_utc, utcnow
 from workers.callbacks.guard import CallbackRefused, check_url, normalize_host
 from workers.callbacks.policy import ROTATION_OVERLAP
 from workers.callbacks.secrets import SecretBox, new_signing_secret
@@ -80,8 +80,8 @@ def rotate_secret(
     for index, row in enumerate(previous):
         if index == 0:
             expires_at = now + ROTATION_OVERLAP
-            if row.expires_at is not None and _aware(row.expires_at) < expires_at:
-                expires_at = _aware(row.expires_at)
+            if row.expires_at is not None and as_utc(row.expires_at) < expires_at:
+                expires_at = as_utc(row.expires_at)
             row.expires_at = expires_at
         else:
             row.expires_at = now
@@ -305,10 +305,5 @@ def _enable_endpoint(
     return True
 
 
-def _aware(moment: datetime) -> datetime:
-    """SQLite gives timestamps back without their zone; they are all UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
 def _iso(moment: datetime) -> str:
-    return _aware(moment).isoformat()
+    return as_utc(moment).isoformat()
