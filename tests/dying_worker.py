@@ -13,26 +13,24 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(width: int, argv: Sequence[str]) -> int:
     from synthsentry.cli import main as cli
-    from workers import fleet
-    from workers.detectors.base import Detector
-    from workers.engine import DetectorResult, Prepared
+    from workers import engine
 
-    real = fleet.run_detector
+    real = engine.DetectorSteps.launch
 
-    def run_detector(
-        detector: Detector, items: Sequence[Prepared], *, max_batch: int
-    ) -> list[DetectorResult]:
-        if any(item.image.width == width for item in items):
+    def launch(self: engine.DetectorSteps, batch: Any) -> Any:
+        # Every model call of the engine passes here, batched or not.
+        if any(item.image is not None and item.image.width == width for item in batch.items):
             os.kill(os.getpid(), signal.SIGKILL)
-        return real(detector, items, max_batch=max_batch)
+        return real(self, batch)
 
-    fleet.run_detector = run_detector  # type: ignore[assignment]
+    engine.DetectorSteps.launch = launch  # type: ignore[method-assign]
     return cli(list(argv))
 
 

@@ -147,7 +147,15 @@ def test_batcher_reports_every_batch_to_its_observer() -> None:
     seen: list[tuple[str, int]] = []
 
     class Recorder:
-        def batch_ran(self, batcher: str, size: int, seconds: float) -> None:
+        def batch_ran(
+            self,
+            batcher: str,
+            size: int,
+            seconds: float,
+            *,
+            detector: str = "",
+            device: str = "cpu",
+        ) -> None:
             assert seconds >= 0
             seen.append((batcher, size))
 

@@ -329,9 +329,12 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(
     with pytest.raises(KeyboardInterrupt):
         evaluate(dataset, scoring=scoring([detector], sessions), progress=stop_after)
     done = detector.calls
-    assert 4 <= done < 10  # the chunks finished before the stop are stored
+    with sessions() as session:
+        stored = len(session.scalars(select(Detection)).all())
+    # What was read before the stop is stored; the stream may have scored and stored more.
+    assert 4 <= stored <= done <= 10
     document = evaluate(dataset, scoring=scoring([detector], sessions), n_bootstrap=0)
-    assert detector.calls == 10  # only the rest was scored
+    assert detector.calls - done == 10 - stored  # only what was not stored is scored again
     assert document["provenance"]["any"]["flagged_ai"] == 5
 
 

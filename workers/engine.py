@@ -60,10 +60,14 @@ def is_staged(detector: Detector) -> TypeGuard[StagedDetector]:
 class Prepared:
     """What intake hands to the detectors for one image."""
 
-    image: Image.Image
+    image: Image.Image | None  # None once no detector needs the pixels any more
     raw: bytes
     tensors: dict[str, Any]  # detector name -> preprocessed input (staged detectors)
     errors: dict[str, str]  # detector name -> preprocessing failure
+
+    def without_pixels(self) -> Prepared:
+        """The preprocessed inputs only: the decoded image and the file's bytes are freed."""
+        return Prepared(image=None, raw=b"", tensors=self.tensors, errors=self.errors)
 
 
 def prepare(image: Image.Image, raw: bytes, detectors: Sequence[Detector]) -> Prepared:
@@ -81,60 +85,141 @@ def prepare(image: Image.Image, raw: bytes, detectors: Sequence[Detector]) -> Pr
 def run_detector(
     detector: Detector, items: Sequence[Prepared], *, max_batch: int
 ) -> list[DetectorResult]:
-    """Score ``items`` with one detector in batches of at most ``max_batch``.
+    """Score ``items`` with one detector in batches of at most ``max_batch``, one batch after
+    the other (the streaming engine overlaps these steps: see :class:`MicroBatcher`).
 
     If a batch fails, its images are retried one at a time, so one bad image is recorded as
     that image's failure and the others still get a score.
     """
+    steps = DetectorSteps(detector)
     results: list[DetectorResult] = []
     for start in range(0, len(items), max(1, max_batch)):
         batch = list(items[start : start + max_batch])
-        results.extend(_run_batch(detector, batch))
+        try:
+            results.extend(steps.read(steps.launch(steps.stage(batch))))
+        except Exception as exc:
+            results.extend(steps.failed(batch, exc))
     return results
 
 
-def _run_batch(detector: Detector, batch: list[Prepared]) -> list[DetectorResult]:
-    name = detector.spec.name
-    failed = {i: p.errors[name] for i, p in enumerate(batch) if name in p.errors}
-    runnable = [i for i in range(len(batch)) if i not in failed]
-    results = {i: DetectorResult.failed(err) for i, err in failed.items()}
-    if runnable:
-        started = time.perf_counter()
-        try:
-            outputs = _call(detector, [batch[i] for i in runnable])
-        except Exception:
-            if len(runnable) > 1:
-                log.warning("batch failed; retrying one image at a time", extra={"detector": name})
-            for i in runnable:
-                results[i] = _run_one(detector, batch[i])
+class PipelinedDetector(StagedDetector, Protocol):
+    """A staged detector whose forward pass splits further (see ``TorchDetector``):
+    ``collate`` on the host, ``to_device`` starts the copy, ``launch`` queues the model,
+    ``read`` waits for its answers."""
+
+    def collate(self, inputs: Sequence[Any]) -> Any: ...
+
+    def to_device(self, batch: Any) -> Any: ...
+
+    def launch(self, staged: Any) -> Any: ...
+
+    def read(self, launched: Any) -> list[DetectorOutput]: ...
+
+
+def is_pipelined(detector: Detector) -> TypeGuard[PipelinedDetector]:
+    return is_staged(detector) and all(
+        callable(getattr(detector, step, None))
+        for step in ("collate", "to_device", "launch", "read")
+    )
+
+
+@dataclass
+class _DetectorBatch:
+    """A batch on its way through :class:`DetectorSteps`: which images run, and what the
+    last step made of them (the staged tensors, the launched model, or the outputs)."""
+
+    items: list[Prepared]
+    runnable: list[int]
+    failed: dict[int, str]
+    staged: Any = None
+    launched: Any = None
+    outputs: list[DetectorOutput] | None = None
+    started: float = 0.0
+
+
+class DetectorSteps:
+    """One detector's batches in the steps a streaming engine overlaps (``BatchSteps``):
+    ``stage`` collates the preprocessed tensors and starts their copy to the device,
+    ``launch`` queues the model, ``read`` waits for its answers. A detector that splits
+    only into ``preprocess``/``forward`` runs its whole forward in ``launch``; one that
+    does not split (provenance) runs ``detect_batch`` there."""
+
+    def __init__(self, detector: Detector) -> None:
+        self.detector = detector
+        self.name = detector.spec.name
+
+    @property
+    def device(self) -> str:
+        return str(getattr(self.detector, "device", "cpu"))
+
+    def stage(self, items: list[Prepared]) -> _DetectorBatch:
+        name = self.name
+        failed = {i: p.errors[name] for i, p in enumerate(items) if name in p.errors}
+        runnable = [i for i in range(len(items)) if i not in failed]
+        batch = _DetectorBatch(items, runnable, failed)
+        detector = self.detector
+        if runnable and is_staged(detector) and all(name in items[i].tensors for i in runnable):
+            inputs = [items[i].tensors[name] for i in runnable]
+            if is_pipelined(detector):
+                batch.staged = detector.to_device(detector.collate(inputs))
+            else:
+                import torch
+
+                batch.staged = torch.stack(inputs)
+        return batch
+
+    def launch(self, batch: _DetectorBatch) -> _DetectorBatch:
+        batch.started = time.perf_counter()
+        if not batch.runnable:
+            return batch
+        detector = self.detector
+        if batch.staged is None:  # no tensors: the detector takes decoded images
+            chosen = [batch.items[i] for i in batch.runnable]
+            images = [p.image for p in chosen if p.image is not None]
+            if len(images) != len(chosen):
+                raise RuntimeError(f"{self.name} needs pixels that were already freed")
+            batch.outputs = detector.detect_batch(images, [p.raw for p in chosen])
+        elif is_pipelined(detector):
+            batch.launched = detector.launch(batch.staged)
         else:
-            per_image_ms = (time.perf_counter() - started) * 1000 / len(runnable)
-            for i, output in zip(runnable, outputs, strict=True):
+            assert is_staged(detector)
+            batch.outputs = detector.forward(batch.staged)
+        batch.staged = None  # the device may reuse the input's memory once the model ran
+        return batch
+
+    def read(self, batch: _DetectorBatch) -> list[DetectorResult]:
+        results = {i: DetectorResult.failed(error) for i, error in batch.failed.items()}
+        if batch.runnable:
+            outputs = batch.outputs
+            if outputs is None:
+                assert is_pipelined(self.detector)
+                outputs = self.detector.read(batch.launched)
+            if len(outputs) != len(batch.runnable):
+                raise RuntimeError(
+                    f"{self.name} returned {len(outputs)} results for {len(batch.runnable)}"
+                )
+            per_image_ms = (time.perf_counter() - batch.started) * 1000 / len(batch.runnable)
+            for i, output in zip(batch.runnable, outputs, strict=True):
                 results[i] = DetectorResult(output, per_image_ms)
-    return [results[i] for i in range(len(batch))]
+        return [results[i] for i in range(len(batch.items))]
 
+    def failed(self, items: list[Prepared], error: BaseException) -> list[DetectorResult]:
+        """A batch failed in any step: each image is tried again on its own, so only the
+        image that causes the failure is recorded as failed."""
+        if len(items) > 1:
+            log.warning(
+                "batch failed; retrying one image at a time",
+                extra={"detector": self.name, "error": f"{type(error).__name__}: {error}"},
+            )
+        return [self._one(item) for item in items]
 
-def _run_one(detector: Detector, item: Prepared) -> DetectorResult:
-    started = time.perf_counter()
-    try:
-        (output,) = _call(detector, [item])
-    except Exception as exc:
-        log.exception("detector failed on an image", extra={"detector": detector.spec.name})
-        return DetectorResult.failed(f"{type(exc).__name__}: {exc}")
-    return DetectorResult(output, (time.perf_counter() - started) * 1000)
-
-
-def _call(detector: Detector, items: list[Prepared]) -> list[DetectorOutput]:
-    outputs: list[DetectorOutput]
-    if is_staged(detector) and all(detector.spec.name in p.tensors for p in items):
-        import torch
-
-        outputs = detector.forward(torch.stack([p.tensors[detector.spec.name] for p in items]))
-    else:
-        outputs = detector.detect_batch([p.image for p in items], [p.raw for p in items])
-    if len(outputs) != len(items):
-        raise RuntimeError(f"{detector.spec.name} returned {len(outputs)} results for {len(items)}")
-    return outputs
+    def _one(self, item: Prepared) -> DetectorResult:
+        try:
+            (result,) = self.read(self.launch(self.stage([item])))
+        except Exception as exc:
+            log.exception("detector failed on an image", extra={"detector": self.name})
+            return DetectorResult.failed(f"{type(exc).__name__}: {exc}")
+        return result
 
 
 T = TypeVar("T")
@@ -148,6 +233,7 @@ def collect_batches(
     clock: Callable[[], float] = time.monotonic,
     more_coming: Callable[[], bool] | None = None,
     poll_s: float = 0.002,
+    room: threading.Semaphore | None = None,
 ) -> Iterator[list[T]]:
     """Group items from ``source`` into batches of at most ``max_batch``; a batch is handed
     out when full, or ``max_wait_s`` after its first item arrived, whichever comes first.
@@ -157,11 +243,18 @@ def collect_batches(
     ``max_wait_s`` for company. With ``more_coming`` (is any item on its way?), a batch is
     also handed out as soon as nothing is queued and nothing is on its way: a lone upload
     then waits for no one.
+
+    With ``room``, a batch is only formed once the consumer has room for it (one unit is
+    taken per batch; the consumer gives it back): while the model is busy, items pile up
+    in ``source`` and the next batch is as full as they allow, instead of closing early
+    and waiting its turn half empty. The window starts once there is room.
     """
     while True:
         first = source.get()
         if first is None:
             return
+        if room is not None:
+            room.acquire()
         batch = [first]
         deadline = clock() + max_wait_s
         ended = False
@@ -212,19 +305,65 @@ class BatchStats:
 
 
 class BatchObserver(Protocol):
-    """Where a batcher reports each batch it ran (the logs; metrics later)."""
+    """Where a batcher reports each batch it ran (the logs, the metrics): its size, and the
+    seconds from launching the model to its answers being read."""
 
-    def batch_ran(self, batcher: str, size: int, seconds: float) -> None: ...
+    def batch_ran(
+        self, batcher: str, size: int, seconds: float, *, detector: str = "", device: str = "cpu"
+    ) -> None: ...
 
 
 class LogBatches:
     """Reports every batch as one structured log line (``batch ran``, with its size)."""
 
-    def batch_ran(self, batcher: str, size: int, seconds: float) -> None:
+    def batch_ran(
+        self, batcher: str, size: int, seconds: float, *, detector: str = "", device: str = "cpu"
+    ) -> None:
         log.info(
             "batch ran",
-            extra={"batcher": batcher, "batch_size": size, "ms": round(seconds * 1000, 1)},
+            extra={
+                "batcher": batcher,
+                "batch_size": size,
+                "ms": round(seconds * 1000, 1),
+                "detector": detector,
+                "device": device,
+            },
         )
+
+
+class BatchSteps(Protocol[T, R]):
+    """How a batch runs in three overlapping steps: ``stage`` (host work and the copy to the
+    device), ``launch`` (queue the model), ``read`` (wait for the answers, one per item in
+    order). ``failed`` answers for a batch whose step raised (say, by trying each item on
+    its own)."""
+
+    def stage(self, items: list[T]) -> Any: ...
+
+    def launch(self, staged: Any) -> Any: ...
+
+    def read(self, launched: Any) -> list[R]: ...
+
+    def failed(self, items: list[T], error: BaseException) -> list[R]: ...
+
+
+class RunSteps(Generic[T, R]):
+    """A plain ``run(items) -> results`` as steps: it runs in ``launch``; a failure reaches
+    every item of its batch."""
+
+    def __init__(self, run: Callable[[list[T]], list[R]]) -> None:
+        self._run = run
+
+    def stage(self, items: list[T]) -> list[T]:
+        return items
+
+    def launch(self, staged: list[T]) -> list[R]:
+        return self._run(staged)
+
+    def read(self, launched: list[R]) -> list[R]:
+        return launched
+
+    def failed(self, items: list[T], error: BaseException) -> list[R]:
+        raise error
 
 
 @dataclass
@@ -234,29 +373,47 @@ class _Waiting(Generic[T, R]):
     future: Future[R]
 
 
+@dataclass
+class _InFlight(Generic[T, R]):
+    """A batch between two steps: its callers, what the last step made, or its failure."""
+
+    waiting: list[_Waiting[T, R]]
+    payload: Any = None
+    error: BaseException | None = None
+    launched_at: float = 0.0
+    watchdog: threading.Timer | None = None
+
+
+# Batches in the pipeline at once: one being staged (copied), one on the device, one being
+# read. More would only hold memory; fewer would leave the device waiting for a copy.
+PIPELINE_DEPTH = 3
+
+
 class MicroBatcher(Generic[T, R]):
-    """Run ``run`` on batches of items submitted from many threads at once.
+    """Run batches of items submitted from many threads at once, through a pipeline.
 
-    Each caller submits one item and waits for its own result. A batch is run when it is
-    full (``max_batch``) or ``max_wait_s`` after its first item arrived, so a busy worker
-    feeds the model full batches while a lone item waits at most ``max_wait_s``. With
-    ``announced=True`` callers announce themselves before they prepare their item
-    (``expecting``), and a batch closes as soon as no announced caller is still preparing
-    one: a lone item then waits for no one. Items submitted with ``alone=True`` are run in
-    a batch of their own, after the others that were collected with them: a suspect (say,
-    an image whose earlier delivery died with its worker) cannot take innocent neighbours
-    down with it.
+    Each caller submits one item and gets a future for its own result. A batch is formed
+    when the pipeline has room for it, and closed when it is full (``max_batch``), when
+    ``max_wait_s`` has passed since its first item arrived, or, with ``announced=True``, as
+    soon as nothing else is queued and no announced caller is still preparing an item
+    (``expecting``): a lone item then waits for no one, and a stream of items that arrive
+    faster than the model runs fills its batches while the previous ones run. Items
+    submitted with ``alone=True`` are run in a batch of their own, after the others that
+    were collected with them: a suspect (say, an image whose earlier delivery died with its
+    worker) cannot take innocent neighbours down with it.
 
-    ``run`` must return one result per item, in order; if it raises, every item of that
-    batch gets the exception. If one run takes longer than ``watchdog_s``, ``on_stuck`` is
-    called with the seconds elapsed (a worker uses it to exit, so that its messages are
-    delivered again instead of waiting on a hung device forever).
+    Batches go through ``steps`` (:class:`BatchSteps`) in three threads, so that while one
+    batch runs on the device the next is copied and the previous one's answers are read;
+    ``run`` is the one-step form. If one batch's model work takes longer than
+    ``watchdog_s``, ``on_stuck`` is called with the seconds elapsed (a worker uses it to
+    exit, so that its messages are delivered again instead of waiting on a hung device).
     """
 
     def __init__(
         self,
-        run: Callable[[list[T]], list[R]],
+        run: Callable[[list[T]], list[R]] | None = None,
         *,
+        steps: BatchSteps[T, R] | None = None,
         max_batch: int,
         max_wait_s: float,
         watchdog_s: float | None = None,
@@ -264,22 +421,40 @@ class MicroBatcher(Generic[T, R]):
         name: str = "batcher",
         announced: bool = False,
         observer: BatchObserver | None = None,
+        detector: str = "",
+        device: str = "cpu",
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
-        self._run = run
+        if (run is None) == (steps is None):
+            raise ValueError("give either run or steps")
+        self._steps: BatchSteps[T, R] = steps if steps is not None else RunSteps(run)  # type: ignore[arg-type]
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.name = name
+        self._detector = detector
+        self._device = device
         self._watchdog_s = watchdog_s
         self._on_stuck = on_stuck
         self._queue: queue.Queue[_Waiting[T, R] | None] = queue.Queue()
         self._announced = announced
         self._expected = 0  # callers announced through expecting() that have not submitted
         self._expected_lock = threading.Lock()
+        self._room = threading.Semaphore(PIPELINE_DEPTH)
+        self._staged: queue.Queue[_InFlight[T, R] | None] = queue.Queue()
+        self._launched: queue.Queue[_InFlight[T, R] | None] = queue.Queue()
         self.stats = BatchStats()
         self._observer: BatchObserver = observer or LogBatches()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=target, name=f"{name}-{step}", daemon=True)
+            for step, target in (
+                ("stage", self._collect),
+                ("launch", self._launch),
+                ("read", self._read),
+            )
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @contextmanager
     def expecting(self) -> Iterator[Callable[..., Future[R]]]:
@@ -317,48 +492,143 @@ class MicroBatcher(Generic[T, R]):
     def __call__(self, item: T, *, alone: bool = False) -> R:
         return self.submit(item, alone=alone).result()
 
-    def close(self) -> None:
-        """Run what was submitted, then stop the batching thread."""
+    def close(self, *, cancel: bool = False) -> None:
+        """Run what was submitted, then stop the pipeline's threads. With ``cancel``, what
+        is still queued is cancelled instead (its callers see a cancelled future); batches
+        already in the pipeline complete."""
+        if cancel:
+            while True:
+                try:
+                    waiting = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if waiting is not None:
+                    waiting.future.cancel()
         self._queue.put(None)
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()
 
-    def _loop(self) -> None:
-        for collected in collect_batches(
-            self._queue,
-            max_batch=self.max_batch,
-            max_wait_s=self.max_wait_s,
-            more_coming=(lambda: self._expected > 0) if self._announced else None,
-        ):
-            together = [w for w in collected if not w.alone]
-            groups = ([together] if together else []) + [[w] for w in collected if w.alone]
-            for group in groups:
-                self._run_group(group)
+    # --- the three steps, one thread each -------------------------------------------------
 
-    def _run_group(self, group: list[_Waiting[T, R]]) -> None:
+    def _collect(self) -> None:
+        try:
+            for collected in collect_batches(
+                self._queue,
+                max_batch=self.max_batch,
+                max_wait_s=self.max_wait_s,
+                more_coming=(lambda: self._expected > 0) if self._announced else None,
+                room=self._room,
+            ):
+                together = [w for w in collected if not w.alone]
+                groups = ([together] if together else []) + [[w] for w in collected if w.alone]
+                for number, group in enumerate(groups):
+                    if number:  # the first group's room was taken while it was collected
+                        self._room.acquire()
+                    self._stage(group)
+        finally:
+            self._staged.put(None)
+
+    def _stage(self, group: list[_Waiting[T, R]]) -> None:
         live = [w for w in group if w.future.set_running_or_notify_cancel()]
         if not live:
+            self._room.release()
             return
-        self.stats.add(len(live))
-        started = time.monotonic()
-        watchdog = None
-        if self._watchdog_s is not None and self._on_stuck is not None:
-            on_stuck = self._on_stuck
-            watchdog = threading.Timer(
-                self._watchdog_s, lambda: on_stuck(time.monotonic() - started)
-            )
-            watchdog.daemon = True
-            watchdog.start()
+        batch: _InFlight[T, R] = _InFlight(live)
         try:
-            results = self._run([w.item for w in live])
-            if len(results) != len(live):
-                raise RuntimeError(f"{len(results)} results for a batch of {len(live)}")
+            batch.payload = self._steps.stage([w.item for w in live])
         except Exception as exc:
-            for waiting in live:
-                waiting.future.set_exception(exc)
-        else:
-            for waiting, result in zip(live, results, strict=True):
-                waiting.future.set_result(result)
+            batch.error = exc
+        self._staged.put(batch)
+
+    def _launch(self) -> None:
+        try:
+            while (batch := self._staged.get()) is not None:
+                batch.launched_at = time.monotonic()
+                batch.watchdog = self._start_watchdog(batch.launched_at)
+                if batch.error is None:
+                    try:
+                        batch.payload = self._steps.launch(batch.payload)
+                    except Exception as exc:
+                        batch.error = exc
+                self._launched.put(batch)
         finally:
-            if watchdog is not None:
-                watchdog.cancel()
-            self._observer.batch_ran(self._thread.name, len(live), time.monotonic() - started)
+            self._launched.put(None)
+
+    def _read(self) -> None:
+        while (batch := self._launched.get()) is not None:
+            items = [w.item for w in batch.waiting]
+            try:
+                if batch.error is not None:
+                    raise batch.error
+                results = self._steps.read(batch.payload)
+            except Exception as exc:
+                try:
+                    results = self._steps.failed(items, exc)
+                except Exception as final:
+                    self._settle(batch, None, final)
+                    continue
+            self._settle(batch, results, None)
+
+    def _settle(
+        self, batch: _InFlight[T, R], results: list[R] | None, error: BaseException | None
+    ) -> None:
+        if batch.watchdog is not None:
+            batch.watchdog.cancel()
+        size = len(batch.waiting)
+        if error is None and results is not None and len(results) != size:
+            error = RuntimeError(f"{len(results)} results for a batch of {size}")
+        self.stats.add(size)
+        self._room.release()  # before the callers hear: the next batch may form at once
+        if error is not None or results is None:
+            for waiting in batch.waiting:
+                waiting.future.set_exception(error or RuntimeError("no results"))
+        else:
+            for waiting, result in zip(batch.waiting, results, strict=True):
+                waiting.future.set_result(result)
+        try:
+            self._observer.batch_ran(
+                self.name,
+                size,
+                time.monotonic() - batch.launched_at,
+                detector=self._detector,
+                device=self._device,
+            )
+        except Exception:  # reporting must never stop the batches
+            log.exception("batch observer failed", extra={"batcher": self.name})
+
+    def _start_watchdog(self, started: float) -> threading.Timer | None:
+        if self._watchdog_s is None or self._on_stuck is None:
+            return None
+        on_stuck = self._on_stuck
+        watchdog = threading.Timer(self._watchdog_s, lambda: on_stuck(time.monotonic() - started))
+        watchdog.daemon = True
+        watchdog.start()
+        return watchdog
+
+
+def detector_batcher(
+    detector: Detector,
+    *,
+    max_batch: int,
+    max_wait_s: float,
+    announced: bool = True,
+    observer: BatchObserver | None = None,
+    watchdog_s: float | None = None,
+    on_stuck: Callable[[float], None] | None = None,
+) -> MicroBatcher[Prepared, DetectorResult]:
+    """The engine's model stage for one detector: prepared images in, results out, batched
+    and pipelined (:class:`DetectorSteps` through a :class:`MicroBatcher`). The scan, the
+    evaluation and the fleet's batching worker all score through this."""
+    steps = DetectorSteps(detector)
+    return MicroBatcher(
+        steps=steps,
+        max_batch=max_batch,
+        max_wait_s=max_wait_s,
+        watchdog_s=watchdog_s,
+        on_stuck=on_stuck,
+        name=f"batcher-{detector.spec.name}",
+        announced=announced,
+        observer=observer,
+        detector=detector.spec.name,
+        device=steps.device,
+    )

@@ -37,6 +37,7 @@ from workers.engine import (
     DetectorResult,
     MicroBatcher,
     Prepared,
+    detector_batcher,
     prepare,
     run_detector,
 )
@@ -228,14 +229,15 @@ class Batching:
         observer: BatchObserver | None = None,
     ) -> Batching:
         return cls(
-            MicroBatcher(
-                lambda items: run_detector(detector, items, max_batch=len(items)),
+            # The engine's model stage, as the scan uses it; every message's thread
+            # announces itself (see detect), so a batch waits only for those on their way.
+            detector_batcher(
+                detector,
                 max_batch=max_batch,
                 max_wait_s=max_wait_s,
                 watchdog_s=watchdog_s,
                 on_stuck=on_stuck,
-                name=f"batcher-{detector.spec.name}",
-                announced=True,  # every message's thread announces itself (see detect)
+                announced=True,
                 observer=observer,
             ),
             decoding=threading.BoundedSemaphore(decode_threads),

@@ -1,24 +1,26 @@
 """The local-file scan: files in, one stored verdict per file out (``synthsentry scan``).
 
 One of the two pipelines over the scoring core (``workers/scoring.py``); the fleet is the
-other. Per chunk of files: read, hash, decode and preprocess in threads (no database),
-register images and sources and find results that can be reused (one transaction), run
-the detectors that are still missing (no transaction held), then store detections,
-verdicts and review cases (one transaction). Bad files become ``rejected`` results; they
-never stop the run.
+other. A stream, in which every stage works at once and bounded queues join them: read,
+hash, decode and preprocess in threads (no database); register images and sources and find
+results that can be reused (a store thread, one transaction per group of files that
+arrived together); the detectors that are still missing (model detectors in batches
+through the engine's pipeline, model-free ones on threads); then detections, verdicts and
+review cases (the store thread again, one transaction per group). Bad files become
+``rejected`` results; they never stop the run.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
-from collections import deque
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,7 +30,16 @@ from db.session import transaction
 from workers import scoring
 from workers.budget import DEFAULT_MEMORY_BUDGET, MemoryBudget, Reservation, image_cost
 from workers.detectors.base import Detector
-from workers.engine import DetectorResult, Prepared, prepare, run_detector
+from workers.engine import (
+    PIPELINE_DEPTH,
+    BatchObserver,
+    DetectorResult,
+    Prepared,
+    detector_batcher,
+    is_staged,
+    prepare,
+    run_detector,
+)
 from workers.ensemble import EnsembleConfig
 from workers.intake import IntakeLimits, Rejected, RejectReason, read_local
 from workers.names import identity, printable, raw_base64
@@ -42,6 +53,10 @@ from workers.results import (
 )
 
 log = logging.getLogger(__name__)
+
+# How long a model batch may wait for company once the pipeline has room for it. A scan
+# closes a batch as soon as nothing else is ready, so this only caps a steady trickle.
+BATCH_WINDOW_S = 0.5
 
 
 def iter_image_paths(paths: Iterable[Path]) -> Iterator[Path]:
@@ -83,11 +98,6 @@ def iter_image_paths(paths: Iterable[Path]) -> Iterator[Path]:
             stack.extend(reversed(subfolders))
 
 
-def _ready_or_starved(future: Future[_Item], budget: MemoryBudget, ticket: int) -> bool:
-    """The file is taken in, or it waits for memory (see ``Scanner.scan``)."""
-    return future.done() or budget.starved(ticket)
-
-
 def _is_folder(entry: os.DirEntry[str]) -> bool:
     try:
         return entry.is_dir(follow_symlinks=False)
@@ -97,30 +107,35 @@ def _is_folder(entry: os.DirEntry[str]) -> bool:
 
 @dataclass
 class _Item:
+    index: int
     path: Path
     intake: scoring.Intake
     prepared: Prepared | None = None
     source_id: int | None = None
     image_id: int | None = None
+    summary: dict[str, Any] | None = None  # the decoded image's facts, kept once freed
     reused: dict[str, Detection] = field(default_factory=dict)
     fresh: dict[str, DetectorResult] = field(default_factory=dict)
     reservation: Reservation = field(default_factory=Reservation)
+    waiting: int = 0  # detectors still working on it
+    waiting_for_pixels: int = 0  # of those, the ones that read the decoded image
 
 
 def _take_in(
+    index: int,
     path: Path,
     limits: IntakeLimits,
     detectors: Sequence[Detector],
     budget: MemoryBudget,
-    ticket: int,
 ) -> _Item:
     """Read, hash, decode and preprocess one file (runs in an intake thread). The pixels
-    are reserved from ``budget`` in ticket order, once the header has said how many."""
+    are reserved from ``budget`` once the header has said how many, and held until no
+    detector needs them (see ``_Stream``)."""
     reservation: Reservation | None = None
 
     def admit(width: int, height: int, file_bytes: int) -> None:
         nonlocal reservation
-        reservation = budget.reserve(image_cost(width, height, file_bytes), ticket=ticket)
+        reservation = budget.reserve(image_cost(width, height, file_bytes))
 
     try:
         intake = scoring.take_in(lambda: read_local(path, limits), limits, admit=admit)
@@ -130,19 +145,17 @@ def _take_in(
         )
         why = Rejected(RejectReason.DECODE_ERROR, f"{exc}; scan the file again")
         intake = scoring.Intake.refused(why)
-    finally:
-        if reservation is None:  # refused before its pixels: let the next file go
-            budget.pass_ticket(ticket)
-    item = _Item(path=path, intake=intake, reservation=reservation or Reservation())
+    item = _Item(index=index, path=path, intake=intake, reservation=reservation or Reservation())
     if intake.decoded is None:  # a refusal keeps no pixels
         budget.release(item.reservation)
-    if item.intake.decoded is not None:
-        try:
-            item.prepared = prepare(item.intake.decoded.image, item.intake.data, detectors)
-        except Exception as exc:  # a bug in preprocessing must not end the run
-            log.exception("preprocessing failed unexpectedly", extra={"path": printable(path)})
-            why = Rejected(RejectReason.DECODE_ERROR, f"unexpected preprocessing error: {exc}")
-            item.intake = scoring.Intake.refused(why, item.intake.data)
+        return item
+    try:
+        item.prepared = prepare(intake.decoded.image, intake.data, detectors)
+    except Exception as exc:  # a bug in preprocessing must not end the run
+        log.exception("preprocessing failed unexpectedly", extra={"path": printable(path)})
+        why = Rejected(RejectReason.DECODE_ERROR, f"unexpected preprocessing error: {exc}")
+        item.intake = scoring.Intake.refused(why, intake.data)
+        budget.release(item.reservation)
     return item
 
 
@@ -159,12 +172,18 @@ class Scanner:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         actor: str = "cli",
         active: bool = True,
+        window: int | None = None,
+        observer: BatchObserver | None = None,
     ) -> None:
-        """``batch_size``: files taken in per step, and the largest batch a model sees.
-        ``decode_threads``: intake threads (read, decode, preprocess). ``memory_budget``:
-        bytes of decoded images held at once (see ``workers.budget``). ``active``: the
-        ensemble is the active configuration, whose verdicts may withdraw review cases; an
-        ad-hoc one (a scan with its own threshold or detectors) may only open them."""
+        """``batch_size``: the largest batch a model sees. ``decode_threads``: intake threads
+        (read, hash, decode, preprocess; model-free detectors run on as many threads beside
+        them). ``memory_budget``: bytes of decoded images held at once (see
+        ``workers.budget``). ``window``: files between intake and the reader at once
+        (default: enough to keep every stage busy; it bounds the memory a scan holds
+        whatever the number of files). ``active``: the ensemble is the active
+        configuration, whose verdicts may withdraw review cases; an ad-hoc one (a scan with
+        its own threshold or detectors) may only open them. ``observer`` hears of every
+        model batch (the logs by default)."""
         self.detectors = list(detectors)
         self.session_factory = session_factory
         self.limits = limits
@@ -172,6 +191,8 @@ class Scanner:
         self.batch_size = max(1, batch_size)
         self.decode_threads = max(1, decode_threads)
         self.memory_budget = memory_budget
+        self.window = max(1, window or PIPELINE_DEPTH * self.batch_size + 2 * self.decode_threads)
+        self.observer = observer
         self.peak_reserved = 0  # the most bytes of images held at once in the last scan
         self.actor = actor
         self.active = active
@@ -179,69 +200,22 @@ class Scanner:
         self._ensemble_id: int | None = None
 
     def scan(self, paths: Iterable[Path]) -> Iterator[ScanOutcome]:
-        """Results in input order. While the detectors work on one chunk, the intake threads
-        already read, decode and preprocess the files after it, as far as the memory budget
-        allows: a chunk is ``batch_size`` files, or fewer when the next file's pixels do not
-        fit beside the ones already held (the chunk is scored and freed first)."""
+        """Results in input order, as a stream: intake threads read, hash, decode and
+        preprocess up to ``window`` files ahead of the reader; one thread stores (the
+        images and sources as they arrive, then the detections and verdicts as the
+        detectors answer, each in one transaction per group); each model detector runs its
+        batches through the engine's pipeline (``workers.engine.detector_batcher``) as
+        soon as images are ready. Results that finish early wait for the ones before
+        them. Closing the iterator (an error, Ctrl-C, a reader that stops) stops the
+        stream; whatever was stored stays stored."""
         self._ensemble_id = scoring.register_ensemble(self.session_factory, self.ensemble)
         budget = MemoryBudget(self.memory_budget)
-        todo = iter(paths)
-        tickets = itertools.count()
-        pending: deque[tuple[int, Future[_Item]]] = deque()
-
-        def wake(_: Future[_Item]) -> None:
-            budget.notify()  # a file is ready: the chunk being formed may take it
-
-        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="intake") as pool:
-
-            def top_up() -> None:
-                while len(pending) < 2 * self.batch_size:
-                    path = next(todo, None)
-                    if path is None:
-                        return
-                    ticket = next(tickets)
-                    future = pool.submit(
-                        _take_in, path, self.limits, self.detectors, budget, ticket
-                    )
-                    future.add_done_callback(wake)
-                    pending.append((ticket, future))
-
-            try:
-                top_up()
-                while pending:
-                    chunk: list[_Item] = []
-                    while pending and len(chunk) < self.batch_size:
-                        ticket, future = pending[0]
-                        if chunk:
-                            budget.wait_until(partial(_ready_or_starved, future, budget, ticket))
-                            if not future.done():
-                                break  # it waits for memory this chunk holds: score these
-                        pending.popleft()
-                        chunk.append(future.result())
-                        top_up()
-                    yield from self._finish(chunk, budget)
-            finally:
-                # Stopped early (an error, Ctrl-C, a reader that stopped reading): threads
-                # waiting for memory that decoded files still hold must not wait forever.
-                budget.close()
-                pool.shutdown(wait=False, cancel_futures=True)
-        self.peak_reserved = budget.peak
-
-    def _finish(self, items: list[_Item], budget: MemoryBudget) -> list[ScanOutcome]:
-        with transaction(self.session_factory) as session:
-            for item in items:
-                self._register(session, item)
-        self._detect(items)
-        with transaction(self.session_factory) as session:
-            # The chunk's image rows, in id order: a fleet worker or another scan deciding
-            # one of these images waits, and two scans cannot deadlock.
-            repository.lock_images(session, (i.image_id for i in items if i.image_id))
-            outcomes = [self._conclude(session, item) for item in items]
-        for item in items:  # free bytes, pixels and tensors before the next chunk
-            item.intake = item.intake.released()
-            item.prepared = None
-            budget.release(item.reservation)
-        return outcomes
+        stream = _Stream(self, budget)
+        try:
+            yield from stream.outcomes(paths)
+        finally:
+            stream.stop()
+            self.peak_reserved = budget.peak
 
     def _register(self, session: Session, item: _Item) -> None:
         absolute = item.path.absolute()
@@ -257,18 +231,13 @@ class Scanner:
         )
         item.source_id = source.id
         item.image_id = scoring.record_intake(session, source.id, item.intake)
+        decoded = item.intake.decoded
+        if decoded is not None:
+            item.summary = image_summary(
+                decoded.format, decoded.width, decoded.height, decoded.anomalies
+            )
         if item.image_id is not None and item.intake.rejection is None:
             item.reused = repository.reusable_detections(session, item.image_id, self.versions)
-
-    def _detect(self, items: list[_Item]) -> None:
-        for detector in self.detectors:
-            name = detector.spec.name
-            todo = [i for i in items if i.prepared is not None and name not in i.reused]
-            if todo:
-                prepared = [i.prepared for i in todo if i.prepared is not None]
-                results = run_detector(detector, prepared, max_batch=self.batch_size)
-                for item, result in zip(todo, results, strict=True):
-                    item.fresh[name] = result
 
     def _conclude(self, session: Session, item: _Item) -> ScanOutcome:
         rejection = item.intake.rejection
@@ -299,15 +268,14 @@ class Scanner:
             active=self.active,
         )
         repository.mark_source_scored(session, item.source_id)
-        decoded = item.intake.decoded
-        assert decoded is not None and item.intake.sha256 is not None
+        assert item.summary is not None and item.intake.sha256 is not None
         outcome = scored_outcome(
             session,
             printable(item.path),
             item.intake.sha256,
             concluded.verdict,
             reports,
-            image=image_summary(decoded.format, decoded.width, decoded.height, decoded.anomalies),
+            image=item.summary,
             active_ensemble=self.ensemble.version,
         )
         return replace(outcome, path_bytes=raw_base64(item.path))
@@ -337,3 +305,204 @@ class Scanner:
             verdict=verdict,
             review=review,
         )
+
+
+class _Stream:
+    """One scan's moving parts (see ``Scanner.scan``). Threads: the intake pool, a pool for
+    model-free detectors, one pipeline per model detector, and the store thread; the reader's
+    thread tops up intake and hands results out in order. Every queue between them is
+    bounded by the window: at most ``window`` files are anywhere between intake and reader.
+    """
+
+    def __init__(self, scanner: Scanner, budget: MemoryBudget) -> None:
+        self.scanner = scanner
+        self.budget = budget
+        self.changed = threading.Condition()
+        self.taken_in: list[_Item] = []  # to register
+        self.answered: list[_Item] = []  # every detector answered: to store
+        self.finished: dict[int, ScanOutcome] = {}  # stored, waiting for the reader
+        self.failure: BaseException | None = None
+        self.stopping = False
+        threads = scanner.decode_threads
+        self.intake = ThreadPoolExecutor(threads, thread_name_prefix="intake")
+        self.model_free = [d for d in scanner.detectors if not is_staged(d)]
+        self.cpu = (
+            ThreadPoolExecutor(threads, thread_name_prefix="detect") if self.model_free else None
+        )
+        self.batchers = {
+            d.spec.name: detector_batcher(
+                d,
+                max_batch=scanner.batch_size,
+                max_wait_s=BATCH_WINDOW_S,
+                observer=scanner.observer,
+            )
+            for d in scanner.detectors
+            if is_staged(d)
+        }
+        self.store = threading.Thread(target=self._store_loop, name="scan-store", daemon=True)
+        self.store.start()
+
+    # --- the reader's side ------------------------------------------------------------
+
+    def outcomes(self, paths: Iterable[Path]) -> Iterator[ScanOutcome]:
+        todo = iter(paths)
+        submitted = handed_out = 0
+        window = self.scanner.window
+
+        def top_up() -> None:
+            nonlocal submitted
+            while submitted - handed_out < window:
+                path = next(todo, None)
+                if path is None:
+                    return
+                future = self.intake.submit(
+                    _take_in,
+                    submitted,
+                    path,
+                    self.scanner.limits,
+                    self.scanner.detectors,
+                    self.budget,
+                )
+                future.add_done_callback(self._taken_in)
+                submitted += 1
+
+        top_up()
+        while handed_out < submitted:
+            with self.changed:
+                self.changed.wait_for(partial(self._ready, handed_out))
+                if self.failure is not None:
+                    raise self.failure
+                outcome = self.finished.pop(handed_out)
+            handed_out += 1
+            top_up()  # first, so that the stream keeps moving while the reader reads
+            yield outcome
+
+    def _ready(self, index: int) -> bool:
+        return index in self.finished or self.failure is not None
+
+    def stop(self) -> None:
+        """End every thread: files not yet stored are dropped (a later scan takes them
+        again); a transaction under way completes."""
+        with self.changed:
+            self.stopping = True
+            self.changed.notify_all()
+        # Threads waiting for memory that decoded files still hold must not wait forever.
+        self.budget.close()
+        self.intake.shutdown(wait=True, cancel_futures=True)
+        for batcher in self.batchers.values():
+            batcher.close(cancel=True)
+        if self.cpu is not None:
+            self.cpu.shutdown(wait=True, cancel_futures=True)
+        self.store.join()
+
+    def _fail(self, error: BaseException) -> None:
+        with self.changed:
+            if self.failure is None:
+                self.failure = error
+            self.changed.notify_all()
+
+    # --- intake and detectors (their threads) -----------------------------------------
+
+    def _taken_in(self, future: Future[_Item]) -> None:
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            if not self.stopping:  # once stopping, a closed budget is expected
+                self._fail(error)
+            return
+        with self.changed:
+            self.taken_in.append(future.result())
+            self.changed.notify_all()
+
+    def _dispatch(self, item: _Item) -> None:
+        """Send a registered file to the detectors whose results it lacks."""
+        prepared = item.prepared
+        missing = [d for d in self.scanner.detectors if d.spec.name not in item.reused]
+        if prepared is None or item.intake.rejection is not None or not missing:
+            self._free_pixels(item)
+            self._answer(item)
+            return
+        model_free = [d for d in missing if not is_staged(d)]
+        item.waiting = len(missing)
+        item.waiting_for_pixels = len(model_free)
+        if not model_free:
+            self._free_pixels(item)
+        for detector in missing:
+            name = detector.spec.name
+            answer: Future[Any]
+            if name in self.batchers:
+                answer = self.batchers[name].submit(prepared)
+            else:
+                assert self.cpu is not None
+                answer = self.cpu.submit(run_detector, detector, [prepared], max_batch=1)
+            answer.add_done_callback(partial(self._answered, item, detector))
+
+    def _answered(self, item: _Item, detector: Detector, answer: Future[Any]) -> None:
+        if answer.cancelled():
+            return
+        error = answer.exception()
+        if error is not None:
+            result = DetectorResult.failed(f"{type(error).__name__}: {error}")
+        else:
+            value = answer.result()
+            result = value[0] if isinstance(value, list) else value
+        with self.changed:
+            item.fresh[detector.spec.name] = result
+            item.waiting -= 1
+            if not is_staged(detector):
+                item.waiting_for_pixels -= 1
+            free = not is_staged(detector) and item.waiting_for_pixels == 0
+            done = item.waiting == 0
+        if free:
+            self._free_pixels(item)
+        if done:
+            self._answer(item)
+
+    def _answer(self, item: _Item) -> None:
+        with self.changed:
+            self.answered.append(item)
+            self.changed.notify_all()
+
+    def _free_pixels(self, item: _Item) -> None:
+        """No detector reads the decoded image any more: free it, and its share of the
+        memory budget (the preprocessed tensors stay until the models have run)."""
+        if item.prepared is not None:
+            item.prepared = item.prepared.without_pixels()
+        item.intake = item.intake.released()
+        self.budget.release(item.reservation)
+
+    # --- the store thread -------------------------------------------------------------
+
+    def _store_loop(self) -> None:
+        scanner = self.scanner
+        while True:
+            with self.changed:
+                self.changed.wait_for(lambda: self.taken_in or self.answered or self.stopping)
+                if self.stopping:
+                    return
+                taken_in, self.taken_in = self.taken_in, []
+                answered, self.answered = self.answered, []
+            try:
+                if taken_in:
+                    with transaction(scanner.session_factory) as session:
+                        for item in taken_in:
+                            scanner._register(session, item)
+                    for item in taken_in:
+                        self._dispatch(item)
+                if answered:
+                    with transaction(scanner.session_factory) as session:
+                        # The images' rows, in id order: a fleet worker or another scan
+                        # deciding one of these images waits, and two scans cannot deadlock.
+                        repository.lock_images(
+                            session, (i.image_id for i in answered if i.image_id)
+                        )
+                        outcomes = [scanner._conclude(session, item) for item in answered]
+                    with self.changed:
+                        for item, outcome in zip(answered, outcomes, strict=True):
+                            item.prepared = None  # the tensors too: this file is done
+                            self.finished[item.index] = outcome
+                        self.changed.notify_all()
+            except BaseException as exc:
+                self._fail(exc)
+                return
