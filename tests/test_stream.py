@@ -280,3 +280,69 @@ def test_ctrl_c_ends_the_scan_command_cleanly(tmp_path: Path, mj5_weights: Path)
     assert len(lines) == len(paths) and all(line["status"] == "scored" for line in lines)
     reused = {line["path"] for line in lines if line["detectors"][0]["reused"]}
     assert {line["path"] for line in printed} <= reused
+
+
+def _mj5_with(mj5_weights: Path, fast_decode: str) -> Detector:
+    spec = BUILTIN_SPECS["sumsub-mj5"]
+    options = {**spec.options, "fast_decode": fast_decode}
+    return build_detector(
+        DetectorSpec(
+            name=spec.name,
+            family=spec.family,
+            version=spec.version,
+            weights=spec.weights,
+            options=options,
+        ),
+        device="cpu",
+        resolve=lambda _u, _n: mj5_weights,
+    )
+
+
+def _photos(folder: Path) -> list[Path]:
+    """Two large JPEGs (worth decoding small for a 224 px model) and a PNG."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, size in enumerate([(1600, 1200), (1200, 1800)]):
+        path = folder / f"photo-{i}.jpg"
+        sample_picture(size).save(path, quality=92)
+        paths.append(path)
+    png = folder / "graphic.png"
+    sample_picture((300, 200)).save(png)
+    return [*paths, png]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision")
+@pytest.mark.parametrize("mode", ["draft", "gpu"])
+def test_opted_in_fast_decoding_runs_through_the_stream(
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    mj5: Detector,
+    mj5_weights: Path,
+    mode: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A detector that opted into fast decoding gets its JPEGs decoded small in the scan
+    (the draft size reaches the decoder; the gpu path decodes the bytes itself, here on the
+    CPU), the image facts stay the file's, and the scores stay close to the exact path's."""
+    from workers import scoring
+
+    paths = _photos(tmp_path / "in")
+    drafts: list[tuple[int, int] | None] = []
+    real_decode = scoring.decode
+
+    def spying_decode(data: bytes, limits: IntakeLimits, **kwargs: Any) -> Any:
+        drafts.append(kwargs.get("draft"))
+        return real_decode(data, limits, **kwargs)
+
+    exact = {o.path: o for o in Scanner([mj5], sessions, LIMITS, EnsembleConfig()).scan(paths)}
+    assert drafts == [], "the exact path never asked for a draft"
+    monkeypatch.setattr(scoring, "decode", spying_decode)
+    fast = _mj5_with(mj5_weights, mode)
+    outcomes = list(Scanner([fast], sessions, LIMITS, EnsembleConfig()).scan(paths))
+    assert drafts == [fast.decode_size] * 3  # type: ignore[attr-defined]
+    for outcome in outcomes:
+        assert outcome.status == "scored" and outcome.ai_score is not None
+        reference = exact[outcome.path]
+        assert outcome.image == reference.image  # the file's own facts, not the draft's
+        assert outcome.ai_score == pytest.approx(reference.ai_score, abs=1e-2)
+        assert outcome.detectors[0].version != reference.detectors[0].version

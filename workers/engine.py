@@ -71,15 +71,35 @@ class Prepared:
 
 
 def prepare(image: Image.Image, raw: bytes, detectors: Sequence[Detector]) -> Prepared:
-    """Preprocess one decoded image for every staged detector (runs in intake threads)."""
+    """Preprocess one decoded image for every staged detector (runs in intake threads). A
+    detector that decodes on its device (``preprocess_encoded``) is given the file's
+    bytes as well."""
     prepared = Prepared(image=image, raw=raw, tensors={}, errors={})
     for detector in detectors:
         if is_staged(detector):
             try:
-                prepared.tensors[detector.spec.name] = detector.preprocess(image)
+                encoded = getattr(detector, "preprocess_encoded", None)
+                prepared.tensors[detector.spec.name] = (
+                    encoded(image, raw) if callable(encoded) else detector.preprocess(image)
+                )
             except Exception as exc:
                 prepared.errors[detector.spec.name] = f"{type(exc).__name__}: {exc}"
     return prepared
+
+
+def draft_size(detectors: Sequence[Detector]) -> tuple[int, int] | None:
+    """How small the images for these detectors may be decoded (a JPEG's DCT scaling): the
+    largest size any of them asks for, or None (full size) as soon as one needs every
+    pixel: a detector on the exact path, or one that reads the decoded image itself."""
+    sizes = []
+    for detector in detectors:
+        size = getattr(detector, "decode_size", None) if is_staged(detector) else None
+        if size is None:
+            return None
+        sizes.append(size)
+    if not sizes:
+        return None
+    return max(w for w, _ in sizes), max(h for _, h in sizes)
 
 
 def run_detector(

@@ -38,6 +38,7 @@ from workers.engine import (
     MicroBatcher,
     Prepared,
     detector_batcher,
+    draft_size,
     prepare,
     run_detector,
 )
@@ -320,7 +321,7 @@ def _attempt(
         try:
             data = _bytes_of(ctx, image_id)
             with decoding or nullcontext():
-                decoded = decode(data, ctx.limits, admit=admit)
+                decoded = decode(data, ctx.limits, admit=admit, draft=draft_size([detector]))
                 prepared = prepare(decoded.image, data, [detector])
         except Rejected as exc:
             failed = DetectorResult.failed(f"{exc.reason.value}: {exc.message}")

@@ -91,7 +91,10 @@ class DecodedImage:
     """A decoded upload. ``image`` is RGB, upright (EXIF orientation applied) and loaded;
     the other fields describe the file as stored, before orientation and conversion.
     ``anomalies`` names damage that was stepped over to decode it (one sentence each, e.g.
-    a PNG text chunk with a bad CRC that was skipped), for the evidence."""
+    a PNG text chunk with a bad CRC that was skipped), for the evidence. ``draft_scale`` is
+    1 for the file's own pixels, or 2, 4 or 8 when a JPEG was decoded at that fraction of
+    its size (``decode(..., draft=...)``): ``width`` and ``height`` stay the file's, and
+    ``image`` is the smaller picture."""
 
     image: Image.Image
     format: str
@@ -101,6 +104,7 @@ class DecodedImage:
     mode: str
     frames: int
     anomalies: tuple[str, ...] = ()
+    draft_scale: int = 1
 
 
 # Formats we decode, by the name sniff() gives them (which is also Pillow's plugin name).
@@ -854,13 +858,26 @@ def _check_jpeg_scans(data: bytes, limits: IntakeLimits, deadline: float) -> Non
         )
 
 
-def decode(data: bytes, limits: IntakeLimits, *, admit: Admit | None = None) -> DecodedImage:
+def decode(
+    data: bytes,
+    limits: IntakeLimits,
+    *,
+    admit: Admit | None = None,
+    draft: tuple[int, int] | None = None,
+) -> DecodedImage:
     """Decode untrusted bytes into an RGB image, or raise :class:`Rejected`.
 
     Bad data never raises anything else. Animated images are represented by frame 0.
     ``admit(width, height, file_bytes)`` is called once the header has passed the checks
     and before any pixel buffer exists: a caller with a memory budget reserves the image
     there (and may wait). The wait does not count against the decode time budget.
+
+    ``draft=(width, height)`` lets a JPEG be decoded at 1/2, 1/4 or 1/8 of its size (DCT
+    scaling in libjpeg, Pillow's draft mode), the strongest reduction that keeps both sides
+    at least the size given: several times faster for a large photo that a detector shrinks
+    anyway, at the price of slightly different pixels. Other formats ignore it. Every check
+    still applies to the size the header declares, which ``width`` and ``height`` report;
+    ``draft_scale`` says how much smaller ``image`` is.
     """
     started = time.monotonic()
     file_bytes = len(data)
@@ -899,7 +916,13 @@ def decode(data: bytes, limits: IntakeLimits, *, admit: Admit | None = None) -> 
 
     try:
         decoded = _decode_stream(
-            opener, stream, fmt, _mime(fmt, head), limits, header_passed=header_passed
+            opener,
+            stream,
+            fmt,
+            _mime(fmt, head),
+            limits,
+            header_passed=header_passed,
+            draft=draft if fmt == "JPEG" else None,
         )
     except (Rejected, MemoryError):
         raise  # MemoryError: the worker ran short, not a verdict on the file; let it retry
@@ -960,6 +983,7 @@ def _decode_stream(
     limits: IntakeLimits,
     *,
     header_passed: Callable[[int, int], None],
+    draft: tuple[int, int] | None = None,
 ) -> DecodedImage:
     with opener(stream, "") as source:
         width, height = source.size
@@ -968,6 +992,11 @@ def _decode_stream(
         frames = int(getattr(source, "n_frames", 1))
         if frames > 1:
             source.seek(0)
+        draft_scale = 1
+        # The mode stays the file's (None): only the scale changes, so the conversion
+        # below is the exact path's. Pillow keeps both sides >= the size asked for.
+        if draft is not None and (configured := source.draft(None, draft)) is not None:
+            draft_scale = round(width / configured[1][2])
         source.load()
         # pillow-heif takes the size from the decoded data, which may differ from ispe.
         _check_pixels(fmt, *source.size, limits)
@@ -976,7 +1005,14 @@ def _decode_stream(
         rgb = _to_rgb(ImageOps.exif_transpose(source))
     stream.check_deadline()
     return DecodedImage(
-        image=rgb, format=fmt, mime=mime, width=width, height=height, mode=mode, frames=frames
+        image=rgb,
+        format=fmt,
+        mime=mime,
+        width=width,
+        height=height,
+        mode=mode,
+        frames=frames,
+        draft_scale=draft_scale,
     )
 
 

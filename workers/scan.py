@@ -36,6 +36,7 @@ from workers.engine import (
     DetectorResult,
     Prepared,
     detector_batcher,
+    draft_size,
     is_staged,
     prepare,
     run_detector,
@@ -127,6 +128,8 @@ def _take_in(
     limits: IntakeLimits,
     detectors: Sequence[Detector],
     budget: MemoryBudget,
+    *,
+    draft: tuple[int, int] | None = None,
 ) -> _Item:
     """Read, hash, decode and preprocess one file (runs in an intake thread). The pixels
     are reserved from ``budget`` once the header has said how many, and held until no
@@ -138,7 +141,8 @@ def _take_in(
         reservation = budget.reserve(image_cost(width, height, file_bytes))
 
     try:
-        intake = scoring.take_in(lambda: read_local(path, limits), limits, admit=admit)
+        read = partial(read_local, path, limits)
+        intake = scoring.take_in(read, limits, admit=admit, draft=draft)
     except scoring.TransientError as exc:  # one file must not end the run: scan it again
         log.warning(
             "intake failed for now", extra={"path": printable(path), "error": printable(str(exc))}
@@ -326,6 +330,9 @@ class _Stream:
         threads = scanner.decode_threads
         self.intake = ThreadPoolExecutor(threads, thread_name_prefix="intake")
         self.model_free = [d for d in scanner.detectors if not is_staged(d)]
+        # Detectors that opted into fast decoding may get JPEGs decoded at a reduced scale,
+        # when every detector of the scan did (the pixels are shared).
+        self.draft = draft_size(scanner.detectors)
         self.cpu = (
             ThreadPoolExecutor(threads, thread_name_prefix="detect") if self.model_free else None
         )
@@ -362,6 +369,7 @@ class _Stream:
                     self.scanner.limits,
                     self.scanner.detectors,
                     self.budget,
+                    draft=self.draft,
                 )
                 future.add_done_callback(self._taken_in)
                 submitted += 1

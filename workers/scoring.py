@@ -84,19 +84,24 @@ def sha256_of(data: bytes) -> str:
 
 
 def take_in(
-    read: Callable[[], bytes], limits: IntakeLimits, *, admit: Admit | None = None
+    read: Callable[[], bytes],
+    limits: IntakeLimits,
+    *,
+    admit: Admit | None = None,
+    draft: tuple[int, int] | None = None,
 ) -> Intake:
     """Read, hash and decode one upload. A refusal (:class:`Rejected`) is an outcome, not an
     error; trouble that may pass (:class:`TransientError`: storage unreachable, this
     process out of memory) propagates, so that the caller can try again later. ``admit``
-    is called with the declared size before any pixel is decoded (see ``decode``)."""
+    is called with the declared size before any pixel is decoded; ``draft``: a JPEG may be
+    decoded at a reduced scale no smaller than this (see ``decode``)."""
     try:
         data = read()
     except Rejected as rejection:
         return Intake.refused(rejection)
     sha256 = sha256_of(data)
     try:
-        decoded = decode(data, limits, admit=admit)
+        decoded = decode(data, limits, admit=admit, draft=draft)
     except Rejected as rejection:
         return Intake.refused(rejection, data)
     except MemoryError as exc:  # this process was short of memory, not the upload bad

@@ -43,6 +43,7 @@ Interpolation = Literal[
 ]
 Activation = Literal["softmax", "sigmoid"]
 Autocast = Literal["bf16", "fp16"]
+FastDecode = Literal["draft", "gpu"]
 
 PositiveInt = Annotated[int, Strict(), Field(gt=0)]
 IndexInt = Annotated[int, Strict(), Field(ge=0)]
@@ -112,6 +113,11 @@ class TorchOptions(FamilyOptions):
 
     autocast: Autocast | None = None
     """Mixed precision on CUDA; on the CPU scores stay float32."""
+    fast_decode: FastDecode | None = None
+    """Faster JPEG decoding that changes the pixels the model sees (so the scores move a
+    little, see docs/performance.md): ``draft`` decodes at 1/2, 1/4 or 1/8 scale, never
+    below what the first resize needs; ``gpu`` decodes and resizes on the model's device.
+    Unset: the authors' pipeline, exactly."""
     interpolation: Interpolation | None = None
     mean: Triple | None = None
     std: Triple | None = None

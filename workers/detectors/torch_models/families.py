@@ -59,12 +59,10 @@ def load_timm(spec: DetectorSpec, *, device: str, weights_path: Path) -> TorchDe
 
 
 def _sumsub(options: SumsubOptions) -> FamilyBuild:
-    transform, input_size = timm_preprocessing(options.backbone, options)
     return FamilyBuild(
         architecture=options.backbone,
         factory=partial(sumsub_module, options.backbone),
-        transform=transform,
-        input_size=input_size,
+        preprocessing=timm_preprocessing(options.backbone, options),
         head=ScoreHead("softmax", options.ai_index, labels=("by AI", "by human")),
     )
 
@@ -76,8 +74,7 @@ def _commfor(options: CommForOptions) -> FamilyBuild:
     return FamilyBuild(
         architecture=options.backbone,
         factory=partial(commfor_module, options.backbone),
-        transform=preprocessing.transform(),
-        input_size=preprocessing.input_size,
+        preprocessing=preprocessing.preprocessing(),
         head=ScoreHead("sigmoid", 0),
         check_weights=partial(check_commfor_config, backbone=options.backbone),
     )
@@ -86,10 +83,9 @@ def _commfor(options: CommForOptions) -> FamilyBuild:
 def _timm(options: TimmOptions) -> FamilyBuild:
     architecture = options.architecture
     if options.preprocessing == "timm":
-        transform, input_size = timm_preprocessing(architecture, options)
+        preprocessing = timm_preprocessing(architecture, options)
     else:
-        explicit = explicit_preprocessing(options)
-        transform, input_size = explicit.transform(), explicit.input_size
+        preprocessing = explicit_preprocessing(options).preprocessing()
     factories: dict[str, Callable[[], nn.Module]] = {
         "sumsub": partial(sumsub_module, architecture),
         "commfor": partial(commfor_module, architecture),
@@ -98,8 +94,7 @@ def _timm(options: TimmOptions) -> FamilyBuild:
     return FamilyBuild(
         architecture=architecture,
         factory=factories[options.head],
-        transform=transform,
-        input_size=input_size,
+        preprocessing=preprocessing,
         head=ScoreHead(options.score_activation, options.score_index),
     )
 

@@ -3,8 +3,9 @@ weights (hash-checked before anything is unpickled), build the architecture on t
 device, check the checkpoint fits it, load it strictly, place it on the device.
 
 A family supplies only what differs, as a :class:`FamilyBuild` made from its typed
-options: the module factory, the transform and input size, the score head, and any check
-of files beside the weights (Community Forensics' ``config.json``).
+options: the module factory, the preprocessing (transform, input size, geometry), the score
+head, and any check of files beside the weights (Community Forensics' ``config.json``). The
+common option ``fast_decode`` is checked against the preprocessing here.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from torch import nn
 
 from workers.detectors.base import DetectorSpec, DetectorUnavailable
 from workers.detectors.options import DetectorOptionsError, TorchOptions, parse_options
+from workers.detectors.torch_models.fast_decode import check_fast_decode
 from workers.detectors.torch_models.head import ScoreHead
-from workers.detectors.torch_models.preprocessing import CHW, Transform
+from workers.detectors.torch_models.preprocessing import Preprocessing
 from workers.detectors.torch_models.runtime import TorchDetector, place, resolve_device
 from workers.detectors.weights import (
     CheckpointFormatError,
@@ -51,8 +53,7 @@ class FamilyBuild:
     """The timm name or tag, for error messages."""
     factory: Callable[[], nn.Module]
     """Builds the architecture (called on the meta device)."""
-    transform: Transform
-    input_size: CHW
+    preprocessing: Preprocessing
     head: ScoreHead
     check_weights: WeightsCheck = _no_check
 
@@ -72,6 +73,7 @@ def load_torch_detector(
     options = parse_options(spec, options_model)
     try:
         build = plan(options)
+        check_fast_decode(options.fast_decode, build.preprocessing.geometry)
         torch_device, autocast_dtype = resolve_device(spec, device, options.autocast)
         path, digest, state = read_weights(spec, weights_path)
         build.check_weights(spec, path)
@@ -86,12 +88,14 @@ def load_torch_detector(
     return TorchDetector(
         spec=spec,
         module=module,
-        transform=build.transform,
-        input_size=build.input_size,
+        transform=build.preprocessing.transform,
+        input_size=build.preprocessing.input_size,
         head=build.head,
         device=torch_device,
         weights_sha256=digest,
         autocast_dtype=autocast_dtype,
+        geometry=build.preprocessing.geometry,
+        fast_decode=options.fast_decode,
     )
 
 

@@ -6,6 +6,7 @@ value; a changed option is a new detector version."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,51 @@ COMMFOR_RESIZE_FOR_CROP = {384: 440, 224: 256}
 
 Transform = Callable[[Image.Image], torch.Tensor]
 CHW = tuple[int, int, int]
+RGB = tuple[float, float, float]
+
+# What a resize on tensors (torchvision's, over torch.nn.functional.interpolate with
+# antialias) reproduces of Pillow's resize: the two filters Pillow and torch share.
+TENSOR_INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a detector's transform does to the pixels, as numbers: Resize -> CenterCrop ->
+    ToTensor -> Normalize. Fast decoding reads it to know how small a JPEG may be decoded
+    and to redo the same steps with tensor operations on the model's device."""
+
+    resize: int | tuple[int, int]
+    """The shorter side, or exactly (height, width)."""
+    crop: tuple[int, int] | None
+    """The centre crop (height, width); None when the transform does something else after
+    its resize (timm's ``border`` mode pads, a keep-ratio resize to a non-square size)."""
+    interpolation: str
+    mean: RGB
+    std: RGB
+
+    @property
+    def least_side(self) -> int:
+        """A decoded image whose sides are both at least this is only ever shrunk by the
+        resize, whatever its aspect and orientation."""
+        return self.resize if isinstance(self.resize, int) else max(self.resize)
+
+    def tensor_mismatch(self) -> str | None:
+        """Why tensor operations cannot redo this transform; None when they can."""
+        if self.crop is None:
+            return "its resize is not followed by a plain centre crop"
+        if self.interpolation not in TENSOR_INTERPOLATIONS:
+            return f"it resizes with {self.interpolation}, not bilinear or bicubic"
+        return None
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """A detector's transform, the (C, H, W) it produces and its :class:`Geometry`."""
+
+    transform: Transform
+    input_size: CHW
+    geometry: Geometry
+
 
 _TIMM_OVERRIDES = {"input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std"}
 
@@ -68,11 +114,41 @@ def timm_transform(config: Mapping[str, Any]) -> Transform:
     return transform
 
 
-def timm_preprocessing(backbone: str, options: TimmConfigOptions) -> tuple[Transform, CHW]:
-    """The transform of :func:`timm_data_config` and the (C, H, W) it produces."""
+def timm_geometry(config: Mapping[str, Any]) -> Geometry:
+    """The numbers of timm's eval transform for a data config, worked out as
+    ``transforms_imagenet_eval`` does: the resize is the crop divided by ``crop_pct``
+    (rounded down); ``squash`` resizes to exactly that, ``center`` resizes the shorter side
+    to it, ``border`` fits the longer side and pads."""
+    height, width = (int(value) for value in config["input_size"][-2:])
+    crop_pct = config["crop_pct"] or timm.data.DEFAULT_CROP_PCT
+    scaled = (math.floor(height / crop_pct), math.floor(width / crop_pct))
+    mode = config["crop_mode"]
+    resize: int | tuple[int, int] = scaled
+    crop: tuple[int, int] | None = (height, width)
+    if mode == "border" or (mode != "squash" and scaled[0] != scaled[1]):
+        resize, crop = max(scaled), None
+    elif mode != "squash":
+        resize = scaled[0]
+    return Geometry(
+        resize=resize,
+        crop=crop,
+        interpolation=str(config["interpolation"]),
+        mean=_rgb(config["mean"]),
+        std=_rgb(config["std"]),
+    )
+
+
+def _rgb(values: Any) -> RGB:
+    red, green, blue = (float(value) for value in values)
+    return red, green, blue
+
+
+def timm_preprocessing(backbone: str, options: TimmConfigOptions) -> Preprocessing:
+    """The transform of :func:`timm_data_config`, the (C, H, W) it produces and its
+    geometry."""
     config = timm_data_config(backbone, options)
     channels, height, width = (int(value) for value in config["input_size"])
-    return timm_transform(config), (channels, height, width)
+    return Preprocessing(timm_transform(config), (channels, height, width), timm_geometry(config))
 
 
 @dataclass(frozen=True)
@@ -89,6 +165,19 @@ class ExplicitPreprocessing:
     @property
     def input_size(self) -> CHW:
         return 3, self.crop, self.crop
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(
+            resize=self.resize,
+            crop=(self.crop, self.crop),
+            interpolation=self.interpolation,
+            mean=self.mean,
+            std=self.std,
+        )
+
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.transform(), self.input_size, self.geometry)
 
     def transform(self) -> Transform:
         resize = self.resize if isinstance(self.resize, int) else list(self.resize)

@@ -1,11 +1,14 @@
 """A loaded model at work: the device it runs on, mixed precision, and
 :class:`TorchDetector`, which scores in two steps so a batching engine can pipeline them:
 ``preprocess(image) -> (C, H, W) tensor`` on the CPU, then ``forward(batch) -> outputs`` on
-the device. ``detect_batch`` does both."""
+the device. ``detect_batch`` does both. With the option ``fast_decode``
+(:mod:`~workers.detectors.torch_models.fast_decode`) a detector also says how small a JPEG
+may be decoded for it (``decode_size``), and with ``gpu`` takes the file's bytes
+(``preprocess_encoded``) and decodes them on its device in ``to_device``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -14,9 +17,16 @@ from PIL import Image
 from torch import nn
 
 from workers.detectors.base import DetectorOutput, DetectorSpec, DetectorUnavailable, derive_version
-from workers.detectors.options import Autocast
+from workers.detectors.options import Autocast, FastDecode
+from workers.detectors.torch_models.fast_decode import (
+    DeviceInput,
+    DeviceJpegPipeline,
+    EncodedBatch,
+    EncodedJpeg,
+    decode_size,
+)
 from workers.detectors.torch_models.head import ScoreHead
-from workers.detectors.torch_models.preprocessing import Transform
+from workers.detectors.torch_models.preprocessing import Geometry, Transform
 
 AUTOCAST_DTYPES: dict[Autocast, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -59,7 +69,11 @@ class TorchDetector:
         device: torch.device,
         weights_sha256: str,
         autocast_dtype: torch.dtype | None = None,
+        geometry: Geometry | None = None,
+        fast_decode: FastDecode | None = None,
     ) -> None:
+        if fast_decode is not None and geometry is None:
+            raise ValueError("fast decoding needs the transform's geometry")
         self.spec = spec
         self._module = module
         self._transform = transform
@@ -71,6 +85,18 @@ class TorchDetector:
         self._streams: _Streams | None = None  # made on first use, on a GPU only
         self.input_size = input_size
         """(C, H, W) of every tensor :meth:`preprocess` returns."""
+        self._decode_size = decode_size(fast_decode, geometry) if geometry else None
+        self._device_jpeg = (
+            DeviceJpegPipeline(geometry, device, exact=self.preprocess, stack=self._stack)
+            if fast_decode == "gpu" and geometry is not None
+            else None
+        )
+        self.preprocess_encoded: Callable[[Image.Image, bytes], DeviceInput] | None = (
+            self._device_jpeg.prepare if self._device_jpeg is not None else None
+        )
+        """With ``fast_decode = "gpu"``: ``(image, file bytes)`` -> what :meth:`collate`
+        takes, used instead of :meth:`preprocess` (``image`` may be a draft: the device
+        decodes the bytes); None otherwise."""
 
     @property
     def version(self) -> str:
@@ -84,6 +110,13 @@ class TorchDetector:
     def device(self) -> torch.device:
         return self._device
 
+    @property
+    def decode_size(self) -> tuple[int, int] | None:
+        """The (width, height) a worker may decode a JPEG down to for this detector
+        (``intake.decode(..., draft=decode_size)``); None: the file's own size (the exact
+        path). A worker feeding several detectors decodes at the largest they ask for."""
+        return self._decode_size
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """One image -> a float (C, H, W) tensor on the CPU. Any mode is turned into RGB the
         way the authors' pipelines do (``convert("RGB")``: alpha dropped, grey replicated)."""
@@ -96,19 +129,34 @@ class TorchDetector:
     # queued without waiting) and ``read`` (the one point where the host waits for the
     # device). ``forward`` runs them back to back.
 
-    def collate(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    def collate(self, inputs: Sequence[DeviceInput]) -> torch.Tensor | EncodedBatch:
         """Preprocessed images -> one (N, C, H, W) batch on the host; in page-locked memory
-        when the model is on a GPU, so that the copy can run while the device works."""
+        when the model is on a GPU, so that the copy can run while the device works. With
+        JPEGs from :attr:`preprocess_encoded` among them, their bytes and the other rows'
+        tensors, for :meth:`to_device` to decode and assemble there."""
+        if any(isinstance(item, EncodedJpeg) for item in inputs):
+            if self._device_jpeg is None:
+                raise TypeError(f"detector {self.spec.name} does not decode JPEGs on its device")
+            return self._device_jpeg.collate(inputs)
+        return self._stack([item for item in inputs if isinstance(item, torch.Tensor)])
+
+    def _stack(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         if self._device.type != "cuda":
             return torch.stack(list(inputs))
         shape = (len(inputs), *inputs[0].shape)
         batch = torch.empty(shape, dtype=inputs[0].dtype, pin_memory=True)
         return torch.stack(list(inputs), out=batch)
 
-    def to_device(self, batch: torch.Tensor) -> Staged:
+    def to_device(self, batch: torch.Tensor | EncodedBatch) -> Staged:
         """Start copying a collated batch to the model's device (channels-last on CUDA). On
         a GPU the copy runs on a stream of its own, so the next batch travels while the
-        current one is computed; the model waits for it (:meth:`launch`), the host does not."""
+        current one is computed; the model waits for it (:meth:`launch`), the host does not.
+
+        An :class:`EncodedBatch` is decoded, resized and normalised on the device, on that
+        same stream. torchvision's nvJPEG call returns once its decode is done, so the
+        host does wait for the decoding itself (not for the model)."""
+        if isinstance(batch, EncodedBatch):
+            return self._decode_on_device(batch)
         if self._device.type != "cuda":
             return Staged(batch.to(self._device))
         streams = self._cuda_streams()
@@ -150,6 +198,19 @@ class TorchDetector:
             launched.done.synchronize()
         return self._head.outputs(launched.logits)
 
+    def _decode_on_device(self, batch: EncodedBatch) -> Staged:
+        if self._device_jpeg is None:
+            raise TypeError(f"detector {self.spec.name} does not decode JPEGs on its device")
+        if self._device.type != "cuda":
+            return Staged(self._device_jpeg.assemble(batch))
+        streams = self._cuda_streams()
+        with torch.cuda.stream(streams.copy):
+            moved = self._device_jpeg.assemble(batch)
+            moved = moved.contiguous(memory_format=torch.channels_last)
+            copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            copied.record(streams.copy)
+        return Staged(moved, copied, host=batch.tensors)
+
     def _cuda_streams(self) -> _Streams:
         if self._streams is None:
             new_stream = torch.cuda.Stream
@@ -159,9 +220,10 @@ class TorchDetector:
             )
         return self._streams
 
-    def forward(self, batch: torch.Tensor) -> list[DetectorOutput]:
-        """A stacked (N, C, H, W) batch from :meth:`preprocess` -> one output per row."""
-        if batch.shape[0] == 0:
+    def forward(self, batch: torch.Tensor | EncodedBatch) -> list[DetectorOutput]:
+        """A stacked (N, C, H, W) batch from :meth:`preprocess`, or what :meth:`collate`
+        returns -> one output per row."""
+        if len(batch) == 0:
             return []
         return self.read(self.launch(self.to_device(batch)))
 
@@ -170,6 +232,10 @@ class TorchDetector:
     ) -> list[DetectorOutput]:
         if not images:
             return []
+        encode = self.preprocess_encoded
+        if encode is not None and len(raw) == len(images) and all(raw):
+            inputs = [encode(image, data) for image, data in zip(images, raw, strict=True)]
+            return self.forward(self.collate(inputs))
         return self.forward(torch.stack([self.preprocess(image) for image in images]))
 
 
