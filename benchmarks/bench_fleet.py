@@ -364,6 +364,7 @@ def main() -> int:
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k in args.only}
     results = {}
+    engine: dict[str, Any] | None = None
     with (
         tempfile.TemporaryDirectory() as tmp,
         servers.start_postgres() as postgres,
@@ -402,8 +403,64 @@ def main() -> int:
                 folder,
                 lambda db=database: take_in_all(db, s3_endpoint, payloads[total:]),
             )
+        if not args.only or "engine" in args.only:
+            database = servers.recreate_database(postgres.url, "bench_engine")
+            migrate.upgrade(database)
+            print("running the scan engine on the same images ...", file=sys.stderr, flush=True)
+            engine = engine_backlog(
+                database,
+                folder,
+                payloads[args.lone : 1 + args.lone + args.backlog],
+                args.batch_size,
+            )
     report(results, args)
+    if engine is not None:
+        rate = engine["backlog"] / engine["backlog_s"]
+        print(f"\nscan engine, the same {engine['backlog']} images from files: {rate:.1f} img/s")
+        for name, r in results.items():
+            print(f"  {name} / engine: {r['backlog'] / r['backlog_s'] / rate:.2f}")
     return 0
+
+
+def engine_backlog(
+    database: str, folder: Path, payloads: list[bytes], batch_size: int
+) -> dict[str, Any]:
+    """The same images through ``synthsentry scan``'s streaming engine (files on disk, the
+    same checkpoint and database server): the rate a batching worker should approach."""
+    from db.session import make_engine, make_sessionmaker
+    from synthsentry.settings import Settings
+    from workers.detectors.registry import BUILTIN_SPECS, build_detector
+    from workers.ensemble import EnsembleConfig
+    from workers.intake import IntakeLimits
+    from workers.scan import Scanner
+
+    files = folder / "engine-images"
+    files.mkdir(exist_ok=True)
+    paths = []
+    for i, payload in enumerate(payloads):
+        path = files / f"{i:04d}.jpg"
+        path.write_bytes(payload)
+        paths.append(path)
+    settings = Settings(database_url=database)
+    detector = build_detector(
+        BUILTIN_SPECS[DETECTOR], device="cpu", resolve=lambda _u, _n: folder / "mj5.pt"
+    )
+    engine = make_engine(database)
+    limits = IntakeLimits(max_bytes=50 << 20, max_pixels=100_000_000, decode_timeout_s=60)
+    scanner = Scanner(
+        [detector],
+        make_sessionmaker(engine),
+        limits,
+        EnsembleConfig(),
+        batch_size=batch_size,
+        decode_threads=settings.intake_threads,
+    )
+    list(scanner.scan(paths[:1]))  # warm-up, as the workers' first message
+    started = time.perf_counter()
+    count = sum(1 for _ in scanner.scan(paths[1:]))
+    elapsed = time.perf_counter() - started
+    engine.dispose()
+    return {"backlog": count, "backlog_s": elapsed}
 
 
 def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:

@@ -351,6 +351,15 @@ class LogBatches:
         )
 
 
+class IgnoreBatches:
+    """Reports nothing (a scan on a terminal: its progress bar says enough)."""
+
+    def batch_ran(
+        self, batcher: str, size: int, seconds: float, *, detector: str = "", device: str = "cpu"
+    ) -> None:
+        return None
+
+
 class BatchSteps(Protocol[T, R]):
     """How a batch runs in three overlapping steps: ``stage`` (host work and the copy to the
     device), ``launch`` (queue the model), ``read`` (wait for the answers, one per item in

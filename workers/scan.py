@@ -34,6 +34,7 @@ from workers.engine import (
     PIPELINE_DEPTH,
     BatchObserver,
     DetectorResult,
+    IgnoreBatches,
     Prepared,
     detector_batcher,
     draft_size,
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 # How long a model batch may wait for company once the pipeline has room for it. A scan
 # closes a batch as soon as nothing else is ready, so this only caps a steady trickle.
 BATCH_WINDOW_S = 0.5
+# How long the store thread waits for a group of files to fill before it writes what it has.
+STORE_GATHER_S = 0.05
 
 
 def iter_image_paths(paths: Iterable[Path]) -> Iterator[Path]:
@@ -187,7 +190,7 @@ class Scanner:
         whatever the number of files). ``active``: the ensemble is the active
         configuration, whose verdicts may withdraw review cases; an ad-hoc one (a scan with
         its own threshold or detectors) may only open them. ``observer`` hears of every
-        model batch (the logs by default)."""
+        model batch (by default no one)."""
         self.detectors = list(detectors)
         self.session_factory = session_factory
         self.limits = limits
@@ -341,7 +344,7 @@ class _Stream:
                 d,
                 max_batch=scanner.batch_size,
                 max_wait_s=BATCH_WINDOW_S,
-                observer=scanner.observer,
+                observer=scanner.observer or IgnoreBatches(),
             )
             for d in scanner.detectors
             if is_staged(d)
@@ -402,6 +405,10 @@ class _Stream:
         if self.cpu is not None:
             self.cpu.shutdown(wait=True, cancel_futures=True)
         self.store.join()
+
+    def _group_full(self) -> bool:
+        waiting = len(self.taken_in) + len(self.answered)
+        return self.stopping or waiting >= self.scanner.batch_size
 
     def _fail(self, error: BaseException) -> None:
         with self.changed:
@@ -487,6 +494,9 @@ class _Stream:
         while True:
             with self.changed:
                 self.changed.wait_for(lambda: self.taken_in or self.answered or self.stopping)
+                # A transaction costs about as much as the rows in it: give the group a
+                # moment to fill (a commit per file cost a sixth of the throughput).
+                self.changed.wait_for(self._group_full, timeout=STORE_GATHER_S)
                 if self.stopping:
                     return
                 taken_in, self.taken_in = self.taken_in, []
