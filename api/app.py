@@ -3,6 +3,7 @@
     GET  /healthz            the process answers
     GET  /readyz             the database (and, with a server database, the broker) answer
     GET  /openapi.json       the schema
+    GET  /metrics            Prometheus metrics (not in the schema; api.metrics)
     /v1/scans, /v1/items, /v1/images   platform hooks: submit uploads, read verdicts
     /v1/callbacks            signed callbacks: secrets, allowed hosts, deliveries
     /v1/rescans              batch re-scans (admin)
@@ -17,12 +18,25 @@ the API records and reads; models run in the workers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import Depends, FastAPI
+from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import callbacks, dashboard, limits, problems, rescans, reviews, scans, tokens, webhook
+from api import (
+    callbacks,
+    dashboard,
+    limits,
+    metrics,
+    problems,
+    rescans,
+    reviews,
+    scans,
+    tokens,
+    webhook,
+)
 from api.context import ApiContext
 from api.guards import storable_text
 from api.problems import Problem
@@ -43,9 +57,10 @@ ROUTERS = (
 )
 
 
-def create_app(context: ApiContext) -> FastAPI:
+def create_app(context: ApiContext, *, collectors: Sequence[Collector] = ()) -> FastAPI:
     """The application over ``context`` (``api.context``: the database, the dispatcher, the
-    object store, the limits)."""
+    object store, the limits); ``collectors``: gauges ``/metrics`` serves beside the
+    process's counters (the embedded mode's review backlog)."""
     session_factory: sessionmaker[Session] = context.session_factory
     broker_url = context.broker_url
     app = FastAPI(
@@ -59,6 +74,8 @@ def create_app(context: ApiContext) -> FastAPI:
     problems.install(app)
     scans.install(app)
     limits.install(app, context, read_timeout_s=context.body_read_timeout_s)
+    # After the body limits: its middleware is the outer one and counts their refusals.
+    metrics.install(app, collectors)
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> dict[str, bool]:

@@ -42,6 +42,7 @@ from starlette.requests import ClientDisconnect
 
 from api.context import ApiContext, ContextDep
 from api.problems import MEDIA_TYPE, Problem, problem_document
+from workers import metrics
 from workers.events import MalformedEvent, S3Notification, TooManyRecords, parse_s3_notification
 from workers.uploads import keep_dead_letter, submit_upload
 
@@ -146,6 +147,7 @@ async def take_s3_event(request: Request, context: ContextDep, _: SharedSecret) 
         # The database and the dispatch block: off the event loop.
         return await run_in_threadpool(_take_event, context, body)
     except _Unavailable:
+        metrics.error("api")
         return _problem(
             HTTPStatus.SERVICE_UNAVAILABLE,
             "unavailable",
@@ -211,9 +213,19 @@ def _take_event(context: ApiContext, body: bytes) -> Response:
             "no record of the event can be used; see refusals",
             **summary,
         )
+    _count(outcomes)
     return _reply(
         HTTPStatus.OK, {**summary, "test_event": notification.is_test_event}, "application/json"
     )
+
+
+def _count(outcomes: _Outcomes) -> None:
+    """The records of an event answered 200: each upload taken (a duplicate included), each
+    record refused (an event refused whole is counted at the door, ``api.metrics``)."""
+    metrics.upload_received("s3_event", outcomes.accepted + outcomes.duplicates)
+    for refusal in outcomes.refusals:
+        reason = "bucket-not-allowed" if refusal["status"] == 403 else "invalid-record"
+        metrics.upload_refused("s3_event", reason)
 
 
 def _take_uploads(context: ApiContext, notification: S3Notification) -> _Outcomes:

@@ -91,6 +91,7 @@ class Runtime:
     object_store_dir: Path = Path(".synthsentry/objects")
     embedded_queue_size: int = 256
     secret_key: SecretStr = field(default=SecretStr(""), repr=False)
+    secret_key_previous: tuple[SecretStr, ...] = field(default=(), repr=False)
     callback_timeout_s: float = 15.0
     callback_retry_hours: float = 24.0
     callback_allow_private: bool = False
@@ -165,6 +166,7 @@ class Runtime:
             object_store_dir=settings.resolved_object_store_dir,
             embedded_queue_size=settings.embedded_queue_size,
             secret_key=settings.secret_key,
+            secret_key_previous=tuple(settings.secret_key_previous),
             callback_timeout_s=settings.callback_timeout_seconds,
             callback_retry_hours=settings.callback_retry_hours,
             callback_allow_private=settings.callback_allow_private_addresses,
@@ -311,14 +313,16 @@ class Runtime:
         """How callbacks are signed and sent. Without a configured secret key (development
         only: production refuses to start without one) the key is kept in
         ``<data_dir>/secret.key``, made on first use, readable by this user only; the API,
-        the callback sender and ``tokens create`` must then share the data folder."""
+        the callback sender and ``tokens create`` must then share the data folder. The
+        previous secret keys still decrypt what they encrypted (see ``callbacks
+        rotate-key``)."""
         from workers.callbacks import CallbackPolicy, SecretBox, load_or_create_key
 
         key = self.secret_key.get_secret_value()
         if not key:
             key = load_or_create_key(self.data_dir / "secret.key")
         return CallbackPolicy(
-            box=SecretBox(key),
+            box=SecretBox(key, [k.get_secret_value() for k in self.secret_key_previous]),
             allow_private=self.callback_allow_private,
             timeout_s=self.callback_timeout_s,
             retry_hours=self.callback_retry_hours,

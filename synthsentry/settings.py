@@ -7,14 +7,15 @@ environment variable named ``SYNTHSENTRY_<FIELD>`` (upper case).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _looks_like_placeholder(secret: str) -> bool:
@@ -45,7 +46,10 @@ class PlattCalibration(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SYNTHSENTRY_", extra="ignore")
+    # A refused value is never echoed back: several of these settings are secrets.
+    model_config = SettingsConfigDict(
+        env_prefix="SYNTHSENTRY_", extra="ignore", hide_input_in_errors=True
+    )
 
     environment: Literal["development", "test", "production"] = Field(
         "development", description="Deployment environment; production refuses unsafe defaults."
@@ -78,9 +82,7 @@ class Settings(BaseSettings):
 
     # Detection and ensemble.
     device: str = Field("cpu", description="Torch device for model detectors: cpu, cuda, cuda:N.")
-    batch_size: int = Field(
-        16, ge=1, le=1024, description="Largest batch a model sees; also files taken in per step."
-    )
+    batch_size: int = Field(16, ge=1, le=1024, description="Largest batch a model sees.")
     intake_threads: int = Field(
         default_factory=lambda: max(2, os.cpu_count() or 2),
         ge=1,
@@ -234,6 +236,13 @@ class Settings(BaseSettings):
         "string). Required in production; in development one is generated into "
         "<data_dir>/secret.key.",
     )
+    secret_key_previous: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Earlier secret keys, while an operator changes SYNTHSENTRY_SECRET_KEY: "
+        "what they encrypted is still read, nothing new is written with them. JSON: "
+        '["old key"], or one key as it is. Remove them once `synthsentry callbacks '
+        "rotate-key` has re-encrypted the stored secrets under the new key.",
+    )
     callback_timeout_seconds: float = Field(
         15.0,
         gt=0,
@@ -293,6 +302,20 @@ class Settings(BaseSettings):
         2048, ge=256, le=8192, description="Longest side of the image on a case page."
     )
 
+    # --- metrics and probes of the processes beside the API ---------------------------------
+    metrics_port: int = Field(
+        9100,
+        ge=0,
+        le=65535,
+        description="Port of the HTTP server every worker, ingest, reconciler and callback "
+        "sender runs for Prometheus and its supervisor: /metrics, /livez, /readyz (the API "
+        "serves /metrics on its own port). 0: no server. `--metrics-port` overrides it.",
+    )
+    metrics_host: str = Field(
+        "0.0.0.0",  # noqa: S104 - Prometheus and the kubelet reach it from outside the pod
+        description="Address the metrics server listens on.",
+    )
+
     log_level: str = Field("INFO", description="Root log level.")
     log_json: bool = Field(True, description="One JSON object per log line (False: plain text).")
 
@@ -300,6 +323,26 @@ class Settings(BaseSettings):
     @classmethod
     def _check_device(cls, value: str) -> str:
         return check_device(value)
+
+    @field_validator("secret_key_previous", mode="before")
+    @classmethod
+    def _parse_previous_keys(cls, value: object) -> object:
+        # From the environment: a JSON list like the other list settings, or one key as it
+        # is (a value that starts with "[" is taken for a list, and must parse as one). An
+        # empty entry never encrypted anything (the secret key cannot be empty): it is left
+        # out.
+        if isinstance(value, str):
+            if not value.strip():
+                return []
+            if not value.lstrip().startswith("["):
+                return [value]
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError("not a JSON list of keys (one key is given as it is)") from None
+        if isinstance(value, list):
+            return [key for key in value if key != ""]
+        return value
 
     @field_validator("ensemble_weights")
     @classmethod
@@ -330,6 +373,11 @@ class Settings(BaseSettings):
             if not key or _looks_like_placeholder(key):
                 raise ValueError(
                     "SYNTHSENTRY_SECRET_KEY must be set to a real secret in production"
+                )
+            if any(_looks_like_placeholder(k.get_secret_value()) for k in self.secret_key_previous):
+                raise ValueError(
+                    "SYNTHSENTRY_SECRET_KEY_PREVIOUS holds a placeholder; list only the real "
+                    "earlier keys"
                 )
             if self.callback_allow_private_addresses:
                 raise ValueError(

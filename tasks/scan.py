@@ -8,7 +8,11 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
-from tasks import worker
+# Imported for its signal handlers: every worker reports queue waits and task errors.
+from tasks import (
+    observe,  # noqa: F401
+    worker,
+)
 from tasks.app import DETECT_TASK, INTAKE_TASK, app, send_detect
 from workers.scoring import TransientError
 

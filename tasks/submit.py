@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from bisect import bisect
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from db.models import SourceKind
 from tasks.app import (
@@ -23,7 +24,7 @@ from tasks.app import (
     send_intake,
 )
 from tasks.queues import QUEUES
-from workers import uploads
+from workers import metrics, uploads
 from workers.events import UploadRecord
 from workers.fleet import FleetContext, resend_stalled
 
@@ -146,16 +147,7 @@ def resend_lost(ctx: FleetContext, *, after_s: float) -> int:
     no worker consumes, or that are behind by more than ``after_s`` (``BrokerBacklog``)."""
     with broker_redis() as client:
         backlog = BrokerBacklog(client, window_s=after_s)
-        backlog.check(
-            [
-                queue
-                for bulk in (False, True)
-                for queue in (
-                    QUEUES.intake_queue(bulk=bulk),
-                    *(QUEUES.detect(name, bulk=bulk) for name in ctx.detectors),
-                )
-            ]
-        )
+        backlog.check(fleet_queues(ctx.detectors))
         work = resend_stalled(ctx, after_s=after_s, backlog=backlog)
     bulk_intake, bulk_detect = set(work.bulk_intake), set(work.bulk_detect)
     # A batch re-scan's lost work goes back to the low-priority queues it came from.
@@ -163,7 +155,144 @@ def resend_lost(ctx: FleetContext, *, after_s: float) -> int:
         send_intake(source_id, bulk=source_id in bulk_intake)
     for image_id, detector in work.detect:
         send_detect(image_id, detector, bulk=(image_id, detector) in bulk_detect)
+    metrics.RECONCILER_RESENDS.labels("intake").inc(len(work.intake))
+    metrics.RECONCILER_RESENDS.labels("detect").inc(len(work.detect))
     return len(work.intake) + len(work.detect)
+
+
+def fleet_queues(detectors: Iterable[str]) -> list[str]:
+    """Every queue of a fleet with these detectors: intake, one per detector, and their bulk
+    twins."""
+    names = list(detectors)
+    return [
+        queue
+        for bulk in (False, True)
+        for queue in (
+            QUEUES.intake_queue(bulk=bulk),
+            *(QUEUES.detect(name, bulk=bulk) for name in names),
+        )
+    ]
+
+
+@dataclass(frozen=True)
+class RedisLayout:
+    """Where kombu's Redis transport keeps a queue's messages (``kombu.transport.redis``):
+
+    - waiting messages in one list per priority step: priority 0 under the queue's own
+      name, every other step under ``<queue><sep><step>`` (``Channel._q_for_pri``), so a
+      queue's length is the sum of its lists (what ``LLEN queue`` alone would miss);
+    - messages delivered to a consumer and not acknowledged yet in the hash ``unacked``
+      (delivery tag -> ``[message, exchange, routing key]``), until the ack removes them
+      or the visibility timeout puts them back in their queue;
+    - the bindings of an exchange in the set ``_kombu.binding.<exchange>``, whose members
+      are ``<routing key><sep><pattern><sep><queue>``.
+
+    The names are kombu's own (its ``Channel`` attributes), overridden by the same broker
+    transport options kombu reads (``sep``, ``priority_steps``, ``unacked_key``,
+    ``global_keyprefix``)."""
+
+    sep: str
+    priority_steps: tuple[int, ...]
+    unacked_key: str
+    binding_key: str  # with %s for the exchange
+    key_prefix: str = ""
+
+    @classmethod
+    def of(cls, transport_options: Mapping[str, Any] | None = None) -> RedisLayout:
+        from kombu.transport.redis import Channel
+
+        options = transport_options or {}
+        return cls(
+            sep=str(options.get("sep", Channel.sep)),
+            priority_steps=tuple(options.get("priority_steps", Channel.priority_steps)),
+            unacked_key=str(options.get("unacked_key", Channel.unacked_key)),
+            binding_key=str(Channel.keyprefix_queue),
+            key_prefix=str(options.get("global_keyprefix", "")),
+        )
+
+    def priority_lists(self, queue: str) -> list[str]:
+        """The Redis lists of ``queue``, one per priority step."""
+        return [self.key_prefix + self.list_of(queue, step) for step in self.priority_steps]
+
+    def list_of(self, queue: str, priority: int) -> str:
+        steps = self.priority_steps
+        step = steps[max(0, bisect(steps, priority) - 1)]
+        return f"{queue}{self.sep}{step}" if step else queue
+
+    def bindings(self, exchange: str) -> str:
+        return self.key_prefix + self.binding_key % exchange
+
+
+def read_depths(
+    client: redis.Redis,
+    queues: Sequence[str],
+    layout: RedisLayout,
+    now: float | None = None,
+) -> list[metrics.QueueDepth]:
+    """Each queue's messages waiting (every priority), reserved and not acknowledged, and
+    its live consumers, at one read of the broker. A reserved message of a queue not in
+    ``queues`` is reported too."""
+    now = broker_time(client) if now is None else now
+    with client.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            for key in layout.priority_lists(queue):
+                pipe.llen(key)
+        for queue in queues:
+            pipe.zcount(QUEUES.consumers(queue), now - CONSUMER_GONE_S, "+inf")
+        pipe.hvals(layout.key_prefix + layout.unacked_key)
+        answers = pipe.execute()
+    steps = len(layout.priority_steps)
+    ready = {
+        queue: sum(int(n) for n in answers[i * steps : (i + 1) * steps])
+        for i, queue in enumerate(queues)
+    }
+    consumers = dict(zip(queues, answers[len(queues) * steps : -1], strict=True))
+    unacked = _unacked_by_queue(client, answers[-1], layout)
+    names = list(queues) + sorted(set(unacked) - set(queues))
+    return [
+        metrics.QueueDepth(
+            queue=name,
+            ready=ready.get(name, 0),
+            unacked=unacked.get(name, 0),
+            consumers=int(consumers.get(name, 0)),
+        )
+        for name in names
+    ]
+
+
+def _unacked_by_queue(
+    client: redis.Redis, entries: Sequence[bytes], layout: RedisLayout
+) -> dict[str, int]:
+    """How many of the reserved messages (``unacked`` values) belong to each queue: the
+    queues their exchange binds their routing key to (each of Celery's task queues is bound
+    to an exchange of its own name by the queue's name; sent to the default exchange, the
+    routing key is the queue)."""
+    routes: dict[tuple[str, str], int] = {}
+    for entry in entries:
+        try:
+            _, exchange, routing_key = json.loads(entry)
+        except (ValueError, TypeError):
+            continue  # not a kombu entry
+        route = (str(exchange or ""), str(routing_key or ""))
+        routes[route] = routes.get(route, 0) + 1
+    tables: dict[str, list[tuple[str, str]]] = {}
+    counts: dict[str, int] = {}
+    for (exchange, routing_key), count in routes.items():
+        if exchange and exchange not in tables:
+            members = client.smembers(layout.bindings(exchange))
+            tables[exchange] = [
+                (parts[0], parts[-1])
+                for parts in (_text(member).split(layout.sep) for member in members)
+                if len(parts) == 3
+            ]
+        bound = [queue for key, queue in tables.get(exchange, []) if key == routing_key]
+        for queue in bound or [routing_key]:
+            counts[queue] = counts.get(queue, 0) + count
+    return counts
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 class CeleryDispatcher:

@@ -34,6 +34,7 @@ class WorkerState:
         self._context: fleet.FleetContext | None = None
         self._detectors: dict[str, Detector] = {}
         self._batchers: dict[str, fleet.Batching] = {}
+        self._loads: str | None = None  # the detector ``warm_up`` loads
 
     @property
     def threads(self) -> int:
@@ -72,6 +73,31 @@ class WorkerState:
                     observer=self.runtime.batch_observer,
                 )
             return self._batchers[name]
+
+    def warm_up(self, detector: str | None = None) -> None:
+        """Build what the tasks need now rather than on the first message: the context and,
+        for a detector worker, its model and batcher. Only in the process that runs the
+        tasks (a threads or solo pool), never in a parent that forks. A failure is logged;
+        the worker is not ready until a task builds what failed (``warm``)."""
+        self._loads = detector
+        try:
+            self.context()
+            if detector is not None:
+                self.detector(detector)
+                self.batching(detector)
+        except Exception:
+            log.exception(
+                "the worker could not load what its tasks need", extra={"detector": detector}
+            )
+            return
+        log.info("worker loaded", extra={"detector": detector})
+
+    @property
+    def warm(self) -> bool:
+        """What the tasks need is built: the context and the detector ``warm_up`` loads (by
+        it, or by a task after a failed warm-up). Read without the lock, which a build holds
+        for as long as a model loads: a probe never waits for it."""
+        return self._context is not None and (self._loads is None or self._loads in self._detectors)
 
 
 def _exit_stuck(seconds: float) -> None:

@@ -143,12 +143,18 @@ def fleet_env(
     """The environment of a fleet process in tests: this test's database, broker and S3
     server, an emptied broker DB, plus ``settings`` as SYNTHSENTRY_<NAME> variables; with
     ``model``, a sumsub-mj5 detector built from a published-format checkpoint (random
-    weights)."""
+    weights). No metrics server unless asked for (``--metrics-port``, or a
+    ``metrics_port`` setting): the processes of parallel tests would share one port."""
     import redis
 
     redis.Redis.from_url(redis_url).flushdb()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHSENTRY_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SYNTHSENTRY_") and k != "PROMETHEUS_MULTIPROC_DIR"
+    }
     env.update(
+        SYNTHSENTRY_METRICS_PORT="0",
         SYNTHSENTRY_DATA_DIR=str(tmp_path / "data"),
         SYNTHSENTRY_DATABASE_URL=database,
         SYNTHSENTRY_BROKER_URL=redis_url,

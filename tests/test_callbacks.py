@@ -52,6 +52,8 @@ from db.session import make_engine, make_sessionmaker, transaction
 from synthsentry.cli import build_parser
 from synthsentry.cli import callbacks as callbacks_cli
 from synthsentry.cli.common import CliError
+from synthsentry.runtime import Runtime
+from synthsentry.settings import get_settings
 from workers import callbacks, fleet, tokens
 from workers.callbacks import CallbackPolicy, CallbackSender, SecretBox, deliver_due
 from workers.ensemble import EnsembleConfig
@@ -563,6 +565,52 @@ def test_what_the_guard_refuses_at_send_time_fails_for_good(
     assert receiver.requests == []
 
 
+def test_every_attempt_counts_by_its_outcome(
+    sessions: sessionmaker[Session], receiver: Receiver
+) -> None:
+    """``synthsentry_callback_deliveries_total``: delivered; failed (tried again later);
+    gave_up (the retry window passed, or the endpoint answered 410 Gone); refused (never
+    sent: the address guard)."""
+    from metric_names import counted
+
+    def counts() -> dict[str, float]:
+        return {
+            outcome: counted("synthsentry_callback_deliveries_total", outcome=outcome)
+            for outcome in ("delivered", "failed", "gave_up", "refused")
+        }
+
+    platform = _platform(sessions)
+    sender = CallbackSender(_policy())
+    before = counts()
+    (late,) = _completed(sessions, platform, receiver.url("/late"))
+    receiver.default = (500, {}, b"")
+    t0 = utcnow()
+    assert deliver_due(sessions, sender, now=t0) == 1  # failed, retried later
+    assert deliver_due(sessions, sender, now=t0 + DAY) == 1  # failed at the window's end
+    assert _delivery(sessions, late).state == DeliveryState.FAILED
+    _completed(sessions, platform, receiver.url("/ok"))
+    receiver.script(200)
+    assert deliver_due(sessions, sender) == 1
+    _completed(sessions, platform, receiver.url("/gone"))
+    receiver.script(410)
+    assert deliver_due(sessions, sender) == 1
+    (refused,) = _completed(sessions, platform, receiver.url("/refused"))
+    with transaction(sessions) as session:
+        token = session.get(ApiToken, platform.id)
+        assert token is not None
+        callbacks.replace_hosts(session, token, ["hooks.example.com"], actor="ops")
+    assert deliver_due(sessions, sender) == 1
+    assert _delivery(sessions, refused).state == DeliveryState.FAILED
+    after = counts()
+    assert {outcome: after[outcome] - before[outcome] for outcome in after} == {
+        "delivered": 1,
+        "failed": 1,
+        "gave_up": 2,
+        "refused": 1,
+    }
+    assert len(receiver.requests) == 4  # the refused one was never sent
+
+
 # --- the address guard at connect time --------------------------------------------------
 
 
@@ -1071,6 +1119,166 @@ def test_without_a_secret_key_no_secret_is_made(
             callbacks.check_callback_url(
                 session, token.id, "https://hooks.example.com/cb", allow_private=False
             )
+
+
+# --- changing the secret key ------------------------------------------------------------
+
+NEW_KEY = "the secret key that replaces the callback tests' one, long and random"
+
+
+def _stored_secrets(sessions: sessionmaker[Session]) -> list[CallbackSecret]:
+    with sessions() as session:
+        return list(
+            session.execute(sa.select(CallbackSecret).order_by(CallbackSecret.id)).scalars()
+        )
+
+
+def test_a_changed_secret_key_signs_with_the_previous_one_until_rotate_key_moves_it(
+    sessions: sessionmaker[Session],
+    receiver: Receiver,
+    database: str,
+    isolated_settings: SettingsFactory,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    platform = _platform(sessions)  # its secret stored under KEY
+    assert platform.secret is not None
+
+    def cli(*argv: str) -> str:
+        args = build_parser().parse_args(["callbacks", *argv])
+        assert callbacks_cli.run(args, get_settings()) == 0
+        return capsys.readouterr().out
+
+    # The new key is rolled out with the old one kept as a previous key.
+    changed = isolated_settings(
+        database_url=database,
+        secret_key=NEW_KEY,
+        secret_key_previous=json.dumps([KEY]),
+        callback_allow_private_addresses="true",
+    )
+    box = Runtime.from_settings(changed).callback_policy().box
+    assert box is not None
+    (first,) = _completed(sessions, platform, receiver.url())
+    assert "1 callback(s) attempted" in cli("deliver", "--once")
+    assert _verify(platform.secret, receiver.requests[-1])["data"]["scan"]["id"] == first
+    # The platform rotates during the change: its new secret is written under the new key,
+    # the previous one (under the old key) keeps signing beside it through the overlap.
+    with transaction(sessions) as session:
+        token = session.get(ApiToken, platform.id)
+        assert token is not None
+        rotated = callbacks.rotate_secret(session, token, box, actor="test").secret
+    (second,) = _completed(sessions, platform, receiver.url())
+    assert "1 callback(s) attempted" in cli("deliver", "--once")
+    request = receiver.requests[-1]
+    assert _verify(platform.secret, request)["data"]["scan"]["id"] == second
+    assert _verify(rotated, request)["data"]["scan"]["id"] == second
+
+    out = cli("rotate-key")
+    assert "1 callback signing secret(s) re-encrypted" in out and "1 already were" in out
+    assert "SYNTHSENTRY_SECRET_KEY_PREVIOUS" in out
+    stored = _stored_secrets(sessions)
+    assert [SecretBox(NEW_KEY).decrypt(row.secret_encrypted) for row in stored] == [
+        platform.secret,
+        rotated,
+    ]
+    for row in stored:
+        with pytest.raises(callbacks.SecretUnreadable):
+            BOX.decrypt(row.secret_encrypted)
+    with sessions() as session:
+        audited = session.execute(
+            sa.select(AuditEvent).where(AuditEvent.action == "callback_secrets.reencrypted")
+        ).scalar_one()
+    assert (audited.subject_type, audited.subject_id) == ("api_token", platform.id)
+    assert audited.details == {"public_id": platform.public_id, "secrets": 1}
+    assert audited.actor.startswith("cli:")
+
+    # The old key is dropped: the new one alone signs with both secrets.
+    isolated_settings(secret_key_previous="")
+    (third,) = _completed(sessions, platform, receiver.url())
+    assert "1 callback(s) attempted" in cli("deliver", "--once")
+    request = receiver.requests[-1]
+    assert len(request.headers["webhook-signature"].split(" ")) == 2
+    assert _verify(platform.secret, request)["data"]["scan"]["id"] == third
+    assert _verify(rotated, request)["data"]["scan"]["id"] == third
+    assert all(
+        _delivery(sessions, scan).state == DeliveryState.DELIVERED
+        for scan in (first, second, third)
+    )
+    # Once more: nothing is left to rewrite.
+    out = cli("rotate-key")
+    assert "0 callback signing secret(s) re-encrypted" in out and "2 already were" in out
+    assert [row.secret_encrypted for row in _stored_secrets(sessions)] == [
+        row.secret_encrypted for row in stored
+    ]
+
+
+def test_a_secret_under_an_unknown_key_fails_its_attempts_and_blocks_rotate_key(
+    sessions: sessionmaker[Session],
+    receiver: Receiver,
+    database: str,
+    isolated_settings: SettingsFactory,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    lost = _platform(sessions, name="lost")  # under KEY, which the process no longer has
+    older_key = "a key from before the callback tests' one, long and random"
+    with transaction(sessions) as session:
+        issued = tokens.issue_token(
+            session,
+            role=TokenRole.PLATFORM,
+            name="kept",
+            actor="test",
+            secret_box=SecretBox(older_key),
+            callback_hosts=("127.0.0.1",),
+        )
+        row = repository.token_by_public_id(session, issued.public_id)
+        assert row is not None and issued.callback_secret is not None
+        kept = Platform(issued.token, issued.public_id, row.id, issued.callback_secret)
+    sender = CallbackSender(_policy(box=SecretBox(NEW_KEY, [older_key])))
+    (unsigned,) = _completed(sessions, lost, receiver.url())
+    (signed,) = _completed(sessions, kept, receiver.url())
+
+    # The sender goes on: the other token's callback is sent, this one's attempt is
+    # recorded as failed and retried, round after round.
+    with caplog.at_level("ERROR", logger="workers.callbacks.sender"):
+        assert deliver_due(sessions, sender) == 2
+    (request,) = receiver.requests
+    assert _verify(kept.secret, request)["data"]["scan"]["id"] == signed
+    assert any(
+        "callback not signed" in r.getMessage() and getattr(r, "token", None) == lost.public_id
+        for r in caplog.records
+    )
+    assert deliver_due(sessions, sender, now=utcnow() + dt.timedelta(hours=1)) == 1
+    failing = _delivery(sessions, unsigned)
+    assert (failing.state, failing.attempts) == (DeliveryState.PENDING, 2)
+    assert failing.last_error == (
+        "a stored callback signing secret cannot be decrypted with this server's secret keys"
+    )
+    assert len(receiver.requests) == 1  # nothing unsigned was sent
+
+    # rotate-key names the token and rewrites nothing, not even what it could read.
+    before = [row.secret_encrypted for row in _stored_secrets(sessions)]
+    settings = isolated_settings(
+        database_url=database, secret_key=NEW_KEY, secret_key_previous=older_key
+    )
+    args = build_parser().parse_args(["callbacks", "rotate-key"])
+    with pytest.raises(CliError, match=f"token\\(s\\) {lost.public_id} cannot be decrypted"):
+        callbacks_cli.run(args, settings)
+    assert [row.secret_encrypted for row in _stored_secrets(sessions)] == before
+    with sessions() as session:
+        assert not session.execute(
+            sa.select(AuditEvent).where(AuditEvent.action == "callback_secrets.reencrypted")
+        ).first()
+
+    # A secret nothing reads again (its token revoked) is left as it is.
+    with transaction(sessions) as session:
+        assert tokens.revoke(session, lost.public_id, actor="ops")
+    assert callbacks_cli.run(args, settings) == 0
+    out = capsys.readouterr().out
+    assert "1 callback signing secret(s) re-encrypted" in out and "0 already were" in out
+    assert "1 no longer in use (expired, or of a revoked token)" in out
+    lost_row, kept_row = _stored_secrets(sessions)
+    assert lost_row.secret_encrypted == before[0]
+    assert SecretBox(NEW_KEY).decrypt(kept_row.secret_encrypted) == kept.secret
 
 
 # --- the CLI ----------------------------------------------------------------------------

@@ -514,10 +514,15 @@ def test_reconcile_warns_of_work_no_worker_consumes(
     with running(intake) as processes:
         submitted = cli(env, "submit", *[f"s3://{BUCKET}/{key}" for key in keys])
         assert submitted.returncode == 0, submitted.stderr
+        # Every upload taken in: three detect messages queued, broken.jpg rejected (the
+        # last in line; a worker stopped before it would leave it for the reconciler).
         wait_for(
-            lambda: _queued(env["SYNTHSENTRY_BROKER_URL"], "detect.sumsub-mj5") == 3,
+            lambda: (
+                _queued(env["SYNTHSENTRY_BROKER_URL"], "detect.sumsub-mj5") == 3
+                and _counts(clean_database)["rejected"] == 1
+            ),
             timeout=180,
-            what="intake to queue the detect messages",
+            what="intake to queue the detect messages and reject broken.jpg",
             processes=processes,
         )
     # Past a window of 1 s: the uploads were recorded before their detect messages were sent.

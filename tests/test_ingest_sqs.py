@@ -25,6 +25,7 @@ from workers.events import BucketPolicy, UploadRecord
 from workers.ingest import IngestStats, run_sqs_ingest
 
 from conftest import s3_client
+from metric_names import counted
 
 DEADLINE_S = 10.0
 # No botocore retries: the loop under test does its own, and a stopped server should fail
@@ -241,12 +242,26 @@ def test_uploads_outside_the_policy_are_refused(sqs: Any, s3: Any) -> None:
     s3.put_object(Bucket=other, Key="incoming/c.jpg", Body=b"c")
 
     recorder = Recorder()
-    with ingesting(sqs, queue_url, recorder, f"{allowed}:incoming/") as (_, future):
+
+    def moved() -> tuple[float, float]:
+        return (
+            counted("synthsentry_uploads_received_total", source="sqs"),
+            counted("synthsentry_uploads_refused_total", source="sqs", reason="bucket-not-allowed"),
+        )
+
+    before = moved()
+    polls: list[bool] = []
+    policy = f"{allowed}:incoming/"
+    with ingesting(sqs, queue_url, recorder, policy, on_poll=polls.append) as (_, future):
         wait_until(lambda: queue_depth(sqs, queue_url) == (0, 0), "the queue to drain", future)
     stats = future.result()
 
     assert [(r.bucket, r.key) for r in recorder.submitted] == [(allowed, "incoming/a.jpg")]
     assert stats.refused_bucket == 2
+    # The metrics say the same, and every poll reached the queue (the readiness probe).
+    after = moved()
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 2)
+    assert polls and all(polls)
     assert stats.skipped_test_events == 2
     assert stats.deleted == stats.received == 5
     assert_queue_empty(sqs, queue_url)

@@ -47,6 +47,7 @@ from workers.objects import LocalObjectStore
 
 from badfiles import sample_picture
 from conftest import DatabaseFactory, emptied_sessions, s3_client
+from metric_names import counted
 
 BUCKET = "media"
 LIMITS = IntakeLimits(max_bytes=1 << 24, max_pixels=1 << 26, decode_timeout_s=10)
@@ -263,6 +264,12 @@ def test_a_list_of_keys_in_the_embedded_object_store(
     for i, key in enumerate(["a.png", "sub/b.png", "c.png"]):
         store.put_object(Bucket=BUCKET, Key=key, Body=_png(i))
     ctx, queues, toys = _context(sessions, store), Queues(), {"alpha": Toy("alpha")}
+    series = {
+        "listed": ("synthsentry_uploads_received_total", {"source": "rescan"}),
+        "done": ("synthsentry_rescan_items_total", {"outcome": "done"}),
+        "failed": ("synthsentry_rescan_items_total", {"outcome": "failed"}),
+    }
+    before = {name: counted(metric, **labels) for name, (metric, labels) in series.items()}
     public_id = _create(
         sessions, bucket=BUCKET, keys=["sub/b.png", "gone.png", "a.png", "sub/b.png", "c.png"]
     )
@@ -277,6 +284,7 @@ def test_a_list_of_keys_in_the_embedded_object_store(
     view = _status(sessions, public_id)
     assert view.state == RescanState.LISTING and _row(sessions, public_id).cursor == "3"
     assert (view.counts.done, view.counts.failed, view.counts.pending) == (1, 1, 1)
+    assert rescans.pending_items(sessions) == 1  # the reconciler's gauge
     assert view.eta_seconds is not None and view.eta_seconds >= 0
     queues.drain(ctx, toys)
     assert rescans.advance_rescans(ctx, store, queues, page_size=3, max_in_flight=100) == 1
@@ -286,6 +294,12 @@ def test_a_list_of_keys_in_the_embedded_object_store(
     assert view.state == RescanState.DONE
     assert (view.counts.done, view.counts.failed, view.listed) == (3, 1, 4)
     assert view.counts.pending == 0 and view.eta_seconds == 0
+    assert rescans.pending_items(sessions) == 0
+    # Each item counted once as it was listed, and once as it finished.
+    moved = {
+        name: counted(metric, **labels) - before[name] for name, (metric, labels) in series.items()
+    }
+    assert moved == {"listed": 4, "done": 3, "failed": 1}
     assert [item.object_key for item in _items(sessions)] == [
         "sub/b.png",
         "gone.png",
@@ -574,9 +588,15 @@ def test_lost_rescan_work_is_sent_again_to_the_bulk_queue(
             .where(Source.id == item.id)
             .values(created_at=utcnow() - timedelta(hours=1))
         )
+
+    def resent() -> float:
+        return counted("synthsentry_reconciler_resends_total", kind="intake")
+
+    before = resent()
     assert resend_lost(ctx, after_s=60) == 1
     assert client.llen(QUEUES.intake_queue(bulk=True)) == 1
     assert client.llen(QUEUES.intake) == 0
+    assert resent() == before + 1
 
     # While its bulk queue holds work that a live worker consumes, the item is left (it is
     # most likely waiting its turn behind uploads, however old) and looked at later.
@@ -585,6 +605,7 @@ def test_lost_rescan_work_is_sent_again_to_the_bulk_queue(
         session.execute(sa.update(Source).where(Source.id == item.id).values(recheck_at=utcnow()))
     assert resend_lost(ctx, after_s=60) == 0
     assert client.llen(QUEUES.intake_queue(bulk=True)) == 1
+    assert resent() == before + 1
     (left,) = _items(sessions)
     assert left.resend_count == 1 and left.recheck_at is not None
     assert left.recheck_at > utcnow() + timedelta(seconds=30)

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 from botocore.exceptions import ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotocoreConnectionError
 
+from workers import metrics
 from workers.events import BucketPolicy, MalformedEvent, UploadRecord, parse_s3_notification
 
 logger = logging.getLogger(__name__)
@@ -123,13 +124,16 @@ def run_sqs_ingest(
     visibility_timeout: int | None = None,
     backoff: Callable[[int], float] = exponential_backoff,
     log: logging.Logger = logger,
+    on_poll: Callable[[bool], None] | None = None,
 ) -> IngestStats:
     """Consume S3 upload events from ``queue_url`` until ``stop`` is set; return the counters.
 
     ``visibility_timeout`` (seconds) overrides the queue's for the messages received here; it
     must comfortably exceed the time ``submit`` takes for one message, or a message being
     processed reappears and is submitted twice. ``backoff(n)`` is the pause after the n-th
-    consecutive failure (of SQS calls, or of a batch with a failed submit).
+    consecutive failure (of SQS calls, or of a batch with a failed submit). ``on_poll``
+    hears after every receive whether it reached SQS (a probe: the loop turns, the queue
+    answers).
     """
     if not 1 <= wait_seconds <= _MAX_WAIT_SECONDS:
         # 0 would be short polling: a busy loop against an empty queue.
@@ -168,6 +172,9 @@ def run_sqs_ingest(
             response = sqs.receive_message(**request)
         except SQS_CALL_ERRORS as exc:
             consumer.stats.sqs_errors += 1
+            metrics.error("ingest")
+            if on_poll is not None:
+                on_poll(False)
             sqs_failures += 1
             delay = backoff(sqs_failures)
             log.warning(
@@ -181,6 +188,8 @@ def run_sqs_ingest(
             )
             stop.wait(delay)
             continue
+        if on_poll is not None:
+            on_poll(True)
         if sqs_failures:
             log.info("sqs receive recovered", extra={"queue_url": queue_url})
             sqs_failures = 0
@@ -246,6 +255,7 @@ class _Consumer:
         for record in notification.uploads:
             if not self.policy.allows(record):
                 self.stats.refused_bucket += 1
+                metrics.upload_refused("sqs", "bucket-not-allowed")
                 self.log.warning(
                     "upload refused by bucket policy",
                     extra={**context, "bucket": record.bucket, "object_key": record.key},
@@ -257,17 +267,20 @@ class _Consumer:
                 # Uploads of this message submitted before this one will be submitted again
                 # on redelivery; the submitter is idempotent on ref_key.
                 self.stats.failed += 1
+                metrics.error("ingest")
                 self.log.exception(
                     "submit failed; message left for redelivery",
                     extra={**context, "ref_key": record.ref_key()},
                 )
                 return False
             self.stats.submitted += 1
+            metrics.upload_received("sqs")
             self.log.debug("upload submitted", extra={**context, "ref_key": record.ref_key()})
         # After the uploads: if keeping one fails, the redelivered message submits its uploads
         # again, which the submitter absorbs.
         for invalid in notification.invalid_records:
             self.stats.invalid_records += 1
+            metrics.upload_refused("sqs", "invalid-record")
             self.log.warning(
                 "invalid record; dead-lettering",
                 extra={**context, "index": invalid.index, "reason": invalid.reason},
@@ -276,6 +289,7 @@ class _Consumer:
                 self.dead_letter(invalid.record, invalid.reason)
             except Exception:
                 self.stats.failed += 1
+                metrics.error("ingest")
                 self.log.exception("dead letter failed; message left on the queue", extra=context)
                 return False
         self._delete(message, context)
@@ -285,12 +299,14 @@ class _Consumer:
         self, message: Mapping[str, Any], body: str, reason: str, context: dict[str, Any]
     ) -> bool:
         self.stats.malformed += 1
+        metrics.upload_refused("sqs", "malformed-event")
         self.log.warning("malformed message; dead-lettering", extra={**context, "reason": reason})
         try:
             self.dead_letter(body, reason)
         except Exception:
             # Deleting now would lose the message; SQS will offer it again.
             self.stats.failed += 1
+            metrics.error("ingest")
             self.log.exception("dead letter failed; message left on the queue", extra=context)
             return False
         self._delete(message, context)
@@ -303,6 +319,7 @@ class _Consumer:
             # The work is done; the message will be redelivered and its uploads submitted
             # again, which the submitter absorbs.
             self.stats.sqs_errors += 1
+            metrics.error("ingest")
             self.log.warning(
                 "sqs delete failed; message will be redelivered",
                 extra={**context, "error": _describe(exc)},

@@ -44,12 +44,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository
 from db.models import Rescan, RescanState, as_utc, utcnow
 from db.session import transaction
-from workers import fleet
+from workers import fleet, metrics
 from workers.dispatch import Dispatcher
 from workers.events import BUCKET_NAME_PATTERN, BucketPolicy
 from workers.fleet import FleetContext
@@ -386,8 +386,29 @@ def cancel_rescan(session: Session, public_id: str, *, actor: str) -> RescanView
         )
         # Its items no longer change (but for an intake under way that refuses its bytes):
         # these counts are final.
-        repository.count_finished_items(session, rescan)
+        _, finished = _count_items(session, rescan)
+        for outcome, count in finished.items():
+            if count:
+                metrics.RESCAN_ITEMS.labels(outcome).inc(count)
     return _view(rescan)
+
+
+def _count_items(session: Session, rescan: Rescan) -> tuple[int, dict[str, int]]:
+    """Bring the re-scan's counts up to date (``repository.count_finished_items``); returns
+    its items still pending, and those this count found finished: done (scored, or rejected
+    with their verdict) and failed."""
+    done, failed = rescan.done + rescan.rejected, rescan.failed
+    pending = repository.count_finished_items(session, rescan).pending
+    return pending, {
+        "done": rescan.done + rescan.rejected - done,
+        "failed": rescan.failed - failed,
+    }
+
+
+def pending_items(session_factory: sessionmaker[Session]) -> int:
+    """Items of every re-scan recorded and not finished yet (the reconciler's gauge)."""
+    with session_factory() as session:
+        return repository.pending_rescan_items(session)
 
 
 # --- the listing --------------------------------------------------------------------------
@@ -422,6 +443,15 @@ class _Step:
     intake: list[int] = field(default_factory=list)  # source ids
     detect: list[tuple[int, str]] = field(default_factory=list)
     conclude: list[int] = field(default_factory=list)  # image ids whose answers are current
+    recorded: int = 0  # items this step listed and recorded
+    finished: dict[str, int] = field(default_factory=dict)  # items first counted finished
+
+    def count(self) -> None:
+        """Move the metrics once the step's transaction committed."""
+        metrics.upload_received("rescan", self.recorded)
+        for outcome, count in self.finished.items():
+            if count:
+                metrics.RESCAN_ITEMS.labels(outcome).inc(count)
 
 
 def advance_rescans(
@@ -461,8 +491,10 @@ def advance_rescans(
                     actor=actor,
                 )
         except ListingUnavailable as exc:
+            metrics.error("rescan")
             log.warning("re-scan listing failed; tried again next step", extra={"error": str(exc)})
             continue
+        step.count()
         pages += step.listed_page
         _dispatch(ctx, dispatcher, step)
 
@@ -480,7 +512,7 @@ def _step(
     step = _Step(rescan.public_id)
     # Every item recorded so far is looked at by this count: its pending ones are exactly
     # those unfinished now.
-    in_flight = repository.count_finished_items(session, rescan).pending
+    in_flight, step.finished = _count_items(session, rescan)
     if rescan.state == RescanState.RUNNING:
         if in_flight == 0:
             _finish(session, rescan, actor=actor)
@@ -503,6 +535,7 @@ def _step(
         step.intake = [source_id for source_id, _ in made]
     rescan.cursor = page.cursor
     step.listed_page = True
+    step.recorded = len(made)
     sent = len(step.intake) + len({image_id for image_id, _ in step.detect})
     repository.add_to_progress(session, rescan, listed=len(made), queued=sent)
     log.info(

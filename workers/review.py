@@ -40,7 +40,7 @@ from db.models import (
 )
 from db.repository import QueueFilter, QueueRow
 from db.session import transaction
-from workers import callbacks
+from workers import callbacks, metrics
 from workers.refusals import Refused
 
 AUDIT_SUBJECT = "review_case"
@@ -48,6 +48,12 @@ INDICATION_NOT_PROOF = (
     "Detector scores and provenance signals are an indication, not proof: the decision is "
     "yours. Missing provenance metadata says nothing about where a picture came from."
 )
+
+
+metrics.initialise(metrics.REVIEW_DECISIONS, (decision.value for decision in ReviewDecision))
+
+# The states of a case somebody still has to finish (the backlog's gauge, by state).
+UNFINISHED_STATES = (ReviewState.OPEN, ReviewState.CLAIMED, ReviewState.ESCALATED)
 
 
 class ReviewRefused(Refused):
@@ -102,6 +108,7 @@ def expire_leases(session_factory: sessionmaker[Session], *, now: datetime | Non
     while True:
         with transaction(session_factory) as session:
             lapsed = _drop_lapsed(session, now)
+        metrics.REVIEW_LEASE_EXPIRIES.inc(lapsed)
         expired += lapsed
         if lapsed < EXPIRY_PAGE:
             return expired
@@ -146,7 +153,7 @@ def _take(session: Session, case: ReviewCase, reviewer: Reviewer, policy: Review
             raise ReviewRefused(
                 409, "holding-another", f"you hold case {held.id}; decide or release it first"
             )
-        _drop_lapsed(session, now, holder=reviewer.actor)
+        metrics.REVIEW_LEASE_EXPIRIES.inc(_drop_lapsed(session, now, holder=reviewer.actor))
     raise ReviewRefused(409, "holding-another", "you hold another case; reload and try again")
 
 
@@ -372,7 +379,7 @@ def decide(
                 actor=reviewer.actor,
                 active_ensemble=policy.active_ensemble,
             )
-        return Decided(
+        decided = Decided(
             case_id=case.id,
             sha256=image.sha256,
             decision=decision,
@@ -381,6 +388,8 @@ def decide(
             decided_at=now.isoformat(),
             callbacks=queued,
         )
+    metrics.REVIEW_DECISIONS.labels(decision.value).inc()  # stored: the transaction committed
+    return decided
 
 
 def _where_next(
@@ -643,6 +652,20 @@ class Agreement:
     @property
     def share(self) -> float | None:
         return self.agreed / self.cases if self.cases else None
+
+
+def backlog(
+    session_factory: sessionmaker[Session], *, now: datetime | None = None
+) -> metrics.ReviewBacklog:
+    """The cases somebody still has to finish, by state, and how long the oldest open one
+    has waited (the review gauges the reconciler exports)."""
+    now = now or utcnow()
+    with session_factory() as session:
+        counts, oldest = repository.backlog_counts(session, UNFINISHED_STATES)
+    age = None if oldest is None else max(0.0, (now - as_utc(oldest)).total_seconds())
+    return metrics.ReviewBacklog(
+        cases={state.value: count for state, count in counts.items()}, oldest_open_age_s=age
+    )
 
 
 def agreement(session_factory: sessionmaker[Session]) -> Agreement:

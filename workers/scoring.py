@@ -20,11 +20,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository
-from db.models import Detection, Verdict
+from db.models import Detection, Verdict, VerdictLabel
 from db.session import transaction
+from workers import metrics
 from workers.detectors.base import Detector
 from workers.engine import DetectorResult
 from workers.ensemble import DetectorScore, EnsembleConfig, VerdictDecision, combine, not_scored
@@ -32,6 +34,28 @@ from workers.intake import Admit, DecodedImage, IntakeLimits, Rejected, RejectRe
 from workers.names import printable
 
 log = logging.getLogger(__name__)
+
+metrics.initialise(metrics.INTAKE_REJECTIONS, (reason.value for reason in RejectReason))
+
+# Counts that wait for their transaction to commit (``_on_commit``), in ``Session.info``.
+_PENDING_COUNTS = "synthsentry.pending_counts"
+
+
+def _on_commit(session: Session, count: Callable[[], None]) -> None:
+    """Move a metric once ``session``'s transaction commits (a rolled-back verdict or
+    rejection, to be stored again by a retry, is not counted twice)."""
+    session.info.setdefault(_PENDING_COUNTS, []).append(count)
+
+
+@event.listens_for(Session, "after_commit")
+def _count_committed(session: Session) -> None:
+    for count in session.info.pop(_PENDING_COUNTS, ()):
+        count()
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_rolled_back(session: Session) -> None:
+    session.info.pop(_PENDING_COUNTS, None)
 
 
 class TransientError(Exception):
@@ -127,12 +151,16 @@ def record_intake(session: Session, source_id: int, intake: Intake) -> int | Non
         repository.mark_source_rejected(
             session, source_id, intake.rejection.reason.value, intake.rejection.message
         )
+        _on_commit(session, metrics.INTAKE_REJECTIONS.labels(intake.rejection.reason.value).inc)
     return image_id
 
 
 def detection_record(detector: Detector, result: DetectorResult) -> repository.DetectionRecord:
-    """One detector's result for one image, as stored."""
+    """One detector's result for one image, as stored (counted here: every pipeline stores
+    what this returns)."""
     output = result.output
+    outcome = "scored" if output is not None and result.error is None else "failed"
+    metrics.DETECTIONS.labels(detector.spec.name, outcome).inc()
     return repository.DetectionRecord(
         detector_name=detector.spec.name,
         detector_version=detector.version,
@@ -261,4 +289,14 @@ def _store(
         actor=actor,
         active=active,
     )
+    if created:
+        _on_commit(session, metrics.VERDICTS.labels(_outcome(decision)).inc)
     return Concluded(verdict=verdict, decision=decision, created=created)
+
+
+def _outcome(decision: VerdictDecision) -> str:
+    """How a verdict is counted: not scored (the upload was refused, whether or not its
+    reason sends it to review), else flagged or not."""
+    if decision.label == VerdictLabel.NOT_SCORED:
+        return "not_scored"
+    return "flagged" if decision.flagged else "not_flagged"

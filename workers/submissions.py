@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import repository
 from db.models import IdempotencyKey, Scan, ScanPriority, SourceKind, SourceStatus
 from db.session import transaction
-from workers import results
+from workers import metrics, results
 from workers.dispatch import Dispatcher
 from workers.events import BucketPolicy
 from workers.intake import SNIFF_BYTES, SUPPORTED_FORMATS, IntakeLimits, sniff
@@ -138,7 +138,42 @@ def submit_objects(
 
     ``upload`` writes the bytes the request names to the upload bucket (which needs no
     allowing then): it runs once every check has passed and the request is not a replay,
-    so a refused request writes nothing."""
+    so a refused request writes nothing.
+
+    Every object taken counts in ``synthsentry_uploads_received_total`` (source ``api``
+    for a token, ``cli`` for an operator); a refusal of the CLI counts here too, the API's
+    at its door (``api.app``), where every problem answer is seen."""
+    source = "cli" if caller.token_id is None else "api"
+    try:
+        submitted = _submit(
+            session_factory,
+            dispatcher,
+            request,
+            caller,
+            policy,
+            idempotency_key=idempotency_key,
+            digest_extra=digest_extra,
+            upload=upload,
+        )
+    except SubmissionRefused as exc:
+        if source == "cli":
+            metrics.upload_refused(source, exc.kind)
+        raise
+    metrics.upload_received(source, len(submitted.scan_ids))
+    return submitted
+
+
+def _submit(
+    session_factory: sessionmaker[Session],
+    dispatcher: Dispatcher,
+    request: ScanRequest,
+    caller: Caller,
+    policy: SubmitPolicy,
+    *,
+    idempotency_key: str | None,
+    digest_extra: str,
+    upload: Callable[[], object] | None,
+) -> Submitted:
     _check_objects(request.objects, policy, uploaded=upload is not None)
     digest = request.digest(extra=digest_extra)
     if idempotency_key is not None and caller.token_id is not None:

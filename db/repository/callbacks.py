@@ -55,6 +55,12 @@ def live_callback_secrets(
     return session.execute(statement).scalars().all()
 
 
+def all_callback_secrets(session: Session) -> Sequence[CallbackSecret]:
+    """Every stored secret, expired ones too, in the order they were made (re-encrypting
+    them all under a new secret key)."""
+    return session.execute(select(CallbackSecret).order_by(CallbackSecret.id)).scalars().all()
+
+
 # --- allowed hosts ----------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, Select, and_, case, exists, or_, select, update
+from sqlalchemy import Row, Select, and_, case, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -275,6 +275,17 @@ def count_finished_items(session: Session, rescan: Rescan, *, batch: int = 1000)
     rescan.counted_at = utcnow()
     session.flush()
     return counts_of(rescan)
+
+
+def pending_rescan_items(session: Session) -> int:
+    """Items of every re-scan recorded and not finished yet (the pending sources' index
+    range: at most the in-flight cap of each active re-scan)."""
+    count = session.scalar(
+        select(func.count())
+        .select_from(Source)
+        .where(Source.status == SourceStatus.PENDING, Source.rescan_id.is_not(None))
+    )
+    return int(count or 0)
 
 
 def _outcomes() -> Select[int, SourceStatus, str | None, bool]:

@@ -333,6 +333,24 @@ def state_counts(session: Session) -> dict[ReviewState, int]:
     return counts
 
 
+def backlog_counts(
+    session: Session, states: Sequence[ReviewState]
+) -> tuple[dict[ReviewState, int], datetime | None]:
+    """How many cases are in each of ``states`` (unfinished ones: a range of the (state,
+    opened_at) index, never the decided history), and when the oldest open case opened."""
+    rows = session.execute(
+        select(ReviewCase.state, func.count())
+        .where(ReviewCase.state.in_(states))
+        .group_by(ReviewCase.state)
+    )
+    counts = dict.fromkeys(states, 0)
+    counts.update({state: int(n) for state, n in rows})
+    oldest = session.scalar(
+        select(func.min(ReviewCase.opened_at)).where(ReviewCase.state == ReviewState.OPEN)
+    )
+    return counts, oldest
+
+
 # --- leases -----------------------------------------------------------------------------
 
 

@@ -4,6 +4,8 @@ deliveries (``workers.callbacks``, the same service as ``/v1/callbacks``).
     deliver              send due callbacks until stopped (SIGTERM/SIGINT); --once: one round
     failed [--token ID]  deliveries that gave up
     redeliver ID         send one again (re-enables its endpoint if it answered 410)
+    rotate-key           re-encrypt every stored signing secret under the current secret key
+                         (after SYNTHSENTRY_SECRET_KEY changed; docs/operations.md)
 """
 
 from __future__ import annotations
@@ -18,17 +20,21 @@ from typing import TYPE_CHECKING
 
 from synthsentry.cli.common import EXIT_OK, EXIT_USAGE, CliError, load_runtime
 from synthsentry.cli.database import prepare_database
+from synthsentry.cli.fleet import add_metrics_port, prepare_metrics_folder, serve_probes
 from synthsentry.settings import Settings
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
     from synthsentry.cli.common import Commands
-    from workers.callbacks import DeliveryInfo
+    from workers.callbacks import CallbackPolicy, CallbackSender, DeliveryInfo
 
 
 def register(commands: Commands) -> None:
     group = commands.add_parser(
         "callbacks",
-        help="signed callbacks to platforms: send them, list failed ones, send one again",
+        help="signed callbacks to platforms: send them, list failed ones, send one again, "
+        "re-encrypt their secrets under a new secret key",
         description="Callbacks are queued with the event that causes them (a scan's verdict, "
         "a moderator's decision) and sent by `callbacks deliver` (or, in the embedded mode, "
         "by `serve`). Any number of senders may run side by side.",
@@ -39,12 +45,22 @@ def register(commands: Commands) -> None:
     deliver.add_argument(
         "--concurrency", type=int, default=8, help="callbacks in flight at once (default 8)"
     )
+    add_metrics_port(deliver)
     failed = sub.add_parser("failed", help="deliveries that gave up, newest first")
     failed.add_argument("--token", metavar="PUBLIC_ID", help="one token's deliveries only")
     failed.add_argument("--limit", type=int, default=100)
     failed.add_argument("--json", action="store_true", help="one JSON object per delivery")
     again = sub.add_parser("redeliver", help="send a delivery again")
     again.add_argument("delivery_id", metavar="DELIVERY_ID")
+    sub.add_parser(
+        "rotate-key",
+        help="re-encrypt every stored signing secret under the current secret key",
+        description="Run after SYNTHSENTRY_SECRET_KEY was changed, with the old key in "
+        "SYNTHSENTRY_SECRET_KEY_PREVIOUS and every process rolled out with both: every "
+        "stored callback signing secret is re-encrypted under the new key, in one "
+        "transaction, after which the old key can be removed. Running it again rewrites "
+        "nothing.",
+    )
     group.set_defaults(handler=run)
 
 
@@ -63,12 +79,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             sent = callbacks.deliver_due(session_factory, sender, concurrency=args.concurrency)
             print(f"{sent} callback(s) attempted")
             return EXIT_OK
-        stop = threading.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stop.set())
-        callbacks.run_sender(stop, session_factory, sender, concurrency=args.concurrency)
-        return EXIT_OK
+        return _deliver_until_stopped(args, settings, session_factory, sender)
     actor = f"cli:{getpass.getuser()}"
+    if args.callbacks_command == "rotate-key":
+        return _rotate_key(session_factory, runtime.callback_policy(), actor=actor)
     try:
         with transaction(session_factory) as session:
             if args.callbacks_command == "redeliver":
@@ -85,6 +99,66 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except callbacks.CallbackNotFound as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
     _print(listed, as_json=args.json)
+    return EXIT_OK
+
+
+def _rotate_key(
+    session_factory: sessionmaker[Session], policy: CallbackPolicy, *, actor: str
+) -> int:
+    from db.session import transaction
+    from workers import callbacks
+
+    assert policy.box is not None  # the runtime always builds a box
+    try:
+        with transaction(session_factory) as session:
+            done = callbacks.reencrypt_secrets(session, policy.box, actor=actor)
+    except callbacks.SecretUnreadable as exc:
+        raise CliError(str(exc)) from exc
+    print(
+        f"{done.reencrypted} callback signing secret(s) re-encrypted under the current secret "
+        f"key, {done.already_current} already were"
+    )
+    if done.left_unreadable:
+        print(
+            f"{done.left_unreadable} no longer in use (expired, or of a revoked token), which "
+            "no key decrypts, left as they are"
+        )
+    print("the previous secret keys are no longer needed: remove SYNTHSENTRY_SECRET_KEY_PREVIOUS")
+    return EXIT_OK
+
+
+def _deliver_until_stopped(
+    args: argparse.Namespace,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    sender: CallbackSender,
+) -> int:
+    """The sender's loop, with its metrics and probes: alive while rounds keep turning,
+    ready while the last round reached the database."""
+    from workers import callbacks
+    from workers.probes import Flag, LoopProbe, Readiness
+
+    prepare_metrics_folder(forks=False)
+    loop = LoopProbe(stale_after_s=300)
+    reached = Flag()
+    server = serve_probes(
+        settings, args.metrics_port, live=loop.alive, readiness=Readiness({"database": reached})
+    )
+
+    def turned(ok: bool) -> None:
+        loop.beat()
+        reached.set(ok)
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        callbacks.run_sender(
+            stop, session_factory, sender, concurrency=args.concurrency, on_round=turned
+        )
+    finally:
+        if server is not None:
+            server.close()
     return EXIT_OK
 
 

@@ -7,11 +7,16 @@ Each is a thin call into the services the tasks and the HTTP endpoints use
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from synthsentry.cli.common import (
@@ -28,12 +33,16 @@ from synthsentry.cli.output import print_json_line, print_status_line
 from synthsentry.settings import Settings
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
     from sqlalchemy.orm import Session, sessionmaker
 
     from synthsentry.cli.common import Commands
     from synthsentry.runtime import Runtime
+    from tasks.observe import WorkerProbes
+    from tasks.worker import WorkerState
     from workers.events import BucketPolicy
     from workers.ingest import DeadLetters
+    from workers.probes import ProbeServer, Readiness
 
 log = logging.getLogger("synthsentry.cli")
 
@@ -52,6 +61,7 @@ def register(commands: Commands) -> None:
     sqs.add_argument("--queue-url", required=True)
     sqs.add_argument("--wait-seconds", type=int, default=20, help="long-poll wait (1-20)")
     sqs.add_argument("--endpoint-url", default=None, help="SQS endpoint (default: AWS)")
+    add_metrics_port(sqs)
     sqs.set_defaults(handler=ingest_sqs)
 
     submit = commands.add_parser(
@@ -89,6 +99,10 @@ def register(commands: Commands) -> None:
     )
     reconcile.add_argument(
         "--once", action="store_true", help="check once, take one re-scan step, and exit"
+    )
+    add_metrics_port(
+        reconcile,
+        also="; the reconciler alone exports the queue, review and re-scan gauges",
     )
     reconcile.set_defaults(handler=reconcile_stalled)
 
@@ -151,15 +165,22 @@ def _register_worker(commands: Commands) -> None:
         help="detector workers: longest a message waits for others to fill its batch "
         "(default SYNTHSENTRY_BATCH_WAIT_MS, 50)",
     )
+    add_metrics_port(worker)
     worker.set_defaults(handler=run_worker)
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    # First, before anything records a metric: a pool that forks needs the multiprocess mode
+    # (a batching detector worker runs on threads).
+    batching = bool(args.detector) and (args.batch_size or settings.batch_size) > 1
+    prepare_metrics_folder(forks=not batching and (args.pool or "prefork") == "prefork")
+
     from celery import signals
 
     from tasks import worker
     from tasks.app import configure
     from tasks.queues import QUEUES
+    from workers.metrics import MetricsBatches
 
     runtime = load_runtime(settings, fleet=True)
     if args.detector and args.detector not in runtime.catalog.specs:
@@ -179,18 +200,21 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
             runtime = runtime.replace(batch_wait_s=args.batch_wait_ms / 1000)
     except ValueError as exc:
         raise CliError(sizes, EXIT_USAGE) from exc
-    pool, concurrency, batching = args.pool or "prefork", args.concurrency, None
-    if args.detector and runtime.batch_size > 1:
+    pool, concurrency = args.pool or "prefork", args.concurrency
+    if batching:
         if args.pool not in (None, "threads"):
             raise CliError(
                 "a batching detector worker runs on threads; use --batch-size 1", EXIT_USAGE
             )
-        batching = runtime.batching()
         # One thread per message: a batch runs while the next one fills.
         pool, concurrency = "threads", 2 * runtime.batch_size
     runtime = with_active_ensemble(runtime, prepare_database(runtime))
+    # Every batch the model runs goes to the histograms (and the log, as before).
+    runtime = runtime.replace(batch_observer=MetricsBatches(device=runtime.device))
     # Installed before the pool starts: prefork children inherit it, unbuilt.
-    worker.install(worker.WorkerState(runtime, batching=batching))
+    state = worker.WorkerState(runtime, batching=runtime.batching() if batching else None)
+    worker.install(state)
+    probes = _worker_probes(state, args.detector if pool != "prefork" else None)
     queue = QUEUES.intake if args.intake else QUEUES.detect(args.detector)
     # The upload queue first, then its bulk twin: with the broker's "priority" queue order
     # (tasks.app), bulk work is taken only while no upload waits.
@@ -201,6 +225,49 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     app = configure(settings)
     started: list[Any] = []
     signals.worker_init.connect(lambda sender, **_: started.append(sender), weak=False)
+    server = serve_probes(
+        settings, args.metrics_port, live=probes.loop.alive, readiness=probes.readiness
+    )
+    try:
+        _run_celery(
+            app,
+            queues=queues,
+            concurrency=concurrency,
+            pool=pool,
+            hostname=f"{queue}@%h",
+            log_level=runtime.log_level,
+        )
+    finally:
+        if server is not None:
+            server.close()
+    # Celery ends an error it cannot recover from ("Unrecoverable error") with a warm
+    # shutdown, and worker_main drops the worker's exit status: pass it on, so that a
+    # supervisor restarts the worker. A stop asked for (SIGTERM, SIGINT) exits 0.
+    if not started or started[-1].exitcode:
+        log.critical("worker stopped on an error", extra={"queue": queue})
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _worker_probes(state: WorkerState, loads: str | None) -> WorkerProbes:
+    """The worker's liveness and readiness (``tasks.observe``), installed. ``loads``: the
+    detector whose tasks run in this process (a threads or solo pool): its model is loaded
+    now, in the background, and the worker is ready once it is (a prefork child loads its
+    own on its first message, never this parent: CUDA must not start before a fork)."""
+    from tasks import observe
+
+    probes = observe.WorkerProbes(task_time_limit_s=state.runtime.task_time_limit_s)
+    if loads is not None:
+        probes.readiness.add("detector_loaded", lambda: state.warm)
+        threading.Thread(target=state.warm_up, args=(loads,), name="warm-up", daemon=True).start()
+    observe.install(probes)
+    return probes
+
+
+def _run_celery(
+    app: Any, *, queues: list[str], concurrency: int, pool: str, hostname: str, log_level: str
+) -> None:
+    """Run the Celery worker in this process until it stops."""
     app.worker_main(
         [
             "worker",
@@ -211,9 +278,9 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
             "--pool",
             pool,
             "--hostname",
-            f"{queue}@%h",
+            hostname,
             "--loglevel",
-            runtime.log_level,
+            log_level,
             # Gossip and mingle add a channel beside the task channel (see tasks/app.py);
             # Celery's own heartbeat, published from the event loop with retries without
             # end, would hold that loop for as long as the broker is away. The worker writes
@@ -223,13 +290,6 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
             "--without-heartbeat",
         ]
     )
-    # Celery ends an error it cannot recover from ("Unrecoverable error") with a warm
-    # shutdown, and worker_main drops the worker's exit status: pass it on, so that a
-    # supervisor restarts the worker. A stop asked for (SIGTERM, SIGINT) exits 0.
-    if not started or started[-1].exitcode:
-        log.critical("worker stopped on an error", extra={"queue": queue})
-        return EXIT_FAILURE
-    return EXIT_OK
 
 
 def _policy(runtime: Runtime) -> BucketPolicy:
@@ -269,7 +329,9 @@ def ingest_sqs(args: argparse.Namespace, settings: Settings) -> int:
     from tasks.submit import submit_upload
     from workers.events import UploadRecord
     from workers.ingest import run_sqs_ingest
+    from workers.probes import Flag, LoopProbe, Readiness
 
+    prepare_metrics_folder(forks=False)
     runtime = load_runtime(settings, fleet=True)
     policy = _policy(runtime)
     session_factory = prepare_database(runtime)
@@ -281,15 +343,32 @@ def ingest_sqs(args: argparse.Namespace, settings: Settings) -> int:
     def submit(record: UploadRecord) -> None:
         submit_upload(context, record)
 
-    stats = run_sqs_ingest(
-        sqs,
-        args.queue_url,
-        submit=submit,
-        dead_letter=_dead_letter(session_factory, "sqs"),
-        policy=policy,
-        stop=_stop_on_signals(),
-        wait_seconds=args.wait_seconds,
+    # A turn of the loop is a long poll plus its messages' submits, or a backoff (a minute
+    # at most): silent much longer, it is wedged.
+    loop = LoopProbe(stale_after_s=args.wait_seconds + 300)
+    reached = Flag()
+
+    def polled(ok: bool) -> None:
+        loop.beat()
+        reached.set(ok)
+
+    server = serve_probes(
+        settings, args.metrics_port, live=loop.alive, readiness=Readiness({"sqs": reached})
     )
+    try:
+        stats = run_sqs_ingest(
+            sqs,
+            args.queue_url,
+            submit=submit,
+            dead_letter=_dead_letter(session_factory, "sqs"),
+            policy=policy,
+            stop=_stop_on_signals(),
+            wait_seconds=args.wait_seconds,
+            on_poll=polled,
+        )
+    finally:
+        if server is not None:
+            server.close()
     log.info("ingest stopped", extra={"stats": vars(stats)})
     return EXIT_OK
 
@@ -332,20 +411,14 @@ def submit_objects(args: argparse.Namespace, settings: Settings) -> int:
 def reconcile_stalled(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
-    from kombu.exceptions import OperationalError as BrokerError
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-    from sqlalchemy.exc import OperationalError as DatabaseError
-
     from tasks.app import configure
     from tasks.submit import CeleryDispatcher, resend_lost
     from workers import review
+    from workers.probes import Flag, LoopProbe, Readiness
     from workers.rescans import ObjectLister, advance_rescans
 
-    # The database or the broker is away: one line per check until it is back (a traceback
-    # at every check of an outage says nothing more). Anything else is logged in full.
-    away = (BrokerError, RedisConnectionError, RedisTimeoutError, DatabaseError)
-
+    if not args.once:
+        prepare_metrics_folder(forks=False)
     runtime = load_runtime(settings, fleet=True)
     after = args.after
     if after is None:
@@ -358,45 +431,110 @@ def reconcile_stalled(args: argparse.Namespace, settings: Settings) -> int:
     store = cast("ObjectLister", runtime.s3_client())  # boto3's client lists objects too
     dispatcher = CeleryDispatcher()
     stop = _stop_on_signals()
+    loop = LoopProbe(stale_after_s=max(300.0, 3 * args.every))
+    checked = Flag()  # the last check reached the database and the broker
+    server = None
+    if not args.once:
+        server = serve_probes(
+            settings,
+            args.metrics_port,
+            live=loop.alive,
+            readiness=Readiness({"checked": checked}),
+            collectors=_reconciler_gauges(runtime, context.session_factory),
+        )
 
-    def attempt(what: str, call: Callable[[], int]) -> int | None:
+    attempt = _Attempts()
+    next_check = 0.0
+    try:
+        while True:
+            loop.beat()
+            sent: int | None = 0
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + args.every
+                sent = attempt("reconcile check", lambda: resend_lost(context, after_s=after))
+                checked.set(sent is not None)
+                # Claims nobody renews go back to the review queue (audited).
+                attempt(
+                    "review lease expiry", lambda: review.expire_leases(context.session_factory)
+                )
+            pages = attempt(
+                "re-scan step",
+                lambda: advance_rescans(
+                    context,
+                    store,
+                    dispatcher,
+                    page_size=runtime.rescan_page_size,
+                    max_in_flight=runtime.rescan_max_in_flight,
+                ),
+                component="rescan",
+            )
+            if args.once:
+                if sent is None or pages is None:
+                    return EXIT_FAILURE
+                print(f"sent {sent} messages again")
+                print(f"listed {pages} re-scan pages")
+                return EXIT_OK
+            # A re-scan that listed a page goes on at once; the next check is not put off.
+            pause = 0.0 if pages else min(args.rescan_every, next_check - time.monotonic())
+            if stop.wait(max(0.0, pause)):
+                return EXIT_OK
+    finally:
+        if server is not None:
+            server.close()
+
+
+class _Attempts:
+    """Runs one step of the reconciler's loop; a step that fails is tried again later.
+    The database or the broker away: one line per check until it is back (a traceback at
+    every check of an outage says nothing more); anything else is logged in full. Every
+    failure counts in ``synthsentry_errors_total`` under ``component``."""
+
+    def __init__(self) -> None:
+        from kombu.exceptions import OperationalError as BrokerError
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+        from sqlalchemy.exc import OperationalError as DatabaseError
+
+        self.away = (BrokerError, RedisConnectionError, RedisTimeoutError, DatabaseError)
+
+    def __call__(
+        self, what: str, call: Callable[[], int], component: str = "reconcile"
+    ) -> int | None:
+        from workers import metrics
+
         try:
             return call()
         except Exception as exc:  # tried again later
-            if isinstance(exc, away):
+            metrics.error(component)
+            if isinstance(exc, self.away):
                 log.warning("%s failed: %s", what, type(exc).__name__, extra={"error": str(exc)})
             else:
                 log.exception("%s failed", what)
             return None
 
-    next_check = 0.0
-    while True:
-        sent: int | None = 0
-        if time.monotonic() >= next_check:
-            next_check = time.monotonic() + args.every
-            sent = attempt("reconcile check", lambda: resend_lost(context, after_s=after))
-            # Claims nobody renews go back to the review queue (audited).
-            attempt("review lease expiry", lambda: review.expire_leases(context.session_factory))
-        pages = attempt(
-            "re-scan step",
-            lambda: advance_rescans(
-                context,
-                store,
-                dispatcher,
-                page_size=runtime.rescan_page_size,
-                max_in_flight=runtime.rescan_max_in_flight,
-            ),
-        )
-        if args.once:
-            if sent is None or pages is None:
-                return EXIT_FAILURE
-            print(f"sent {sent} messages again")
-            print(f"listed {pages} re-scan pages")
-            return EXIT_OK
-        # A re-scan that listed a page goes on at once; the next check is not put off.
-        pause = 0.0 if pages else min(args.rescan_every, next_check - time.monotonic())
-        if stop.wait(max(0.0, pause)):
-            return EXIT_OK
+
+def _reconciler_gauges(runtime: Runtime, session_factory: sessionmaker[Session]) -> list[Collector]:
+    """The gauges only the reconciler exports (one replica: nothing counted twice): every
+    fleet queue's messages and consumers, read from the broker; the review backlog and the
+    re-scan items pending, read from the database."""
+    import functools
+
+    from tasks.app import app, broker_redis
+    from tasks.submit import RedisLayout, fleet_queues, read_depths
+    from workers import metrics, rescans, review
+
+    layout = RedisLayout.of(app.conf.broker_transport_options)
+    queues = fleet_queues(runtime.fleet_detectors)
+
+    def depths() -> list[metrics.QueueDepth]:
+        with broker_redis() as client:
+            return read_depths(client, queues, layout)
+
+    return [
+        metrics.QueueCollector(depths),
+        metrics.ReviewCollector(functools.partial(review.backlog, session_factory)),
+        metrics.RescanCollector(functools.partial(rescans.pending_items, session_factory)),
+    ]
 
 
 def show_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -417,3 +555,108 @@ def show_status(args: argparse.Namespace, settings: Settings) -> int:
                 else:
                     print_status_line(outcome)
     return EXIT_OK
+
+
+# --- metrics and probes of the long-running processes ----------------------------------------
+
+# prometheus_client's switch for its multiprocess mode, read by the library when imported.
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def add_metrics_port(parser: argparse.ArgumentParser, *, also: str = "") -> None:
+    """``--metrics-port`` for a command that runs until stopped."""
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve /metrics, /livez and /readyz on this port (default SYNTHSENTRY_METRICS_PORT, "
+        f"9100; 0: no server){also}",
+    )
+
+
+def prepare_metrics_folder(*, forks: bool) -> None:
+    """Set up prometheus_client's multiprocess mode before anything records a metric.
+
+    With ``PROMETHEUS_MULTIPROC_DIR`` set (the deployment's own folder, one per pod), the
+    value files earlier runs left there are removed, as the library asks. Without it, a
+    process whose pool forks (Celery prefork: the tasks run in children, whose counters
+    the parent's ``/metrics`` would never see) gets a private folder, removed when it
+    exits; its children inherit the variable. A process that does not fork keeps its
+    metrics in memory."""
+    folder = os.environ.get(MULTIPROCESS_DIR_ENV)
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        from workers.metrics import clear_stale_files
+
+        removed = clear_stale_files(folder)
+        log.info("metrics in multiprocess mode", extra={"folder": folder, "stale_files": removed})
+        return
+    if not forks:
+        return
+    if "prometheus_client" in sys.modules:
+        # Too late to switch (a wrapper recorded metrics before the command ran).
+        log.warning(
+            "the pool's processes record metrics this process cannot export: set "
+            f"{MULTIPROCESS_DIR_ENV} to an empty folder"
+        )
+        return
+    try:
+        folder = tempfile.mkdtemp(prefix="synthsentry-metrics-")
+    except OSError as exc:  # no writable temporary folder: the pool's metrics are lost
+        log.warning(
+            f"no folder for the pool's metrics; set {MULTIPROCESS_DIR_ENV}",
+            extra={"error": str(exc)},
+        )
+        return
+    os.environ[MULTIPROCESS_DIR_ENV] = folder
+    owner = os.getpid()
+
+    def remove() -> None:
+        if os.getpid() == owner:  # not a child that happens to run exit handlers
+            shutil.rmtree(folder, ignore_errors=True)
+
+    atexit.register(remove)
+
+
+def serve_probes(
+    settings: Settings,
+    port: int | None,
+    *,
+    live: Callable[[], bool],
+    readiness: Readiness,
+    collectors: Sequence[Collector] = (),
+) -> ProbeServer | None:
+    """Start this process's ``/metrics``, ``/livez`` and ``/readyz`` (``workers.probes``) on
+    ``port`` (None: ``SYNTHSENTRY_METRICS_PORT``; 0: none), with ``collectors`` and
+    ``synthsentry_worker_ready`` beside the counters. A port named by the operator that
+    cannot be bound is an error; the default one taken (several processes started by hand
+    on one machine) is a warning, and the process runs without the server."""
+    from workers import metrics
+    from workers.probes import ProbeServer
+
+    chosen = settings.metrics_port if port is None else port
+    if chosen == 0:
+        return None
+    if not 0 < chosen < 65536:
+        raise CliError("--metrics-port must be a port (1-65535), or 0 for no server", EXIT_USAGE)
+    registry = metrics.exposition_registry([*collectors, metrics.ReadyCollector(readiness.ready)])
+    try:
+        server = ProbeServer(
+            registry, live=live, readiness=readiness, host=settings.metrics_host, port=chosen
+        )
+    except OSError as exc:
+        if port is not None or "metrics_port" in settings.model_fields_set:
+            raise CliError(f"cannot serve metrics on port {chosen}: {exc}") from exc
+        log.warning(
+            "metrics server not started: the default port is taken (set "
+            "SYNTHSENTRY_METRICS_PORT or --metrics-port; 0 for none)",
+            extra={"port": chosen, "error": str(exc)},
+        )
+        return None
+    server.start()
+    log.info(
+        "metrics server listening",
+        extra={"port": server.port, "multiprocess": metrics.multiprocess_dir() is not None},
+    )
+    return server

@@ -20,6 +20,7 @@ from synthsentry.cli.database import prepare_database
 from synthsentry.settings import Settings
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
     from sqlalchemy.orm import Session, sessionmaker
 
     from api.context import ApiContext
@@ -36,7 +37,8 @@ def register(commands: Commands) -> None:
     serve = commands.add_parser(
         "serve",
         help="serve the HTTP API (OpenAPI at /openapi.json)",
-        description="Serve the HTTP API with uvicorn: /healthz, /readyz, /openapi.json, the "
+        description="Serve the HTTP API with uvicorn: /healthz, /readyz, /openapi.json, "
+        "/metrics (Prometheus), the "
         "/v1 endpoints (each answering only to tokens of its roles: `synthsentry tokens "
         "create`) and the S3 event webhook. On the embedded defaults scans run in this "
         "process; with a server database they go to the fleet's queues "
@@ -50,11 +52,12 @@ def register(commands: Commands) -> None:
 @dataclass
 class BuiltApi:
     """The API's context and what runs beside it in this process (the embedded worker and
-    the threads started with it)."""
+    the threads started with it), and the gauges its ``/metrics`` serves."""
 
     context: ApiContext
     worker: EmbeddedWorker | None = None
     threads: list[Callable[[threading.Event], None]] = field(default_factory=list)
+    collectors: list[Collector] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _running: list[threading.Thread] = field(default_factory=list)
 
@@ -129,7 +132,7 @@ def build_api(
                 ),
             )
         )
-    from workers import review
+    from workers import metrics, rescans, review
     from workers.embedded import EmbeddedWorker
     from workers.fleet import FleetContext
     from workers.objects import LocalObjectStore
@@ -179,6 +182,11 @@ def build_api(
         ),
         worker=worker,
         threads=[sender],
+        # No reconciler beside it: this process exports the database's gauges.
+        collectors=[
+            metrics.ReviewCollector(functools.partial(review.backlog, session_factory)),
+            metrics.RescanCollector(functools.partial(rescans.pending_items, session_factory)),
+        ],
     )
 
 
@@ -220,6 +228,10 @@ def _detectors(runtime: Runtime) -> Callable[[str], Detector]:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from synthsentry.cli.fleet import prepare_metrics_folder
+
+    prepare_metrics_folder(forks=False)  # before anything records a metric
+
     import uvicorn
 
     from api.app import create_app
@@ -228,7 +240,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     session_factory = prepare_database(runtime, pool_size=10)
     runtime = with_active_ensemble(runtime, session_factory)
     built = build_api(runtime, session_factory, settings)
-    app = create_app(built.context)
+    app = create_app(built.context, collectors=built.collectors)
     built.start()
     try:
         uvicorn.run(

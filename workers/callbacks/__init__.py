@@ -1,12 +1,14 @@
 """Signed callbacks to platforms (Standard Webhooks), delivered from a durable outbox.
 
 guard      where a callback may go: the URL, the token's allow-list, the addresses
-secrets    signing secrets (encrypted at rest), signatures, the development key file
+secrets    signing secrets (encrypted at rest, readable under earlier secret keys),
+           signatures, the development key file
 policy     the deployment's choices as plain values (``CallbackPolicy``)
 outbox     events queued in the transaction that makes them happen
 transport  one POST through the guard, to a checked address
 sender     claim, send, record; the loop the CLI and the embedded API run
-service    what platforms and operators do: secrets, hosts, deliveries, redelivery
+service    what platforms and operators do: secrets (and their re-encryption under a new
+           secret key), hosts, deliveries, redelivery
 """
 
 from workers.callbacks.guard import CallbackRefused, Resolver, system_resolver
@@ -17,7 +19,7 @@ from workers.callbacks.outbox import (
     enqueue_scan_completed,
 )
 from workers.callbacks.policy import ROTATION_OVERLAP, CallbackPolicy
-from workers.callbacks.secrets import SecretBox, load_or_create_key
+from workers.callbacks.secrets import SecretBox, SecretUnreadable, load_or_create_key
 from workers.callbacks.sender import backoff, deliver_due, run_sender
 from workers.callbacks.service import (
     AttemptInfo,
@@ -25,6 +27,7 @@ from workers.callbacks.service import (
     CallbacksUnavailable,
     DeliveryDetail,
     DeliveryInfo,
+    KeyRotation,
     RotatedSecret,
     check_callback_url,
     create_secret,
@@ -34,6 +37,7 @@ from workers.callbacks.service import (
     list_hosts,
     normalize_hosts,
     redeliver,
+    reencrypt_secrets,
     replace_hosts,
     rotate_secret,
 )
@@ -52,9 +56,11 @@ __all__ = [
     "CallbacksUnavailable",
     "DeliveryDetail",
     "DeliveryInfo",
+    "KeyRotation",
     "Resolver",
     "RotatedSecret",
     "SecretBox",
+    "SecretUnreadable",
     "backoff",
     "check_callback_url",
     "create_secret",
@@ -68,6 +74,7 @@ __all__ = [
     "load_or_create_key",
     "normalize_hosts",
     "redeliver",
+    "reencrypt_secrets",
     "replace_hosts",
     "rotate_secret",
     "run_sender",

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import repository
 from db.models import CallbackDelivery, DeliveryState, as_utc, utcnow
 from db.session import transaction
+from workers import metrics
 from workers.callbacks.guard import CallbackRefused, check_url
 from workers.callbacks.secrets import SecretUnreadable, sign
 from workers.callbacks.service import signing_secrets
@@ -155,6 +156,13 @@ def _prepare(
     try:
         signing = signing_secrets(session, token.id, policy.box, now=now)
     except SecretUnreadable as exc:
+        # Retried like any failed attempt (the operator may yet add the missing key), and
+        # said loudly: no delivery of this token goes out until then.
+        log.error(
+            "callback not signed: a signing secret of its token cannot be decrypted; was the "
+            "secret key changed without keeping the previous one among the previous keys?",
+            extra={"delivery": row.public_id, "token": token.public_id},
+        )
         return outgoing([], str(exc))
     if not signing:
         return outgoing([], "the token has no signing secret (POST /v1/callbacks/secret makes one)")
@@ -175,6 +183,7 @@ def _send(sender: CallbackSender, item: _Outgoing) -> Answer:
     try:
         return sender.post(item.url, item.body.encode("utf-8"), headers)
     except Exception as exc:  # a bug in one attempt must not lose the batch's records
+        metrics.error("callbacks")
         log.exception("callback attempt failed unexpectedly", extra={"delivery": item.public_id})
         return Answer(None, f"unexpected error: {type(exc).__name__}", 0.0)
 
@@ -204,6 +213,7 @@ def _finish(
         row.last_status = answer.status
         row.last_error = answer.error
         outcome = _decide(session, sender, row, answer, now=now)
+    metrics.CALLBACK_DELIVERIES.labels(_counted_as(outcome, answer)).inc()
     log.info(
         "callback attempt",
         extra={
@@ -215,6 +225,17 @@ def _finish(
             "duration_ms": round(answer.duration_ms, 1),
         },
     )
+
+
+def _counted_as(outcome: str, answer: Answer) -> str:
+    """An attempt's outcome as ``synthsentry_callback_deliveries_total`` counts it: a retry
+    is a failed attempt; a delivery that will not be sent again gave up (its window
+    passed, or the endpoint answered 410 Gone), unless it was refused without being sent."""
+    if outcome == "delivered":
+        return "delivered"
+    if outcome == "retry":
+        return "failed"
+    return "refused" if answer.refused else "gave_up"
 
 
 def _decide(
@@ -259,10 +280,12 @@ def run_sender(
     idle_s: float = 2.0,
     limit: int = 32,
     concurrency: int = 8,
+    on_round: Callable[[bool], None] | None = None,
 ) -> None:
     """Send due callbacks until ``stop`` is set: at once while there is more to send,
     otherwise every ``idle_s`` seconds. Trouble (the database away) is logged and waited
-    out, longer each time, up to a minute."""
+    out, longer each time, up to a minute. ``on_round`` hears after every round whether it
+    went through (a probe: the loop turns, the database answers)."""
     log.info("callback sender started", extra={"concurrency": concurrency})
     failures = 0
     while not stop.is_set():
@@ -270,9 +293,14 @@ def run_sender(
             sent = deliver_due(session_factory, sender, limit=limit, concurrency=concurrency)
         except Exception:
             failures += 1
+            metrics.error("callbacks")
             log.exception("callback sender: a round failed", extra={"failures": failures})
+            if on_round is not None:
+                on_round(False)
             stop.wait(min(60.0, idle_s * 2**failures))
             continue
+        if on_round is not None:
+            on_round(True)
         failures = 0
         if sent < limit:
             stop.wait(idle_s)

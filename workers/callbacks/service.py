@@ -1,6 +1,7 @@
 """What platforms and operators do with callbacks, the same for the HTTP API and the CLI:
-check a callback URL, make and rotate signing secrets, keep a token's allowed hosts, read
-deliveries and their attempts, ask for a delivery again."""
+check a callback URL, make and rotate signing secrets (and re-encrypt them all under a new
+secret key), keep a token's allowed hosts, read deliveries and their attempts, ask for a
+delivery again."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from db import repository
 from db.models import ApiToken, CallbackDelivery, DeliveryState, TokenRole, as_utc, utcnow
 from workers.callbacks.guard import CallbackRefused, check_url, normalize_host
 from workers.callbacks.policy import ROTATION_OVERLAP
-from workers.callbacks.secrets import SecretBox, new_signing_secret
+from workers.callbacks.secrets import SecretBox, SecretUnreadable, new_signing_secret
 
 MAX_HOSTS = 100
 
@@ -105,6 +106,73 @@ def signing_secrets(session: Session, token_id: int, box: SecretBox, *, now: dat
     """The secrets a delivery of this token is signed with at ``now``, newest first."""
     rows = repository.live_callback_secrets(session, token_id, now=now)
     return [box.decrypt(row.secret_encrypted) for row in rows]
+
+
+@dataclass(frozen=True)
+class KeyRotation:
+    """What re-encrypting the stored secrets under the current secret key did.
+    ``left_unreadable``: secrets nothing reads again (expired, or of a revoked token) that
+    no key decrypts, left as they are."""
+
+    reencrypted: int
+    already_current: int
+    left_unreadable: int
+
+
+def reencrypt_secrets(
+    session: Session, box: SecretBox, *, actor: str, now: datetime | None = None
+) -> KeyRotation:
+    """Re-encrypt every stored signing secret under the box's current key, so that the
+    previous keys can be dropped. All or nothing: a secret still in use that no key
+    decrypts raises :class:`SecretUnreadable` naming its token, and the caller's
+    transaction, rolled back, has rewritten nothing. Audited per token (never a secret).
+
+    Rows are not locked: a rotation of a token's secret running meanwhile changes only
+    their expiry, and a secret made meanwhile is already under the current key (when the
+    process that made it has it)."""
+    now = now or utcnow()
+    rewritten: dict[int, int] = {}
+    in_use: set[str] = set()
+    current = left = 0
+    for row in repository.all_callback_secrets(session):
+        try:
+            rotated = box.rotate(row.secret_encrypted)
+        except SecretUnreadable:
+            token = repository.get_token(session, row.token_id)
+            assert token is not None  # the foreign key keeps a secret's token
+            expired = row.expires_at is not None and as_utc(row.expires_at) <= now
+            if expired or token.revoked_at is not None:
+                left += 1
+            else:
+                in_use.add(token.public_id)
+            continue
+        if rotated is None:
+            current += 1
+        else:
+            row.secret_encrypted = rotated
+            rewritten[row.token_id] = rewritten.get(row.token_id, 0) + 1
+    if in_use:
+        raise SecretUnreadable(
+            f"callback signing secrets of token(s) {', '.join(sorted(in_use))} cannot be "
+            "decrypted with the secret key or any previous one; nothing was re-encrypted. Add "
+            "the key they were encrypted with to the previous keys and run this again."
+        )
+    session.flush()
+    for token_id, count in rewritten.items():
+        token = repository.get_token(session, token_id)
+        assert token is not None
+        repository.append_audit(
+            session,
+            actor=actor,
+            action="callback_secrets.reencrypted",
+            subject_type="api_token",
+            subject_id=token_id,
+            details={"public_id": token.public_id, "secrets": count},
+            at=now,
+        )
+    return KeyRotation(
+        reencrypted=sum(rewritten.values()), already_current=current, left_unreadable=left
+    )
 
 
 # --- allowed hosts ----------------------------------------------------------------------
