@@ -1,5 +1,5 @@
-"""The intake memory budget: admission in ticket order, a waiter that can be observed, an
-image larger than the budget admitted alone, and a close that frees every waiter."""
+"""The intake memory budget: admission in the order reservations asked, an image larger than
+the budget admitted alone, and a close that frees every waiter."""
 
 from __future__ import annotations
 
@@ -25,35 +25,15 @@ def _in_thread(target: Callable[[], object]) -> tuple[threading.Thread, list[obj
     return thread, outcome
 
 
-def test_tickets_are_admitted_in_order_and_a_starved_one_can_be_seen() -> None:
-    budget = MemoryBudget(10)
-    held = budget.reserve(10)
-    order: list[int] = []
-
-    def take(ticket: int) -> Reservation:
-        reservation = budget.reserve(5, ticket=ticket)
-        order.append(ticket)
-        return reservation
-
-    later, _ = _in_thread(lambda: take(1))  # started first, but its turn comes second
-    first, _ = _in_thread(lambda: take(0))
-    budget.wait_until(lambda: budget.starved(0))  # ticket 0 waits for memory
-    assert not budget.starved(1)  # ticket 1 waits for its turn, not for memory
-    assert order == [] and budget.held == 10
-    budget.release(held)
-    first.join(10)
-    later.join(10)
-    assert order == [0, 1] and budget.held == 10 and budget.peak == 10
-
-
 def test_an_image_larger_than_the_budget_is_admitted_alone() -> None:
     budget = MemoryBudget(10)
     big = budget.reserve(100)  # nothing else held: admitted
     assert budget.held == 100
     budget.release(big)
-    small = budget.reserve(4, ticket=0)
-    waiter, outcome = _in_thread(lambda: budget.reserve(100, ticket=1))
-    budget.wait_until(lambda: budget.starved(1))
+    small = budget.reserve(4)
+    waiter, outcome = _in_thread(lambda: budget.reserve(100))
+    budget.wait_until(lambda: budget.asking == 1)  # it waits: 4 are held
+    assert budget.held == 4
     budget.release(small)
     waiter.join(10)
     assert isinstance(outcome[0], Reservation) and budget.held == 100
@@ -61,10 +41,11 @@ def test_an_image_larger_than_the_budget_is_admitted_alone() -> None:
 
 def test_closing_frees_every_waiter_and_refuses_new_reservations() -> None:
     budget = MemoryBudget(10)
-    budget.reserve(10, ticket=0)
-    for_memory, memory_outcome = _in_thread(lambda: budget.reserve(5, ticket=1))
-    for_turn, turn_outcome = _in_thread(lambda: budget.reserve(5, ticket=2))
-    budget.wait_until(lambda: budget.starved(1))
+    budget.reserve(10)
+    for_memory, memory_outcome = _in_thread(lambda: budget.reserve(5))
+    budget.wait_until(lambda: budget.asking == 1)
+    for_turn, turn_outcome = _in_thread(lambda: budget.reserve(5))
+    budget.wait_until(lambda: budget.asking == 2)  # one waits for memory, one for its turn
     budget.close()
     for_memory.join(10)
     for_turn.join(10)
@@ -72,7 +53,6 @@ def test_closing_frees_every_waiter_and_refuses_new_reservations() -> None:
     assert isinstance(turn_outcome[0], BudgetClosed)
     with pytest.raises(BudgetClosed):
         budget.reserve(1)
-    budget.pass_ticket(3)  # a refused file after the close: nothing to wait for
 
 
 def test_a_budget_must_hold_something() -> None:
@@ -80,7 +60,7 @@ def test_a_budget_must_hold_something() -> None:
         MemoryBudget(0)
 
 
-def test_without_tickets_reservations_are_admitted_in_the_order_they_asked() -> None:
+def test_reservations_are_admitted_in_the_order_they_asked() -> None:
     """A large image that does not fit yet is not passed over by a small one asking after
     it, although the small one would fit: a busy worker cannot starve it."""
     budget = MemoryBudget(10)

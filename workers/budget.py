@@ -7,10 +7,10 @@ together. Every decode first reserves what the image will cost, from its declare
 and gives it back once the image is scored and freed; a decode that does not fit waits.
 
 One image larger than the whole budget is admitted when nothing else is held, so it runs
-alone rather than never. Reservations can be taken in a fixed order (tickets): the scanner
-hands tickets out in input order, so the next file to report is always the next to be
-admitted, and it can tell when that file waits for memory its own chunk holds (then it
-scores the chunk it has rather than wait forever).
+alone rather than never. Reservations are admitted in the order they asked, so a large
+image is not passed over for ever by smaller ones arriving after it. A holder must give its
+bytes back without waiting on anyone who waits for memory (a scan frees an image's pixels
+once it is registered and preprocessed), or the two could wait for each other.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ class Reservation:
 
 @contextlib.contextmanager
 def reserving(budget: MemoryBudget) -> Iterator[Callable[[int, int, int], None]]:
-    """An ``admit`` callback for ``decode`` that reserves the image from ``budget`` (without
-    a ticket), and gives back whatever it reserved when the block ends, however it ends."""
+    """An ``admit`` callback for ``decode`` that reserves the image from ``budget``, and
+    gives back whatever it reserved when the block ends, however it ends."""
     held: list[Reservation] = []
 
     def admit(width: int, height: int, file_bytes: int) -> None:
@@ -68,11 +68,9 @@ class MemoryBudget:
             raise ValueError(f"the intake memory budget must be positive, got {capacity}")
         self.capacity = capacity
         self._held = 0
-        self._next_ticket = 0  # tickets are admitted in this order
-        self._arrivals = 0  # reservations without a ticket, numbered as they ask
+        self._arrivals = 0  # reservations, numbered as they ask
         self._serving = 0  # ... and admitted in that order
         self._asking = 0  # reservations not yet admitted
-        self._waiting: set[int] = set()  # tickets blocked on memory
         self._changed = threading.Condition()
         self._closed = False
         self.peak = 0  # the most bytes held at once, for benchmarks and logs
@@ -88,52 +86,32 @@ class MemoryBudget:
         with self._changed:
             return self._asking
 
-    def reserve(self, nbytes: int, *, ticket: int | None = None) -> Reservation:
-        """Wait for this reservation's turn, then until ``nbytes`` fit (or nothing is held),
-        then hold them. With ``ticket`` the turn comes once every earlier ticket has been
-        admitted or passed; without one, reservations are admitted in the order they
-        asked, so a large image is not passed over for ever by smaller ones arriving
-        after it. Raises :class:`BudgetClosed` once the budget is closed, waiting or not."""
+    def reserve(self, nbytes: int) -> Reservation:
+        """Wait for this reservation's turn (reservations are admitted in the order they
+        asked), then until ``nbytes`` fit (or nothing is held), then hold them. Raises
+        :class:`BudgetClosed` once the budget is closed, waiting or not."""
         with self._changed:
             self._asking += 1
             self._changed.notify_all()
             try:
-                return self._admit(nbytes, ticket)
+                return self._admit(nbytes)
             finally:
                 self._asking -= 1
                 self._changed.notify_all()
 
-    def _admit(self, nbytes: int, ticket: int | None) -> Reservation:
+    def _admit(self, nbytes: int) -> Reservation:
         with self._changed:
-            if ticket is not None:
-                self._changed.wait_for(lambda: self._closed or self._next_ticket == ticket)
-            else:
-                arrival = self._arrivals
-                self._arrivals += 1
-                self._changed.wait_for(lambda: self._closed or self._serving == arrival)
-            if not self._closed and not self._fits(nbytes):
-                if ticket is not None:
-                    self._waiting.add(ticket)
-                    self._changed.notify_all()
-                self._changed.wait_for(lambda: self._closed or self._fits(nbytes))
-                if ticket is not None:
-                    self._waiting.discard(ticket)
+            arrival = self._arrivals
+            self._arrivals += 1
+            self._changed.wait_for(lambda: self._closed or self._serving == arrival)
+            self._changed.wait_for(lambda: self._closed or self._fits(nbytes))
             if self._closed:
                 raise BudgetClosed("the intake memory budget was closed")
             self._held += nbytes
             self.peak = max(self.peak, self._held)
-            if ticket is not None:
-                self._next_ticket += 1
-            else:
-                self._serving += 1
+            self._serving += 1
             self._changed.notify_all()
         return Reservation(nbytes)
-
-    def pass_ticket(self, ticket: int) -> None:
-        """Let the tickets after ``ticket`` go: its file needs no pixels (it was refused
-        before decoding). Waits for its turn like a reservation; nothing once closed."""
-        with contextlib.suppress(BudgetClosed):
-            self.reserve(0, ticket=ticket)
 
     def close(self) -> None:
         """Wake every waiting reservation with :class:`BudgetClosed`, and refuse new ones:
@@ -149,19 +127,9 @@ class MemoryBudget:
             self._changed.notify_all()
 
     def wait_until(self, ready: Callable[[], bool]) -> None:
-        """Block until ``ready()`` holds; it is checked whenever the budget changes or
-        :meth:`notify` is called (a scanner calls it as each decode finishes)."""
+        """Block until ``ready()`` holds; it is checked whenever the budget changes."""
         with self._changed:
             self._changed.wait_for(ready)
-
-    def notify(self) -> None:
-        with self._changed:
-            self._changed.notify_all()
-
-    def starved(self, ticket: int) -> bool:
-        """Whether ``ticket`` is waiting for memory that others hold."""
-        with self._changed:
-            return ticket in self._waiting
 
     def _fits(self, nbytes: int) -> bool:
         return self._held == 0 or self._held + nbytes <= self.capacity
