@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from synthsentry.cli.common import EXIT_OK, EXIT_USAGE, CliError, load_runtime
 from synthsentry.cli.database import prepare_database
-from synthsentry.cli.fleet import add_metrics_port, prepare_metrics_folder, serve_probes
+from synthsentry.cli.probes import add_metrics_port, prepare_metrics_folder, serve_probes
 from synthsentry.settings import Settings
 
 if TYPE_CHECKING:

@@ -228,7 +228,7 @@ def _detectors(runtime: Runtime) -> Callable[[str], Detector]:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from synthsentry.cli.fleet import prepare_metrics_folder
+    from synthsentry.cli.probes import prepare_metrics_folder
 
     prepare_metrics_folder(forks=False)  # before anything records a metric
 
