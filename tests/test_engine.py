@@ -305,3 +305,33 @@ def test_scan_pipeline_keeps_input_order(tmp_path: Path, mj5: Detector, sqlite_u
     # The same picture gets the same score wherever it fell in the batches.
     by_picture = [outcomes[i].ai_score for i in range(5)]
     assert [o.ai_score for o in outcomes[5:10]] == by_picture
+
+
+def test_batcher_watchdog_covers_a_stage_that_hangs() -> None:
+    """Staging copies a batch to the device and may decode it there: a wedged copy or
+    decode is reported like a wedged model, so that the worker exits instead of hanging."""
+    from workers.engine import RunSteps
+
+    stuck: list[float] = []
+    hang = threading.Event()
+
+    class HangingStage(RunSteps[int, int]):
+        def stage(self, items: list[int]) -> list[int]:
+            hang.wait(10)
+            return items
+
+    batcher = MicroBatcher(
+        steps=HangingStage(lambda items: items),
+        max_batch=1,
+        max_wait_s=0.0,
+        watchdog_s=0.1,
+        on_stuck=stuck.append,
+    )
+    future = batcher.submit(1)
+    deadline = time.monotonic() + 10
+    while not stuck and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stuck and stuck[0] >= 0.1, "a hung stage was never reported"
+    hang.set()
+    assert future.result(10) == 1
+    batcher.close()

@@ -350,3 +350,29 @@ def test_opted_in_fast_decoding_runs_through_the_stream(
         assert outcome.image == reference.image  # the file's own facts, not the draft's
         assert outcome.ai_score == pytest.approx(reference.ai_score, abs=1e-2)
         assert outcome.detectors[0].version != reference.detectors[0].version
+
+
+def test_files_waiting_for_the_model_hold_no_pixels(
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    mj5: Detector,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A model slower than decoding makes files queue for it; what they hold there is their
+    preprocessed input only. The decoded image and the file's bytes, whose memory the
+    budget gave back, are not kept alive by the queue."""
+    from workers import engine
+
+    paths = _pictures(tmp_path / "in", 12)
+    seen: list[tuple[bool, bool]] = []
+    real_stage = engine.DetectorSteps.stage
+
+    def stage(self: engine.DetectorSteps, items: list[engine.Prepared]) -> Any:
+        seen.extend((item.image is None, item.raw == b"") for item in items)
+        return real_stage(self, items)
+
+    monkeypatch.setattr(engine.DetectorSteps, "stage", stage)
+    slow = Staged(mj5, on_batch=lambda _batch: threading.Event().wait(0.05))
+    outcomes = list(Scanner([slow], sessions, LIMITS, EnsembleConfig(), batch_size=4).scan(paths))
+    assert all(o.status == "scored" for o in outcomes)
+    assert len(seen) == 12 and all(no_image and no_bytes for no_image, no_bytes in seen)

@@ -294,6 +294,7 @@ def collect_batches(
                 break
             batch.append(item)
         yield batch
+        del batch, first  # the consumer owns the batch now: keep nothing of it alive here
         if ended:
             return
 
@@ -548,14 +549,18 @@ class MicroBatcher(Generic[T, R]):
                 more_coming=(lambda: self._expected > 0) if self._announced else None,
                 room=self._room,
             ):
-                together = [w for w in collected if not w.alone]
-                groups = ([together] if together else []) + [[w] for w in collected if w.alone]
-                for number, group in enumerate(groups):
-                    if number:  # the first group's room was taken while it was collected
-                        self._room.acquire()
-                    self._stage(group)
+                self._stage_groups(collected)
+                del collected
         finally:
             self._staged.put(None)
+
+    def _stage_groups(self, collected: list[_Waiting[T, R]]) -> None:
+        together = [w for w in collected if not w.alone]
+        groups = ([together] if together else []) + [[w] for w in collected if w.alone]
+        for number, group in enumerate(groups):
+            if number:  # the first group's room was taken while it was collected
+                self._room.acquire()
+            self._stage(group)
 
     def _stage(self, group: list[_Waiting[T, R]]) -> None:
         live = [w for w in group if w.future.set_running_or_notify_cancel()]
@@ -563,40 +568,51 @@ class MicroBatcher(Generic[T, R]):
             self._room.release()
             return
         batch: _InFlight[T, R] = _InFlight(live)
+        # From here: staging copies to the device (and may decode there), which can hang.
+        batch.watchdog = self._start_watchdog(time.monotonic())
         try:
             batch.payload = self._steps.stage([w.item for w in live])
         except Exception as exc:
             batch.error = exc
         self._staged.put(batch)
 
+    # Each step hands a batch on and keeps no reference to it (a helper's locals end with
+    # the call): what a batch holds is freed as soon as its callers have their results.
+
     def _launch(self) -> None:
         try:
             while (batch := self._staged.get()) is not None:
-                batch.launched_at = time.monotonic()
-                batch.watchdog = self._start_watchdog(batch.launched_at)
-                if batch.error is None:
-                    try:
-                        batch.payload = self._steps.launch(batch.payload)
-                    except Exception as exc:
-                        batch.error = exc
-                self._launched.put(batch)
+                self._launch_one(batch)
+                del batch
         finally:
             self._launched.put(None)
 
+    def _launch_one(self, batch: _InFlight[T, R]) -> None:
+        batch.launched_at = time.monotonic()
+        if batch.error is None:
+            try:
+                batch.payload = self._steps.launch(batch.payload)
+            except Exception as exc:
+                batch.error = exc
+        self._launched.put(batch)
+
     def _read(self) -> None:
         while (batch := self._launched.get()) is not None:
-            items = [w.item for w in batch.waiting]
+            self._read_one(batch)
+            del batch
+
+    def _read_one(self, batch: _InFlight[T, R]) -> None:
+        try:
+            if batch.error is not None:
+                raise batch.error
+            results = self._steps.read(batch.payload)
+        except Exception as exc:
             try:
-                if batch.error is not None:
-                    raise batch.error
-                results = self._steps.read(batch.payload)
-            except Exception as exc:
-                try:
-                    results = self._steps.failed(items, exc)
-                except Exception as final:
-                    self._settle(batch, None, final)
-                    continue
-            self._settle(batch, results, None)
+                results = self._steps.failed([w.item for w in batch.waiting], exc)
+            except Exception as final:
+                self._settle(batch, None, final)
+                return
+        self._settle(batch, results, None)
 
     def _settle(
         self, batch: _InFlight[T, R], results: list[R] | None, error: BaseException | None

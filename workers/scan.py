@@ -443,11 +443,14 @@ class _Stream:
         item.waiting_for_pixels = len(model_free)
         if not model_free:
             self._free_pixels(item)
+        # The model detectors get the preprocessed inputs only: the decoded image and the
+        # file's bytes, whose memory the budget may give back, must not wait in a batch.
+        inputs = prepared.without_pixels()
         for detector in missing:
             name = detector.spec.name
             answer: Future[Any]
             if name in self.batchers:
-                answer = self.batchers[name].submit(prepared)
+                answer = self.batchers[name].submit(inputs)
             else:
                 assert self.cpu is not None
                 answer = self.cpu.submit(run_detector, detector, [prepared], max_batch=1)

@@ -187,7 +187,9 @@ class TorchDetector:
             logits: torch.Tensor = self._module(staged.tensor)
             done = None
             if streams is not None:
-                done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                # Blocking: the read thread sleeps until the model is done instead of
+                # spinning a core the intake threads need.
+                done = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]
                 done.record(streams.compute)
         return Launched(logits, done)
 
