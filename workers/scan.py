@@ -166,6 +166,12 @@ def _take_in(
     return item
 
 
+def _run_alone(detector: Detector, prepared: Prepared) -> DetectorResult:
+    """One model-free detector on one image (a thread of the scan's detector pool)."""
+    (result,) = run_detector(detector, [prepared], max_batch=1)
+    return result
+
+
 class Scanner:
     def __init__(
         self,
@@ -448,23 +454,22 @@ class _Stream:
         inputs = prepared.without_pixels()
         for detector in missing:
             name = detector.spec.name
-            answer: Future[Any]
+            answer: Future[DetectorResult]
             if name in self.batchers:
                 answer = self.batchers[name].submit(inputs)
             else:
                 assert self.cpu is not None
-                answer = self.cpu.submit(run_detector, detector, [prepared], max_batch=1)
+                answer = self.cpu.submit(_run_alone, detector, prepared)
             answer.add_done_callback(partial(self._answered, item, detector))
 
-    def _answered(self, item: _Item, detector: Detector, answer: Future[Any]) -> None:
+    def _answered(self, item: _Item, detector: Detector, answer: Future[DetectorResult]) -> None:
         if answer.cancelled():
             return
         error = answer.exception()
         if error is not None:
             result = DetectorResult.failed(f"{type(error).__name__}: {error}")
         else:
-            value = answer.result()
-            result = value[0] if isinstance(value, list) else value
+            result = answer.result()
         with self.changed:
             item.fresh[detector.spec.name] = result
             item.waiting -= 1
