@@ -297,6 +297,53 @@ def test_sumsub_mobilenet_lightning_checkpoint_matches_timm_config(
     assert_faithful(detector, corpus_images, reference, wrong)
 
 
+def test_channels_last_on_the_cpu_where_it_was_measured_faster(
+    corpus_images: list[CorpusImage], tmp_path: Path
+) -> None:
+    """MobileNetV3 runs channels-last on the CPU by default, ConvNeXt does not; the option
+    overrides either way, and the layout does not move the scores."""
+    write_sumsub_raw(tmp_path / "mobilenet.pt", SUMSUB_MOBILENET)
+    write_sumsub_raw(tmp_path / "convnext.pt", CONVNEXT_STAND_IN)
+
+    def layout(detector: Detector) -> bool:
+        assert isinstance(detector, TorchDetector)
+        batch = detector.collate([torch.rand(detector.input_size) for _ in range(2)])
+        staged = detector.to_device(batch).tensor
+        return staged.is_contiguous(memory_format=torch.channels_last)
+
+    def mobilenet(**options: object) -> Detector:
+        return load_sumsub(
+            spec("sumsub", backbone=SUMSUB_MOBILENET, **options),
+            device="cpu",
+            weights_path=tmp_path / "mobilenet.pt",
+        )
+
+    default, contiguous = mobilenet(), mobilenet(channels_last=False)
+    convnext = load_sumsub(
+        spec("sumsub", backbone=CONVNEXT_STAND_IN),
+        device="cpu",
+        weights_path=tmp_path / "convnext.pt",
+    )
+    forced = load_sumsub(
+        spec("sumsub", backbone=CONVNEXT_STAND_IN, channels_last=True),
+        device="cpu",
+        weights_path=tmp_path / "convnext.pt",
+    )
+    assert [layout(d) for d in (default, contiguous, convnext, forced)] == [
+        True,
+        False,
+        False,
+        True,
+    ]
+    images = corpus_images[:6]
+    for got, want in zip(
+        detector_scores(default, images), detector_scores(contiguous, images), strict=True
+    ):
+        assert abs(got - want) <= TOLERANCE, (got, want)
+    with pytest.raises(DetectorOptionsError, match="channels_last"):
+        mobilenet(channels_last="yes")
+
+
 def test_sumsub_evidence_and_ai_index(corpus_images: list[CorpusImage], tmp_path: Path) -> None:
     state = write_sumsub_raw(tmp_path / "synthetic.pt", CONVNEXT_STAND_IN)
     options = {"backbone": CONVNEXT_STAND_IN, "input_size": 96}

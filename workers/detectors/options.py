@@ -118,6 +118,10 @@ class TorchOptions(FamilyOptions):
     little, see docs/performance.md): ``draft`` decodes at 1/2, 1/4 or 1/8 scale, never
     below what the first resize needs; ``gpu`` decodes and resizes on the model's device.
     Unset: the authors' pipeline, exactly."""
+    channels_last: Annotated[bool, Strict()] | None = None
+    """Feed the model channels-last tensors (same scores, another memory layout). Unset: on
+    CUDA always; on the CPU for the backbones measured faster with it (MobileNetV3: 2.6x at
+    batch 16; ConvNeXt and ViT gain nothing there, see docs/performance.md)."""
     interpolation: Interpolation | None = None
     mean: Triple | None = None
     std: Triple | None = None

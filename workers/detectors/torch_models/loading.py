@@ -25,7 +25,12 @@ from workers.detectors.options import DetectorOptionsError, TorchOptions, parse_
 from workers.detectors.torch_models.fast_decode import check_fast_decode
 from workers.detectors.torch_models.head import ScoreHead
 from workers.detectors.torch_models.preprocessing import Preprocessing
-from workers.detectors.torch_models.runtime import TorchDetector, place, resolve_device
+from workers.detectors.torch_models.runtime import (
+    TorchDetector,
+    place,
+    resolve_device,
+    wants_channels_last,
+)
 from workers.detectors.weights import (
     CheckpointFormatError,
     load_state_dict,
@@ -80,7 +85,8 @@ def load_torch_detector(
         module = build_loaded(build.factory, state, spec, path, architecture=build.architecture)
     except DetectorOptionsError as exc:
         raise DetectorOptionsError(f"detector {spec.name} (family {spec.family}): {exc}") from exc
-    place(module, torch_device)
+    channels_last = wants_channels_last(build.architecture, torch_device, options.channels_last)
+    place(module, torch_device, channels_last=channels_last)
     logger.info(
         "detector loaded",
         extra={"detector": spec.name, "device": str(torch_device), "weights_sha256": digest},
@@ -96,6 +102,7 @@ def load_torch_detector(
         autocast_dtype=autocast_dtype,
         geometry=build.preprocessing.geometry,
         fast_decode=options.fast_decode,
+        channels_last=channels_last,
     )
 
 

@@ -30,6 +30,19 @@ from workers.detectors.torch_models.preprocessing import Geometry, Transform
 
 AUTOCAST_DTYPES: dict[Autocast, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
+# Backbones whose forward pass on the CPU is faster channels-last (a substring of the timm
+# name). Measured with benchmarks/bench_engine.py's model ceiling: MobileNetV3-L 2.6x at
+# batch 16; ConvNeXt-L 0.95x and ViT-S 1.0x, so they stay contiguous on the CPU.
+CPU_CHANNELS_LAST = ("mobilenetv3",)
+
+
+def wants_channels_last(architecture: str, device: torch.device, option: bool | None) -> bool:
+    """Whether a model runs channels-last: the option when set, else always on CUDA and on
+    the CPU for the backbones of ``CPU_CHANNELS_LAST``."""
+    if option is not None:
+        return option
+    return device.type == "cuda" or any(name in architecture for name in CPU_CHANNELS_LAST)
+
 
 @dataclass
 class Staged:
@@ -71,6 +84,7 @@ class TorchDetector:
         autocast_dtype: torch.dtype | None = None,
         geometry: Geometry | None = None,
         fast_decode: FastDecode | None = None,
+        channels_last: bool = False,
     ) -> None:
         if fast_decode is not None and geometry is None:
             raise ValueError("fast decoding needs the transform's geometry")
@@ -81,6 +95,7 @@ class TorchDetector:
         self._device = device
         self._weights_sha256 = weights_sha256
         self._autocast_dtype = autocast_dtype if device.type == "cuda" else None
+        self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._version = derive_version(spec, weights_sha256)
         self._streams: _Streams | None = None  # made on first use, on a GPU only
         self.input_size = input_size
@@ -148,7 +163,8 @@ class TorchDetector:
         return torch.stack(list(inputs), out=batch)
 
     def to_device(self, batch: torch.Tensor | EncodedBatch) -> Staged:
-        """Start copying a collated batch to the model's device (channels-last on CUDA). On
+        """Start copying a collated batch to the model's device (channels-last where the model
+        is, see :func:`wants_channels_last`). On
         a GPU the copy runs on a stream of its own, so the next batch travels while the
         current one is computed; the model waits for it (:meth:`launch`), the host does not.
 
@@ -158,11 +174,11 @@ class TorchDetector:
         if isinstance(batch, EncodedBatch):
             return self._decode_on_device(batch)
         if self._device.type != "cuda":
-            return Staged(batch.to(self._device))
+            return Staged(batch.to(self._device).contiguous(memory_format=self._memory_format))
         streams = self._cuda_streams()
         with torch.cuda.stream(streams.copy):
             moved = batch.to(self._device, non_blocking=True)
-            moved = moved.contiguous(memory_format=torch.channels_last)
+            moved = moved.contiguous(memory_format=self._memory_format)
             copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
             copied.record(streams.copy)
         return Staged(moved, copied, host=batch)
@@ -204,11 +220,12 @@ class TorchDetector:
         if self._device_jpeg is None:
             raise TypeError(f"detector {self.spec.name} does not decode JPEGs on its device")
         if self._device.type != "cuda":
-            return Staged(self._device_jpeg.assemble(batch))
+            assembled = self._device_jpeg.assemble(batch)
+            return Staged(assembled.contiguous(memory_format=self._memory_format))
         streams = self._cuda_streams()
         with torch.cuda.stream(streams.copy):
             moved = self._device_jpeg.assemble(batch)
-            moved = moved.contiguous(memory_format=torch.channels_last)
+            moved = moved.contiguous(memory_format=self._memory_format)
             copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
             copied.record(streams.copy)
         return Staged(moved, copied, host=batch.tensors)
@@ -267,11 +284,11 @@ def resolve_device(
     return torch_device, AUTOCAST_DTYPES[autocast] if autocast is not None else None
 
 
-def place(module: nn.Module, device: torch.device) -> nn.Module:
-    """``module`` in eval mode on ``device``; channels-last on CUDA, as :meth:`forward`
-    feeds it."""
+def place(module: nn.Module, device: torch.device, *, channels_last: bool) -> nn.Module:
+    """``module`` in eval mode on ``device``, channels-last when ``channels_last`` (as
+    :meth:`TorchDetector.to_device` then feeds it)."""
     module.eval()
     module.to(device)
-    if device.type == "cuda":
+    if channels_last:
         module.to(memory_format=torch.channels_last)
     return module
