@@ -8,7 +8,7 @@ a rejected or pending outcome has no verdict, and prints its status in that fiel
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,19 +212,26 @@ def image_summary(
     return {"format": format, "width": width, "height": height, "anomalies": list(anomalies or [])}
 
 
+def reviews_of(
+    session: Session, image_ids: Iterable[int], *, active_ensemble: str
+) -> dict[int, ReviewSummary]:
+    """``review_of`` several images at once, by image id (images without a case left out)."""
+    found = repository.with_verdicts_of(session, image_ids, ensemble_version=active_ensemble)
+    return {image_id: ReviewSummary.of(one) for image_id, one in found.items()}
+
+
 def scored_outcome(
-    session: Session,
     path: str,
     sha256: str,
     verdict: Verdict,
     reports: list[DetectorReport],
     *,
     image: dict[str, Any],
-    active_ensemble: str,
+    review: ReviewSummary | None,
 ) -> ScanOutcome:
     """The outcome of a scored input: ``verdict`` with the detector reports behind it, and
-    the image's review case as it stands now, beside its current verdict under the active
-    ensemble configuration (``active_ensemble``, a version)."""
+    the image's review case as it stands now (``review_of``: beside its current verdict
+    under the active ensemble configuration)."""
     return ScanOutcome(
         path=path,
         sha256=sha256,
@@ -236,7 +243,7 @@ def scored_outcome(
         ensemble_version=verdict.ensemble_version,
         detectors=reports,
         image=image,
-        review=review_of(session, verdict.image_id, active_ensemble=active_ensemble),
+        review=review,
     )
 
 
@@ -284,11 +291,10 @@ def source_outcome(
     rows = repository.detections_by_version(session, image.id, versions)
     reports = [DetectorReport.from_row(rows[name], reused=False) for name in sorted(rows)]
     return scored_outcome(
-        session,
         path,
         image.sha256,
         verdict,
         reports,
         image=image_summary(image.format, image.width, image.height, image.anomalies),
-        active_ensemble=active_ensemble,
+        review=review_of(session, image.id, active_ensemble=active_ensemble),
     )

@@ -51,6 +51,7 @@ from workers.results import (
     image_summary,
     rejected_outcome,
     review_of,
+    reviews_of,
     scored_outcome,
 )
 
@@ -230,68 +231,95 @@ class Scanner:
             stream.stop()
             self.peak_reserved = budget.peak
 
-    def _register(self, session: Session, item: _Item) -> None:
-        absolute = item.path.absolute()
-        source, _ = repository.record_source(
-            session,
-            repository.SourceRef(
+    def _register(self, session: Session, items: Sequence[_Item]) -> None:
+        """Store the sources and images of files that finished intake, and find the results
+        stored for those images that can be reused: a few statements for the group."""
+        taken = []
+        for item in items:
+            absolute = item.path.absolute()
+            ref = repository.SourceRef(
                 kind=SourceKind.CLI,
                 ref_key=f"{identity(absolute)}@{item.intake.sha256 or 'unread'}",
                 local_path=printable(absolute),
                 submitted_by=self.actor,
-            ),
-            None,
+            )
+            taken.append((ref, item.intake))
+        for item, (source_id, image_id) in zip(
+            items, scoring.record_intakes(session, taken), strict=True
+        ):
+            item.source_id, item.image_id = source_id, image_id
+            decoded = item.intake.decoded
+            if decoded is not None:
+                item.summary = image_summary(
+                    decoded.format, decoded.width, decoded.height, decoded.anomalies
+                )
+        accepted = [i for i in items if i.image_id is not None and i.intake.rejection is None]
+        reusable = repository.reusable_detections_of(
+            session, (i.image_id for i in accepted if i.image_id is not None), self.versions
         )
-        item.source_id = source.id
-        item.image_id = scoring.record_intake(session, source.id, item.intake)
-        decoded = item.intake.decoded
-        if decoded is not None:
-            item.summary = image_summary(
-                decoded.format, decoded.width, decoded.height, decoded.anomalies
-            )
-        if item.image_id is not None and item.intake.rejection is None:
-            item.reused = repository.reusable_detections(session, item.image_id, self.versions)
+        for item in accepted:
+            assert item.image_id is not None
+            item.reused = reusable[item.image_id]
 
-    def _conclude(self, session: Session, item: _Item) -> ScanOutcome:
-        rejection = item.intake.rejection
-        if rejection is not None:
-            return replace(
-                self._not_scored(session, item, rejection), path_bytes=raw_base64(item.path)
-            )
-        assert item.image_id is not None and item.source_id is not None
-        rows: dict[str, Detection] = {}
-        reports: list[DetectorReport] = []
-        for detector in self.detectors:
-            name = detector.spec.name
-            reused = name in item.reused
-            if reused:
-                rows[name] = item.reused[name]
+    def _conclude(self, session: Session, items: Sequence[_Item]) -> list[ScanOutcome]:
+        """Store the detections, verdicts and review cases of files every detector answered
+        (their images locked by the caller), the scored ones together; their outcomes, in
+        the order of ``items``."""
+        outcomes: dict[int, ScanOutcome] = {}
+        scored = []
+        for item in items:
+            if item.intake.rejection is not None:
+                outcomes[item.index] = self._not_scored(session, item, item.intake.rejection)
             else:
-                record = scoring.detection_record(detector, item.fresh[name])
-                rows[name] = repository.save_detection(session, item.image_id, record)
-            reports.append(DetectorReport.from_row(rows[name], reused=reused))
+                scored.append(item)
+        fresh = [
+            (item.image_id, scoring.detection_record(d, item.fresh[d.spec.name]))
+            for item in scored
+            for d in self.detectors
+            if d.spec.name not in item.reused and item.image_id is not None
+        ]
+        saved = iter(repository.save_detections(session, fresh))
+        found: list[tuple[int, dict[str, Detection]]] = []
+        reports: list[list[DetectorReport]] = []
+        for item in scored:
+            assert item.image_id is not None
+            rows = {}
+            for detector in self.detectors:  # the order ``fresh`` was made in
+                name = detector.spec.name
+                rows[name] = item.reused[name] if name in item.reused else next(saved)
+            found.append((item.image_id, rows))
+            reports.append(
+                [
+                    DetectorReport.from_row(row, reused=name in item.reused)
+                    for name, row in rows.items()
+                ]
+            )
         assert self._ensemble_id is not None  # registered when the scan started
-        concluded = scoring.conclude(
+        concluded = scoring.conclude_many(
             session,
-            item.image_id,
-            rows,
+            found,
             self.ensemble,
             ensemble_id=self._ensemble_id,
             actor=self.actor,
             active=self.active,
         )
-        repository.mark_source_scored(session, item.source_id)
-        assert item.summary is not None and item.intake.sha256 is not None
-        outcome = scored_outcome(
-            session,
-            printable(item.path),
-            item.intake.sha256,
-            concluded.verdict,
-            reports,
-            image=item.summary,
-            active_ensemble=self.ensemble.version,
+        repository.mark_sources_scored(session, [i.source_id for i in scored if i.source_id])
+        reviews = reviews_of(
+            session, (image_id for image_id, _ in found), active_ensemble=self.ensemble.version
         )
-        return replace(outcome, path_bytes=raw_base64(item.path))
+        for item, verdict, item_reports in zip(
+            scored, (c.verdict for c in concluded), reports, strict=True
+        ):
+            assert item.summary is not None and item.intake.sha256 is not None
+            outcomes[item.index] = scored_outcome(
+                printable(item.path),
+                item.intake.sha256,
+                verdict,
+                item_reports,
+                image=item.summary,
+                review=reviews.get(verdict.image_id),
+            )
+        return [replace(outcomes[i.index], path_bytes=raw_base64(i.path)) for i in items]
 
     def _not_scored(self, session: Session, item: _Item, rejection: Rejected) -> ScanOutcome:
         """A refused file's outcome; bytes that were read also get their "not scored"
@@ -334,6 +362,9 @@ class _Stream:
         self.taken_in: list[_Item] = []  # to register
         self.answered: list[_Item] = []  # every detector answered: to store
         self.finished: dict[int, ScanOutcome] = {}  # stored, waiting for the reader
+        # Files on their way to the store thread (in intake, or with the detectors): while
+        # there are none, a group has nothing to wait for.
+        self.upstream = 0
         self.failure: BaseException | None = None
         self.stopping = False
         threads = scanner.decode_threads
@@ -371,6 +402,8 @@ class _Stream:
                 path = next(todo, None)
                 if path is None:
                     return
+                with self.changed:
+                    self.upstream += 1
                 future = self.intake.submit(
                     _take_in,
                     submitted,
@@ -414,7 +447,7 @@ class _Stream:
 
     def _group_full(self) -> bool:
         waiting = len(self.taken_in) + len(self.answered)
-        return self.stopping or waiting >= self.scanner.batch_size
+        return self.stopping or waiting >= self.scanner.batch_size or self.upstream == 0
 
     def _fail(self, error: BaseException) -> None:
         with self.changed:
@@ -434,10 +467,13 @@ class _Stream:
             return
         with self.changed:
             self.taken_in.append(future.result())
+            self.upstream -= 1
             self.changed.notify_all()
 
     def _dispatch(self, item: _Item) -> None:
         """Send a registered file to the detectors whose results it lacks."""
+        with self.changed:
+            self.upstream += 1  # until answered
         prepared = item.prepared
         missing = [d for d in self.scanner.detectors if d.spec.name not in item.reused]
         if prepared is None or item.intake.rejection is not None or not missing:
@@ -485,6 +521,7 @@ class _Stream:
     def _answer(self, item: _Item) -> None:
         with self.changed:
             self.answered.append(item)
+            self.upstream -= 1
             self.changed.notify_all()
 
     def _free_pixels(self, item: _Item) -> None:
@@ -502,8 +539,9 @@ class _Stream:
         while True:
             with self.changed:
                 self.changed.wait_for(lambda: self.taken_in or self.answered or self.stopping)
-                # A transaction costs about as much as the rows in it: give the group a
-                # moment to fill (a commit per file cost a sixth of the throughput).
+                # A transaction costs about as much as the rows in it: while files are on
+                # their way, give the group a moment to fill (a commit per file cost a sixth
+                # of the throughput).
                 self.changed.wait_for(self._group_full, timeout=STORE_GATHER_S)
                 if self.stopping:
                     return
@@ -512,8 +550,7 @@ class _Stream:
             try:
                 if taken_in:
                     with transaction(scanner.session_factory) as session:
-                        for item in taken_in:
-                            scanner._register(session, item)
+                        scanner._register(session, taken_in)
                     for item in taken_in:
                         self._dispatch(item)
                 if answered:
@@ -523,7 +560,7 @@ class _Stream:
                         repository.lock_images(
                             session, (i.image_id for i in answered if i.image_id)
                         )
-                        outcomes = [scanner._conclude(session, item) for item in answered]
+                        outcomes = scanner._conclude(session, answered)
                     with self.changed:
                         for item, outcome in zip(answered, outcomes, strict=True):
                             item.prepared = None  # the tensors too: this file is done

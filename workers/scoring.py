@@ -4,9 +4,11 @@ two pipelines over these steps, side by side; neither imports the other.
 
     take_in            bytes -> sha256 and decoded pixels, or why they were refused
     record_intake      the content-addressed image row and the source's outcome
+                       (record_intakes: sources new to the database, a group at a time)
     detection_record   one detector's result as it is stored
     register_ensemble  the configuration a pipeline decides with, stored once
     conclude           stored detections -> the ensemble's verdict -> the review case
+                       (conclude_many: a group of images in a few statements)
 
 The functions that write take an open session: the caller owns the transaction (and,
 for ``conclude``, the image's row lock in it). Nothing here reads settings.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -155,6 +157,32 @@ def record_intake(session: Session, source_id: int, intake: Intake) -> int | Non
     return image_id
 
 
+def record_intakes(
+    session: Session, taken: Sequence[tuple[repository.SourceRef, Intake]]
+) -> list[tuple[int, int | None]]:
+    """Store several sources with what intake found (as ``record_intake`` does for a stored
+    source): the image rows of the bytes read, then the sources pointing at them, refused
+    ones with their reason; one statement per table for the group. Returns (source id,
+    image id or None when nothing was read) in the order of ``taken``."""
+    facts = [intake.facts() for _, intake in taken]
+    image_ids = repository.get_or_create_images(session, [f for f in facts if f is not None])
+    entries = []
+    for (ref, intake), found in zip(taken, facts, strict=True):
+        rejection = intake.rejection
+        entries.append(
+            repository.SourceIntake(
+                ref,
+                image_ids[found.sha256] if found is not None else None,
+                rejection.reason.value if rejection is not None else None,
+                rejection.message if rejection is not None else None,
+            )
+        )
+        if rejection is not None:
+            _on_commit(session, metrics.INTAKE_REJECTIONS.labels(rejection.reason.value).inc)
+    source_ids = repository.record_sources(session, entries)
+    return [(source_id, e.image_id) for source_id, e in zip(source_ids, entries, strict=True)]
+
+
 def detection_record(detector: Detector, result: DetectorResult) -> repository.DetectionRecord:
     """One detector's result for one image, as stored (counted here: every pipeline stores
     what this returns)."""
@@ -235,9 +263,46 @@ def conclude(
 
     The caller holds the image's row lock in ``session`` (``repository.lock_image``):
     whoever holds it is the only one storing this image's verdicts and moving its review
-    case. The fleet takes it before it stores a detection, a scan for its whole chunk."""
-    decision = combine(ensemble_scores(detections.values()), ensemble)
-    return _store(session, image_id, decision, ensemble, ensemble_id, actor=actor, active=active)
+    case. The fleet takes it before it stores a detection, a scan for its whole group."""
+    (concluded,) = conclude_many(
+        session,
+        [(image_id, detections)],
+        ensemble,
+        ensemble_id=ensemble_id,
+        actor=actor,
+        active=active,
+    )
+    return concluded
+
+
+def conclude_many(
+    session: Session,
+    found: Sequence[tuple[int, Mapping[str, Detection]]],
+    ensemble: EnsembleConfig,
+    *,
+    ensemble_id: int,
+    actor: str,
+    active: bool = True,
+) -> list[Concluded]:
+    """:func:`conclude` for several (image id, detections) pairs, the verdicts and review
+    cases stored together (``repository.save_verdicts``); the caller holds every image's
+    row lock. In the order of ``found``."""
+    decisions = [combine(ensemble_scores(rows.values()), ensemble) for _, rows in found]
+    saved = repository.save_verdicts(
+        session,
+        [
+            (image_id, _verdict_record(decision, ensemble, ensemble_id))
+            for (image_id, _), decision in zip(found, decisions, strict=True)
+        ],
+        actor=actor,
+        active=active,
+    )
+    concluded = []
+    for (verdict, created), decision in zip(saved, decisions, strict=True):
+        if created:
+            _on_commit(session, metrics.VERDICTS.labels(_outcome(decision)).inc)
+        concluded.append(Concluded(verdict=verdict, decision=decision, created=created))
+    return concluded
 
 
 def conclude_unscored(
@@ -276,22 +341,28 @@ def _store(
     verdict, created = repository.save_verdict(
         session,
         image_id,
-        repository.VerdictRecord(
-            ensemble_id=ensemble_id,
-            ensemble_version=ensemble.version,
-            detector_set_digest=decision.detector_set_digest,
-            detector_set=decision.detector_set,
-            ai_score=decision.ai_score,
-            label=decision.label,
-            flagged=decision.flagged,
-            reason=decision.reason,
-        ),
+        _verdict_record(decision, ensemble, ensemble_id),
         actor=actor,
         active=active,
     )
     if created:
         _on_commit(session, metrics.VERDICTS.labels(_outcome(decision)).inc)
     return Concluded(verdict=verdict, decision=decision, created=created)
+
+
+def _verdict_record(
+    decision: VerdictDecision, ensemble: EnsembleConfig, ensemble_id: int
+) -> repository.VerdictRecord:
+    return repository.VerdictRecord(
+        ensemble_id=ensemble_id,
+        ensemble_version=ensemble.version,
+        detector_set_digest=decision.detector_set_digest,
+        detector_set=decision.detector_set,
+        ai_score=decision.ai_score,
+        label=decision.label,
+        flagged=decision.flagged,
+        reason=decision.reason,
+    )
 
 
 def _outcome(decision: VerdictDecision) -> str:

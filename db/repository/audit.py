@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.orm import Session
 
 from db.models import AuditEvent, utcnow
@@ -33,6 +33,18 @@ def append_audit(
     session.add(event)
     session.flush()
     return event
+
+
+def append_audits(session: Session, events: Sequence[dict[str, Any]]) -> None:
+    """Append several events in one statement (each a dict of :func:`append_audit`'s
+    keywords; ``at`` defaults to now)."""
+    if not events:
+        return
+    now = utcnow()
+    rows = [{"at": now, "details": {}, **event} for event in events]
+    table = AuditEvent.__table__
+    assert isinstance(table, Table)
+    session.execute(insert(table), rows)
 
 
 def audit_trail(

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Image, utcnow
-from db.repository._sql import insert_ignore
+from db.repository._sql import insert_ignore, insert_ignore_rows
 
 
 @dataclass(frozen=True)
@@ -26,24 +28,38 @@ class ImageFacts:
     anomalies: tuple[str, ...] = ()
 
 
+def _image_values(facts: ImageFacts, now: datetime) -> dict[str, Any]:
+    return {
+        "sha256": facts.sha256,
+        "size_bytes": facts.size_bytes,
+        "format": facts.format,
+        "mime": facts.mime,
+        "width": facts.width,
+        "height": facts.height,
+        "frames": facts.frames,
+        "mode": facts.mode,
+        "anomalies": list(facts.anomalies) if facts.anomalies else sa.null(),
+        "first_seen_at": now,
+    }
+
+
 def get_or_create_image(session: Session, facts: ImageFacts) -> Image:
-    insert_ignore(
-        session,
-        Image,
-        {
-            "sha256": facts.sha256,
-            "size_bytes": facts.size_bytes,
-            "format": facts.format,
-            "mime": facts.mime,
-            "width": facts.width,
-            "height": facts.height,
-            "frames": facts.frames,
-            "mode": facts.mode,
-            "anomalies": list(facts.anomalies) if facts.anomalies else sa.null(),
-            "first_seen_at": utcnow(),
-        },
-    )
+    insert_ignore(session, Image, _image_values(facts, utcnow()))
     return session.execute(select(Image).where(Image.sha256 == facts.sha256)).scalar_one()
+
+
+def get_or_create_images(session: Session, facts: Sequence[ImageFacts]) -> dict[str, int]:
+    """The ids of several contents by sha256, rows created for the new ones: one INSERT and
+    one SELECT for the group (the first facts given for a sha256 are the ones stored)."""
+    unique: dict[str, ImageFacts] = {}
+    for one in facts:
+        unique.setdefault(one.sha256, one)
+    if not unique:
+        return {}
+    now = utcnow()
+    insert_ignore_rows(session, Image, [_image_values(unique[sha], now) for sha in sorted(unique)])
+    rows = session.execute(select(Image.id, Image.sha256).where(Image.sha256.in_(list(unique))))
+    return {sha256: image_id for image_id, sha256 in rows}
 
 
 def image_by_sha256(session: Session, sha256: str) -> Image | None:
@@ -55,10 +71,17 @@ def get_image(session: Session, image_id: int) -> Image | None:
 
 
 def lock_images(session: Session, image_ids: Iterable[int]) -> None:
-    """Lock several image rows (see ``lock_image``), in ascending id order, so that two
-    transactions locking overlapping sets cannot deadlock on each other."""
-    for image_id in sorted(set(image_ids)):
-        lock_image(session, image_id)
+    """Lock several image rows (see ``lock_image``) in one statement, in ascending id order
+    (the rows are locked as the sorted result is read), so that two transactions locking
+    overlapping sets cannot deadlock on each other."""
+    ids = sorted(set(image_ids))
+    if ids:
+        session.execute(
+            select(Image.id)
+            .where(Image.id.in_(ids))
+            .order_by(Image.id)
+            .with_for_update(key_share=True)
+        ).all()
 
 
 def lock_image(session: Session, image_id: int) -> Image:

@@ -24,7 +24,20 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, and_, delete, exists, func, or_, select, text, union_all, update
+from sqlalchemy import (
+    Select,
+    Table,
+    and_,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    union_all,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -43,8 +56,8 @@ from db.models import (
     VerdictLabel,
     utcnow,
 )
-from db.repository._sql import insert_ignore
-from db.repository.audit import append_audit
+from db.repository._sql import insert_ignore, insert_ignore_rows
+from db.repository.audit import append_audit, append_audits
 
 # The queue's order: each point of score moves a case this much earlier than the time it
 # opened, so a 0.9 waits behind a 0.5 only if the 0.5 has waited ~10 hours longer. A case
@@ -75,6 +88,15 @@ def case_for_image(session: Session, image_id: int) -> ReviewCase | None:
     return session.execute(
         select(ReviewCase).where(ReviewCase.image_id == image_id)
     ).scalar_one_or_none()
+
+
+def cases_for_images(session: Session, image_ids: Iterable[int]) -> dict[int, ReviewCase]:
+    """The review cases of several images in one query, by image id."""
+    ids = sorted(set(image_ids))
+    if not ids:
+        return {}
+    rows = session.execute(select(ReviewCase).where(ReviewCase.image_id.in_(ids))).scalars()
+    return {case.image_id: case for case in rows}
 
 
 def get_case(session: Session, case_id: int) -> ReviewCase | None:
@@ -132,6 +154,70 @@ def follow_verdict(
     return existing
 
 
+def follow_verdicts(
+    session: Session, verdicts: Sequence[Verdict], *, actor: str, active: bool = True
+) -> None:
+    """``follow_verdict`` for several verdicts, in a few statements for the group: the
+    images' cases are read at once, and the cases the group opens are inserted, given their
+    signals and audited together. A verdict that may change an existing case (reopen or
+    withdraw it) takes the one-at-a-time way."""
+    unique = list({verdict.id: verdict for verdict in verdicts}.values())
+    cases = cases_for_images(session, (verdict.image_id for verdict in unique))
+    to_open: dict[int, Verdict] = {}
+    one_by_one: list[Verdict] = []
+    for verdict in unique:
+        if verdict.flagged and verdict.image_id not in cases and verdict.image_id not in to_open:
+            to_open[verdict.image_id] = verdict
+        elif verdict.flagged or (active and _clears(verdict) and verdict.image_id in cases):
+            one_by_one.append(verdict)
+    now = utcnow()
+    opened = {
+        image_id: case_id
+        for case_id, image_id in insert_ignore_rows(
+            session,
+            ReviewCase,
+            [_new_case(to_open[image_id], now) for image_id in sorted(to_open)],
+            returning=(ReviewCase.id, ReviewCase.image_id),
+        )
+    }
+    signals = _signals_of(session, [to_open[image_id] for image_id in opened])
+    rows = [
+        {"case_id": case_id, "kind": kind, "value": value}
+        for image_id, case_id in sorted(opened.items())
+        for kind, value in sorted(signals[image_id])
+    ]
+    if rows:
+        session.execute(insert(_table(ReviewCaseSignal)), rows)
+    append_audits(
+        session,
+        [
+            _audit_event(case_id, "review_case.opened", to_open[image_id], actor)
+            for image_id, case_id in sorted(opened.items())
+        ],
+    )
+    # Opened meanwhile by a transaction that did not hold the image's lock: the usual way.
+    missed = [verdict for image_id, verdict in to_open.items() if image_id not in opened]
+    for verdict in missed + one_by_one:
+        follow_verdict(session, verdict, actor=actor, active=active)
+
+
+def _new_case(verdict: Verdict, now: datetime) -> dict[str, Any]:
+    return {
+        "verdict_id": verdict.id,
+        "image_id": verdict.image_id,
+        "state": ReviewState.OPEN,
+        "opened_at": now,
+        "score": verdict.ai_score,
+        "queue_key": queue_key(now, verdict.ai_score),
+    }
+
+
+def _table(model: type[ReviewCaseSignal]) -> Table:
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
+
+
 # --- filters ----------------------------------------------------------------------------
 
 
@@ -139,27 +225,38 @@ def case_signals(session: Session, verdict: Verdict) -> set[tuple[str, str]]:
     """What the queue filters a case by: each detector whose score reached the verdict's
     threshold ("fired"), each provenance kind with a generative-AI finding, each kind of
     place the bytes came from."""
-    threshold = 0.5
-    if verdict.ensemble_id is not None:
-        ensemble = session.get(Ensemble, verdict.ensemble_id)
-        if ensemble is not None:
-            threshold = float(ensemble.definition.get("threshold", threshold))
-    signals: set[tuple[str, str]] = set()
-    for entry in verdict.detector_set.get("detectors", []):
-        score = entry.get("score")
-        if isinstance(score, int | float) and score >= threshold:
-            signals.add(("detector", str(entry.get("name"))[:128]))
+    return _signals_of(session, [verdict])[verdict.image_id]
+
+
+def _signals_of(session: Session, verdicts: Sequence[Verdict]) -> dict[int, set[tuple[str, str]]]:
+    """``case_signals`` of several verdicts (of distinct images) in two queries, by image."""
+    signals: dict[int, set[tuple[str, str]]] = {verdict.image_id: set() for verdict in verdicts}
+    if not signals:
+        return signals
+    for verdict in verdicts:
+        threshold = 0.5
+        if verdict.ensemble_id is not None:
+            ensemble = session.get(Ensemble, verdict.ensemble_id)
+            if ensemble is not None:
+                threshold = float(ensemble.definition.get("threshold", threshold))
+        for entry in verdict.detector_set.get("detectors", []):
+            score = entry.get("score")
+            if isinstance(score, int | float) and score >= threshold:
+                signals[verdict.image_id].add(("detector", str(entry.get("name"))[:128]))
+    image_ids = sorted(signals)
     evidence = session.execute(
-        select(Detection.evidence).where(Detection.image_id == verdict.image_id)
-    ).scalars()
-    for document in evidence:
+        select(Detection.image_id, Detection.evidence).where(Detection.image_id.in_(image_ids))
+    )
+    for image_id, document in evidence:
         for item in document.get("items", []) or []:
             if isinstance(item, dict) and item.get("ai") and isinstance(item.get("kind"), str):
-                signals.add(("provenance", item["kind"][:128]))
+                signals[image_id].add(("provenance", item["kind"][:128]))
     kinds = session.execute(
-        select(Source.kind).where(Source.image_id == verdict.image_id).distinct()
-    ).scalars()
-    signals.update(("source", kind.value) for kind in kinds)
+        select(Source.image_id, Source.kind).where(Source.image_id.in_(image_ids)).distinct()
+    )
+    for image_id, kind in kinds:
+        if image_id is not None:
+            signals[image_id].add(("source", kind.value))
     return signals
 
 
@@ -712,16 +809,19 @@ def _transition(
 
 
 def _audit(session: Session, case: ReviewCase, action: str, verdict: Verdict, actor: str) -> None:
-    append_audit(
-        session,
-        actor=actor,
-        action=action,
-        subject_type="review_case",
-        subject_id=case.id,
-        details={
+    append_audit(session, **_audit_event(case.id, action, verdict, actor))
+
+
+def _audit_event(case_id: int, action: str, verdict: Verdict, actor: str) -> dict[str, Any]:
+    return {
+        "actor": actor,
+        "action": action,
+        "subject_type": "review_case",
+        "subject_id": case_id,
+        "details": {
             "verdict_id": verdict.id,
             "ensemble_version": verdict.ensemble_version,
             "flagged": verdict.flagged,
             "reason": verdict.reason,
         },
-    )
+    }

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Table, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Scan, ScanPriority, Source, SourceKind, SourceStatus, utcnow
-from db.repository._sql import insert_ignore
+from db.repository._sql import dialect_insert, insert_ignore
 
 
 @dataclass(frozen=True)
@@ -41,25 +42,7 @@ class StoredObject:
 def record_source(session: Session, ref: SourceRef, image_id: int | None) -> tuple[Source, bool]:
     """The source row for ``ref``, created if new (then True) or marked seen again."""
     now = utcnow()
-    created = insert_ignore(
-        session,
-        Source,
-        {
-            "kind": ref.kind,
-            "ref_key": ref.ref_key,
-            "local_path": ref.local_path,
-            "bucket": ref.bucket,
-            "object_key": ref.object_key,
-            "version_id": ref.version_id,
-            "etag": ref.etag,
-            "submitted_by": ref.submitted_by,
-            "image_id": image_id,
-            "status": SourceStatus.PENDING,
-            "created_at": now,
-            "last_seen_at": now,
-            "seen_count": 1,
-        },
-    )
+    created = insert_ignore(session, Source, _source_values(ref, image_id, now))
     source = session.execute(
         select(Source).where(Source.kind == ref.kind, Source.ref_key == ref.ref_key)
     ).scalar_one()
@@ -71,6 +54,83 @@ def record_source(session: Session, ref: SourceRef, image_id: int | None) -> tup
         )
         session.refresh(source)
     return source, created
+
+
+@dataclass(frozen=True)
+class SourceIntake:
+    """A source as taken in: where the bytes came from, the image they are (None when
+    nothing was read) and, for a refused upload, why."""
+
+    ref: SourceRef
+    image_id: int | None
+    reject_reason: str | None = None
+    reject_message: str | None = None
+
+
+def record_sources(session: Session, entries: Sequence[SourceIntake]) -> list[int]:
+    """Store several sources as taken in, in one statement: each row is created, or seen
+    again (``last_seen_at``, ``seen_count``); either way it points at the image read and, when
+    refused, says why (a source taken in without a refusal keeps its status until it is
+    scored). Returns the source ids in the order of ``entries``; a source named twice is one
+    row seen twice."""
+    if not entries:
+        return []
+    now = utcnow()
+    rows: dict[tuple[SourceKind, str], dict[str, Any]] = {}
+    for entry in entries:
+        key = (entry.ref.kind, entry.ref.ref_key)
+        row = rows.get(key)
+        if row is not None:  # the later entry is what was found last
+            row["seen_count"] += 1
+            row["image_id"] = entry.image_id if entry.image_id is not None else row["image_id"]
+        else:
+            row = rows[key] = _source_values(entry.ref, entry.image_id, now)
+        if entry.reject_reason is not None:
+            row["status"] = SourceStatus.REJECTED
+            row["reject_reason"] = entry.reject_reason
+            row["reject_message"] = entry.reject_message
+    table = cast(Table, Source.__table__)
+    columns = table.c
+    insert = dialect_insert(session)(table)
+    refused = insert.excluded.status == SourceStatus.REJECTED
+    statement = insert.on_conflict_do_update(
+        index_elements=[columns.kind, columns.ref_key],
+        set_={
+            "last_seen_at": insert.excluded.last_seen_at,
+            "seen_count": columns.seen_count + insert.excluded.seen_count,
+            "image_id": func.coalesce(insert.excluded.image_id, columns.image_id),
+            "status": case((refused, insert.excluded.status), else_=columns.status),
+            "reject_reason": case(
+                (refused, insert.excluded.reject_reason), else_=columns.reject_reason
+            ),
+            "reject_message": case(
+                (refused, insert.excluded.reject_message), else_=columns.reject_message
+            ),
+        },
+    ).returning(columns.id, columns.kind, columns.ref_key)
+    stored = session.execute(statement, [rows[key] for key in sorted(rows)])
+    ids = {(kind, ref_key): source_id for source_id, kind, ref_key in stored}
+    return [ids[(entry.ref.kind, entry.ref.ref_key)] for entry in entries]
+
+
+def _source_values(ref: SourceRef, image_id: int | None, now: datetime) -> dict[str, Any]:
+    return {
+        "kind": ref.kind,
+        "ref_key": ref.ref_key,
+        "local_path": ref.local_path,
+        "bucket": ref.bucket,
+        "object_key": ref.object_key,
+        "version_id": ref.version_id,
+        "etag": ref.etag,
+        "submitted_by": ref.submitted_by,
+        "image_id": image_id,
+        "status": SourceStatus.PENDING,
+        "reject_reason": None,
+        "reject_message": None,
+        "created_at": now,
+        "last_seen_at": now,
+        "seen_count": 1,
+    }
 
 
 def attach_image(session: Session, source_id: int, image_id: int) -> None:
@@ -92,6 +152,17 @@ def mark_source_scored(session: Session, source_id: int) -> None:
         .where(Source.id == source_id)
         .values(status=SourceStatus.SCORED, reject_reason=None, reject_message=None)
     )
+
+
+def mark_sources_scored(session: Session, source_ids: Sequence[int]) -> None:
+    """``mark_source_scored`` for several sources, in one statement."""
+    if source_ids:
+        session.execute(
+            update(Source)
+            .where(Source.id.in_(sorted(set(source_ids))))
+            .values(status=SourceStatus.SCORED, reject_reason=None, reject_message=None)
+            .execution_options(synchronize_session=False)
+        )
 
 
 def mark_pending_sources_scored(session: Session, image_id: int) -> list[int]:
