@@ -344,6 +344,32 @@ def test_channels_last_on_the_cpu_where_it_was_measured_faster(
         mobilenet(channels_last="yes")
 
 
+def test_large_inputs_on_the_cpu_go_in_short_batches(tmp_path: Path) -> None:
+    """On the CPU a 384 px model is given batches of at most four, whatever the engine's
+    batch size (longer ones only ran slower there); a 224 px one gets the engine's."""
+    from workers.engine import batch_limit, detector_batcher
+
+    write_sumsub_raw(tmp_path / "convnext.pt", CONVNEXT_STAND_IN)
+    write_sumsub_raw(tmp_path / "mobilenet.pt", SUMSUB_MOBILENET)
+    large = load_sumsub(
+        spec("sumsub", backbone=CONVNEXT_STAND_IN, **CONVNEXT_L_PREPROCESSING),
+        device="cpu",
+        weights_path=tmp_path / "convnext.pt",
+    )
+    small = load_sumsub(
+        spec("sumsub", backbone=SUMSUB_MOBILENET),
+        device="cpu",
+        weights_path=tmp_path / "mobilenet.pt",
+    )
+    assert [batch_limit(large, n) for n in (1, 2, 16)] == [1, 2, 4]
+    assert batch_limit(small, 16) == 16
+    batcher = detector_batcher(large, max_batch=16, max_wait_s=0.1)
+    try:
+        assert batcher.max_batch == 4
+    finally:
+        batcher.close()
+
+
 def test_sumsub_evidence_and_ai_index(corpus_images: list[CorpusImage], tmp_path: Path) -> None:
     state = write_sumsub_raw(tmp_path / "synthetic.pt", CONVNEXT_STAND_IN)
     options = {"backbone": CONVNEXT_STAND_IN, "input_size": 96}

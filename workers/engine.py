@@ -113,7 +113,8 @@ def run_detector(
     """
     steps = DetectorSteps(detector)
     results: list[DetectorResult] = []
-    for start in range(0, len(items), max(1, max_batch)):
+    max_batch = batch_limit(detector, max(1, max_batch))
+    for start in range(0, len(items), max_batch):
         batch = list(items[start : start + max_batch])
         try:
             results.extend(steps.read(steps.launch(steps.stage(batch))))
@@ -651,6 +652,13 @@ class MicroBatcher(Generic[T, R]):
         return watchdog
 
 
+def batch_limit(detector: Detector, max_batch: int) -> int:
+    """The longest batch ``detector`` is given: ``max_batch``, or its own
+    ``largest_useful_batch`` where that is smaller (a large model on the CPU)."""
+    useful = getattr(detector, "largest_useful_batch", None)
+    return min(max_batch, useful) if isinstance(useful, int) and useful > 0 else max_batch
+
+
 def detector_batcher(
     detector: Detector,
     *,
@@ -667,7 +675,7 @@ def detector_batcher(
     steps = DetectorSteps(detector)
     return MicroBatcher(
         steps=steps,
-        max_batch=max_batch,
+        max_batch=batch_limit(detector, max_batch),
         max_wait_s=max_wait_s,
         watchdog_s=watchdog_s,
         on_stuck=on_stuck,
