@@ -370,6 +370,66 @@ def test_large_inputs_on_the_cpu_go_in_short_batches(tmp_path: Path) -> None:
         batcher.close()
 
 
+def test_models_on_the_cpu_run_as_frozen_graphs(
+    corpus_images: list[CorpusImage], tmp_path: Path
+) -> None:
+    """A torch model on the CPU runs as a frozen TorchScript graph unless its option says
+    otherwise, with the eager module's scores."""
+    write_sumsub_raw(tmp_path / "mobilenet.pt", SUMSUB_MOBILENET)
+
+    def mobilenet(**options: object) -> TorchDetector:
+        detector = load_sumsub(
+            spec("sumsub", backbone=SUMSUB_MOBILENET, **options),
+            device="cpu",
+            weights_path=tmp_path / "mobilenet.pt",
+        )
+        assert isinstance(detector, TorchDetector)
+        return detector
+
+    graph, eager = mobilenet(), mobilenet(frozen_graph=False)
+    assert graph.frozen_graph and not eager.frozen_graph
+    images = corpus_images[:6]
+    for got, want in zip(
+        detector_scores(graph, images), detector_scores(eager, images), strict=True
+    ):
+        assert abs(got - want) <= TOLERANCE, (got, want)
+
+
+class _SizeBaked(torch.nn.Module):
+    """A model whose trace bakes in the batch size it was traced with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 2.0 if int(x.shape[0]) == 2 else 3.0
+        return x.flatten(1)[:, :2] * scale
+
+
+class _Untraceable(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("not here")
+
+
+def test_a_graph_that_disagrees_with_its_model_is_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from workers.detectors.torch_models.runtime import freeze_graph
+
+    size, cpu = (3, 4, 4), torch.device("cpu")
+    caplog.set_level("WARNING")
+    baked = _SizeBaked().eval()
+    assert freeze_graph(baked, size, cpu, channels_last=False, name="b") is baked
+    failing = _Untraceable().eval()
+    assert freeze_graph(failing, size, cpu, channels_last=False, name="u") is failing
+    messages = [record.getMessage() for record in caplog.records]
+    assert "model kept in eager mode: its traced graph disagrees with it" in messages
+    assert "model kept in eager mode: it cannot be traced" in messages
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 2)).eval()
+    frozen = freeze_graph(linear, size, cpu, channels_last=False, name="l")
+    assert isinstance(frozen, torch.jit.ScriptModule)
+    x = torch.rand(5, *size)
+    with torch.inference_mode():
+        assert torch.allclose(frozen(x), linear(x), atol=1e-6)
+
+
 def test_sumsub_evidence_and_ai_index(corpus_images: list[CorpusImage], tmp_path: Path) -> None:
     state = write_sumsub_raw(tmp_path / "synthetic.pt", CONVNEXT_STAND_IN)
     options = {"backbone": CONVNEXT_STAND_IN, "input_size": 96}

@@ -122,6 +122,11 @@ class TorchOptions(FamilyOptions):
     """Feed the model channels-last tensors (same scores, another memory layout). Unset: on
     CUDA always; on the CPU for the backbones measured faster with it (MobileNetV3: 2.6x at
     batch 16; ConvNeXt and ViT gain nothing there, see docs/performance.md)."""
+    frozen_graph: Annotated[bool, Strict()] | None = None
+    """Run the model as a frozen TorchScript graph, traced once when it loads: the forward
+    pass then runs without the Python interpreter, so the other threads of a process (a
+    fleet worker's messages, a scan's intake) cannot stall it between layers, and batch
+    norms fold into the convolutions. Unset: on the CPU (measured there), not on CUDA."""
     interpolation: Interpolation | None = None
     mean: Triple | None = None
     std: Triple | None = None

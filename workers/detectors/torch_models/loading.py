@@ -27,9 +27,11 @@ from workers.detectors.torch_models.head import ScoreHead
 from workers.detectors.torch_models.preprocessing import Preprocessing
 from workers.detectors.torch_models.runtime import (
     TorchDetector,
+    freeze_graph,
     place,
     resolve_device,
     wants_channels_last,
+    wants_frozen_graph,
 )
 from workers.detectors.weights import (
     CheckpointFormatError,
@@ -87,9 +89,22 @@ def load_torch_detector(
         raise DetectorOptionsError(f"detector {spec.name} (family {spec.family}): {exc}") from exc
     channels_last = wants_channels_last(build.architecture, torch_device, options.channels_last)
     place(module, torch_device, channels_last=channels_last)
+    if wants_frozen_graph(torch_device, options.frozen_graph):
+        module = freeze_graph(
+            module,
+            build.preprocessing.input_size,
+            torch_device,
+            channels_last=channels_last,
+            name=spec.name,
+        )
     logger.info(
         "detector loaded",
-        extra={"detector": spec.name, "device": str(torch_device), "weights_sha256": digest},
+        extra={
+            "detector": spec.name,
+            "device": str(torch_device),
+            "weights_sha256": digest,
+            "frozen_graph": isinstance(module, torch.jit.ScriptModule),
+        },
     )
     return TorchDetector(
         spec=spec,
