@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_engine.py [--device cpu|cuda] [--shapes ...]
         [--batch-size 16] [--threads N] [--images DIR] [--copies 1] [--limit-heavy 12]
+        [--repeat 3]
     .venv/bin/python benchmarks/bench_engine.py --rss 1000 10000    # peak memory by count
 
 For each detector shape (sumsub-mj5: MobileNetV3-L 224; commfor-vit384: ViT-S/16 384;
@@ -12,8 +13,8 @@ weights (speed does not depend on the values) and measures, on the same image fi
   model on one image, as the model cards' scripts do;
 - intake ceiling: read + hash + decode + preprocess alone, on ``--threads`` threads (what
   the engine's intake stage does, with nothing after it);
-- model ceiling: the forward pass alone on random batches of ``--batch-size``, host to
-  device copy included;
+- model ceiling: the forward pass alone on random batches of ``--batch-size`` (or of the
+  shorter batch the engine gives a large model on the CPU), host to device copy included;
 - engine: ``synthsentry scan``'s pipeline (``workers.scan.Scanner``), every result stored
   in a throwaway SQLite database; and its ratio to the lower ceiling.
 
@@ -25,7 +26,8 @@ That exposes the pipeline's own losses: the engine should reach its intake ceili
 
 ``--rss`` scans N generated JPEGs with the stand-in model in a fresh process per count
 and prints each process's peak RSS: it must not grow with the count.
-Figures are images per second (higher is better).
+Figures are images per second (higher is better): the median of ``--repeat`` runs of each,
+taken in turn, with the slowest and fastest run in brackets.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from db import migrate  # noqa: E402
 from db.session import make_engine, make_sessionmaker  # noqa: E402
 from workers.detectors.base import Detector, DetectorOutput, DetectorSpec  # noqa: E402
 from workers.detectors.registry import BUILTIN_SPECS, build_detector  # noqa: E402
+from workers.engine import batch_limit  # noqa: E402
 from workers.ensemble import EnsembleConfig  # noqa: E402
 from workers.intake import IntakeLimits, decode  # noqa: E402
 from workers.scan import Scanner  # noqa: E402
@@ -308,34 +311,60 @@ def build(shape: Shape, folder: Path, device: str) -> tuple[Detector, dict[str, 
 
 
 def measure_shape(shape: Shape, paths: list[Path], args: argparse.Namespace, folder: Path) -> None:
+    """Every figure of one shape, each measured ``--repeat`` times in turn (so that a
+    slow moment of a shared machine hits them alike); medians, with the spread."""
     detector, state = build(shape, folder, args.device)
     real_paths = paths[: args.limit_heavy] if shape.name in HEAVY else paths
     model, transform = authors_pipeline(shape, state, torch.device(args.device))
     authors_loop(model, transform, real_paths[:2])  # warm-up
-    loop = authors_loop(model, transform, real_paths)
-    intake = intake_ceiling(detector, real_paths, args.threads)
-    ceiling_model = model_ceiling(detector, args.batch_size)
-    engine = engine_run(detector, real_paths, batch_size=args.batch_size, threads=args.threads)
-    lower = min(intake, ceiling_model)
-    print(f"\n{shape.label}, real model on {args.device}, {len(real_paths)} images")
-    print(f"  authors' loop                      {loop:8.1f} img/s")
-    print(f"  intake ceiling ({args.threads} threads)         {intake:8.1f} img/s")
-    print(f"  model ceiling (batch {args.batch_size:3d})          {ceiling_model:8.1f} img/s")
-    print(
-        f"  engine                             {engine:8.1f} img/s   "
-        f"engine/min(ceilings) {engine / lower:.2f}   engine/authors {engine / loop:.2f}x"
-    )
     stand_in = StandIn(detector, args.standin_ms)
     stand_in_model = args.batch_size / (args.standin_ms / 1000)
-    intake = intake_ceiling(stand_in, paths, args.threads)
-    engine = engine_run(stand_in, paths, batch_size=args.batch_size, threads=args.threads)
-    lower = min(intake, stand_in_model)
+    batch = batch_limit(detector, args.batch_size)  # what the engine gives this model
+    runs: dict[str, list[float]] = {}
+    for _ in range(args.repeat):
+        for key, measure in (
+            ("authors", lambda: authors_loop(model, transform, real_paths)),
+            ("intake", lambda: intake_ceiling(detector, real_paths, args.threads)),
+            ("model", lambda: model_ceiling(detector, batch)),
+            (
+                "engine",
+                lambda: engine_run(
+                    detector, real_paths, batch_size=args.batch_size, threads=args.threads
+                ),
+            ),
+            ("standin_intake", lambda: intake_ceiling(stand_in, paths, args.threads)),
+            (
+                "standin_engine",
+                lambda: engine_run(
+                    stand_in, paths, batch_size=args.batch_size, threads=args.threads
+                ),
+            ),
+        ):
+            runs.setdefault(key, []).append(measure())
+    median = {key: statistics.median(values) for key, values in runs.items()}
+
+    def figure(key: str) -> str:
+        values = runs[key]
+        spread = f"({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else ""
+        return f"{median[key]:8.1f} img/s {spread}"
+
+    lower = min(median["intake"], median["model"])
+    print(f"\n{shape.label}, real model on {args.device}, {len(real_paths)} images")
+    print(f"  authors' loop                      {figure('authors')}")
+    print(f"  intake ceiling ({args.threads} threads)         {figure('intake')}")
+    print(f"  model ceiling (batch {batch:3d})          {figure('model')}")
+    print(
+        f"  engine                             {figure('engine')}   "
+        f"engine/min(ceilings) {median['engine'] / lower:.2f}   "
+        f"engine/authors {median['engine'] / median['authors']:.2f}x"
+    )
+    lower = min(median["standin_intake"], stand_in_model)
     print(f"  GPU-like stand-in ({args.standin_ms:g} ms a batch), {len(paths)} images:")
-    print(f"    intake ceiling                   {intake:8.1f} img/s")
+    print(f"    intake ceiling                   {figure('standin_intake')}")
     print(f"    model ceiling                    {stand_in_model:8.1f} img/s")
     print(
-        f"    engine                           {engine:8.1f} img/s   "
-        f"engine/min(ceilings) {engine / lower:.2f}"
+        f"    engine                           {figure('standin_engine')}   "
+        f"engine/min(ceilings) {median['standin_engine'] / lower:.2f}"
     )
 
 
@@ -388,6 +417,7 @@ def main() -> int:
     parser.add_argument("--copies", type=int, default=1, help="JPEG re-encodings per image")
     parser.add_argument("--limit-heavy", type=int, default=12, help="files for ConvNeXt-L")
     parser.add_argument("--standin-ms", type=float, default=5.0, help="stand-in ms a batch")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each figure (median)")
     parser.add_argument("--rss", type=int, nargs="+", metavar="COUNT")
     parser.add_argument("--rss-child", nargs=2, metavar=("COUNT", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
