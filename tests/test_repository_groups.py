@@ -3,6 +3,7 @@ exactly the rows that the same writes one at a time leave, on Postgres and on SQ
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from db.models import (
     Image,
     ReviewCase,
     ReviewCaseSignal,
+    ReviewState,
     Source,
     SourceKind,
     SourceStatus,
@@ -294,3 +296,39 @@ def test_reused_detections_and_reviews_of_a_group(session: Session) -> None:
     current = found[one].current
     assert current is not None and single.current is not None
     assert current.id == single.current.id
+
+
+def test_a_later_verdict_in_the_group_follows_the_case_the_group_opened(
+    session: Session,
+) -> None:
+    """A flagged verdict, then one that clears the image, both in one group: the case the
+    first opens is withdrawn by the second, as when they are saved one at a time."""
+    ensemble_id = repository.register_ensemble(session, ENSEMBLE).id
+    ids = repository.get_or_create_images(session, [_facts("w", 1), _facts("w", 2)])
+    one, two = ids[_sha("w", 1)], ids[_sha("w", 2)]
+    flagged = _verdict(ensemble_id, VerdictLabel.LIKELY_AI, 0.9)
+    cleared = dataclasses.replace(
+        _verdict(ensemble_id, VerdictLabel.NO_INDICATION, 0.1), detector_set_digest="c" * 64
+    )
+    for verdict in (flagged, cleared):
+        repository.save_verdict(session, one, verdict, actor="t")
+    repository.save_verdicts(session, [(two, flagged), (two, cleared)], actor="t")
+    cases = repository.cases_for_images(session, [one, two])
+    for case in cases.values():
+        session.refresh(case)
+    assert [cases[image].state for image in (one, two)] == [ReviewState.WITHDRAWN] * 2
+    actions = {
+        image: [
+            e.action
+            for e in session.scalars(
+                select(AuditEvent)
+                .where(
+                    AuditEvent.subject_type == "review_case",
+                    AuditEvent.subject_id == cases[image].id,
+                )
+                .order_by(AuditEvent.id)
+            )
+        ]
+        for image in (one, two)
+    }
+    assert actions[one] == actions[two] == ["review_case.opened", "review_case.withdrawn"]

@@ -266,15 +266,12 @@ class Scanner:
 
     def _conclude(self, session: Session, items: Sequence[_Item]) -> list[ScanOutcome]:
         """Store the detections, verdicts and review cases of files every detector answered
-        (their images locked by the caller), the scored ones together; their outcomes, in
-        the order of ``items``."""
+        (their images locked by the caller), the scored ones together and first: a refused
+        copy of bytes that detectors scored in the same group then finds their verdict, as
+        ``conclude_unscored`` wants, whatever the files' order. Outcomes in the order of
+        ``items``."""
         outcomes: dict[int, ScanOutcome] = {}
-        scored = []
-        for item in items:
-            if item.intake.rejection is not None:
-                outcomes[item.index] = self._not_scored(session, item, item.intake.rejection)
-            else:
-                scored.append(item)
+        scored = [item for item in items if item.intake.rejection is None]
         fresh = [
             (item.image_id, scoring.detection_record(d, item.fresh[d.spec.name]))
             for item in scored
@@ -322,6 +319,9 @@ class Scanner:
                 image=item.summary,
                 review=reviews.get(verdict.image_id),
             )
+        for item in items:
+            if item.intake.rejection is not None:
+                outcomes[item.index] = self._not_scored(session, item, item.intake.rejection)
         return [replace(outcomes[i.index], path_bytes=raw_base64(i.path)) for i in items]
 
     def _not_scored(self, session: Session, item: _Item, rejection: Rejected) -> ScanOutcome:

@@ -166,9 +166,14 @@ def follow_verdicts(
     to_open: dict[int, Verdict] = {}
     one_by_one: list[Verdict] = []
     for verdict in unique:
-        if verdict.flagged and verdict.image_id not in cases and verdict.image_id not in to_open:
-            to_open[verdict.image_id] = verdict
-        elif verdict.flagged or (active and _clears(verdict) and verdict.image_id in cases):
+        image_id = verdict.image_id
+        if verdict.flagged and image_id not in cases and image_id not in to_open:
+            to_open[image_id] = verdict
+        elif (
+            image_id in to_open  # a later verdict for an image whose case the group opens
+            or verdict.flagged
+            or (active and _clears(verdict) and image_id in cases)
+        ):
             one_by_one.append(verdict)
     now = utcnow()
     opened = {
