@@ -111,18 +111,7 @@ def follow_verdict(
     verdict the case already agrees with changes nothing."""
     if verdict.flagged:
         now = utcnow()
-        opened = insert_ignore(
-            session,
-            ReviewCase,
-            {
-                "verdict_id": verdict.id,
-                "image_id": verdict.image_id,
-                "state": ReviewState.OPEN,
-                "opened_at": now,
-                "score": verdict.ai_score,
-                "queue_key": queue_key(now, verdict.ai_score),
-            },
-        )
+        opened = insert_ignore(session, ReviewCase, _new_case(verdict, now))
         case = _case(session, verdict.image_id)
         if opened:
             _set_signals(session, case, verdict)
