@@ -333,3 +333,40 @@ def test_a_refusal_does_not_hide_the_score_the_same_bytes_earned(
     with sessions() as session:
         labels = sorted(v.label.value for v in session.query(Verdict))
     assert labels == [first.verdict, "not_scored"]
+
+
+def test_in_one_group_a_refused_copy_does_not_hide_the_score_of_its_bytes(
+    tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    """Two files with the same bytes reach the store thread together, the first refused (a
+    refusal that can vary: a decode timeout under load), the second scored: the scored
+    verdict is stored first, so the refusal stores no "not scored" verdict over it and the
+    review case is the score's, whatever the order of the files."""
+    from db.session import transaction
+    from workers import scoring
+    from workers.engine import DetectorResult
+    from workers.intake import Rejected, RejectReason
+    from workers.scan import _Item
+
+    (picture,) = _pictures(tmp_path, 1)
+    data = picture.read_bytes()
+    detector = FixedScore("fixed", 0.9)
+    ensemble = EnsembleConfig(review_unscored=frozenset({"decode_timeout"}))
+    scanner = Scanner([detector], sessions, LIMITS, ensemble)
+    scanner._ensemble_id = scoring.register_ensemble(sessions, ensemble)
+    timeout = Rejected(RejectReason.DECODE_TIMEOUT, "decoding took too long")
+    refused = _Item(0, tmp_path / "copy.png", scoring.Intake.refused(timeout, data))
+    scored = _Item(1, picture, scoring.take_in(lambda: data, LIMITS))
+    with transaction(sessions) as session:
+        scanner._register(session, [refused, scored])
+    assert refused.image_id == scored.image_id is not None
+    scored.fresh = {"fixed": DetectorResult(output=DetectorOutput(0.9), latency_ms=1.0)}
+    with transaction(sessions) as session:
+        first, second = scanner._conclude(session, [refused, scored])
+    assert (first.status, first.reason) == (SourceStatus.REJECTED, "decode_timeout")
+    assert second.status == SourceStatus.SCORED and second.flagged
+    assert first.review is not None and first.review.opened_by.label.value == "likely_ai"
+    with sessions() as session:
+        assert [v.label.value for v in session.query(Verdict)] == ["likely_ai"]
+        case = session.query(ReviewCase).one()
+        assert case.score == 0.9
