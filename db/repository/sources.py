@@ -146,16 +146,8 @@ def mark_source_rejected(session: Session, source_id: int, reason: str, message:
     )
 
 
-def mark_source_scored(session: Session, source_id: int) -> None:
-    session.execute(
-        update(Source)
-        .where(Source.id == source_id)
-        .values(status=SourceStatus.SCORED, reject_reason=None, reject_message=None)
-    )
-
-
 def mark_sources_scored(session: Session, source_ids: Sequence[int]) -> None:
-    """``mark_source_scored`` for several sources, in one statement."""
+    """These sources are scored (a refusal they had is cleared), in one statement."""
     if source_ids:
         session.execute(
             update(Source)

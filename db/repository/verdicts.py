@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from db.models import Ensemble, ReviewCase, Verdict, VerdictLabel, utcnow
 from db.repository._sql import insert_ignore, insert_ignore_rows
 from db.repository.audit import append_audits
-from db.repository.review import case_for_image, cases_for_images, follow_verdicts
+from db.repository.review import cases_for_images, follow_verdicts
 
 
 @dataclass(frozen=True)
@@ -229,10 +229,4 @@ def with_verdicts_of(
 def with_verdicts(session: Session, image_id: int, *, ensemble_version: str) -> CaseVerdicts | None:
     """The image's review case, the verdict that opened it and its current verdict under
     ``ensemble_version`` (the active configuration)."""
-    case = case_for_image(session, image_id)
-    if case is None:
-        return None
-    opened_by = session.get(Verdict, case.verdict_id)
-    assert opened_by is not None  # a foreign key
-    current = current_verdict(session, image_id, ensemble_version=ensemble_version)
-    return CaseVerdicts(case=case, opened_by=opened_by, current=current)
+    return with_verdicts_of(session, [image_id], ensemble_version=ensemble_version).get(image_id)
