@@ -53,8 +53,6 @@ ACTOR = "fleet"
 
 
 class S3Reader(Protocol):
-    def head_object(self, **kwargs: Any) -> Mapping[str, Any]: ...
-
     def get_object(self, **kwargs: Any) -> Mapping[str, Any]: ...
 
 
@@ -97,22 +95,23 @@ def record_upload(
 
 
 def fetch_object(s3: S3Reader, stored: repository.StoredObject, limits: IntakeLimits) -> bytes:
-    """The object's bytes, read at most once past the size limit."""
+    """The object's bytes, read at most once past the size limit: one GET, whose length is
+    checked before its body is read (an object over the limit is refused unread)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     params: dict[str, Any] = {"Bucket": stored.bucket, "Key": stored.key}
     if stored.version_id:
         params["VersionId"] = stored.version_id
     try:
-        head = s3.head_object(**params)
-        size = int(head.get("ContentLength", 0))
-        if size > limits.max_bytes:
-            raise Rejected(
-                RejectReason.TOO_LARGE,
-                f"the object is {size} bytes; the limit is {limits.max_bytes}",
-            )
-        body = s3.get_object(**params)["Body"]
+        response = s3.get_object(**params)
+        body = response["Body"]
         try:
+            size = int(response.get("ContentLength") or 0)
+            if size > limits.max_bytes:
+                raise Rejected(
+                    RejectReason.TOO_LARGE,
+                    f"the object is {size} bytes; the limit is {limits.max_bytes}",
+                )
             data: bytes = body.read(limits.max_bytes + 1)
         finally:
             body.close()

@@ -6,7 +6,6 @@ the same error codes, so the fleet's steps run unchanged on a laptop."""
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -88,8 +87,8 @@ class LocalObjectStore:
 
     def get_object(self, **kwargs: Any) -> Mapping[str, Any]:
         path = self._existing(kwargs, "GetObject")
-        data = path.read_bytes()
-        return {"Body": io.BytesIO(data), "ContentLength": len(data)}
+        body = path.open("rb")  # read by the caller, as far as it wants (and closed by it)
+        return {"Body": body, "ContentLength": os.fstat(body.fileno()).st_size}
 
     def put_object(self, **kwargs: Any) -> Mapping[str, Any]:
         path = self._path(kwargs["Bucket"], kwargs["Key"], "PutObject", create=True)
