@@ -116,7 +116,7 @@ def serve_celery_batches(batch_size: int, batch_wait_ms: float) -> None:
                     )
                 )
         finally:
-            batching.batcher.close()
+            batching.close()
             # Straight to the log file: Celery redirects a pool process's stderr.
             for size in batching.batcher.stats.recent:
                 line = json.dumps({"msg": "batch ran", "batch_size": size})
@@ -168,7 +168,8 @@ def corpus_variants(folder: Path, count: int) -> list[bytes]:
     out = []
     for i in range(count):
         image = sources[i % len(sources)].copy()
-        image.paste((i % 256, i // 256 % 256, 128), (0, 0, 16, 16))
+        # Colours far apart (JPEG quantisation merges neighbouring ones), one per upload.
+        image.paste((i * 37 % 256, i * 101 % 256, i // 256 * 64 % 256), (0, 0, 16, 16))
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=95)
         out.append(buffer.getvalue())

@@ -94,6 +94,20 @@ def _png(size: tuple[int, int]) -> bytes:
     return buffer.getvalue()
 
 
+def _taken_in(
+    ctx: fleet.FleetContext, s3_endpoint: str, pictures: list[tuple[str, tuple[int, int]]]
+) -> list[int]:
+    """Upload a PNG of each size under its key and take it in; the image ids (one detector
+    each to run)."""
+    image_ids = []
+    for key, size in pictures:
+        source_id = fleet.record_upload(ctx, _upload(s3_endpoint, key, _png(size)))
+        assert source_id is not None
+        ((image_id, _),) = fleet.take_in(ctx, source_id)
+        image_ids.append(image_id)
+    return image_ids
+
+
 def _count(sessions: sessionmaker[Session], model: type[Any]) -> int:
     with sessions() as session:
         return int(session.execute(sa.select(sa.func.count()).select_from(model)).scalar_one())
@@ -320,12 +334,7 @@ def test_batched_detection_shares_forward_passes_and_isolates_redeliveries(
 
     mj5 = models["sumsub-mj5"]
     ctx = _context(sessions, s3_endpoint, detectors=["sumsub-mj5"])
-    image_ids = []
-    for i in range(6):
-        source_id = fleet.record_upload(ctx, _upload(s3_endpoint, f"b/{i}.png", _png((80 + i, 64))))
-        assert source_id is not None
-        ((image_id, _),) = fleet.take_in(ctx, source_id)
-        image_ids.append(image_id)
+    image_ids = _taken_in(ctx, s3_endpoint, [(f"b/{i}.png", (80 + i, 64)) for i in range(6)])
     # The last image was delivered once before, to a worker that died holding it.
     suspect = image_ids[-1]
     with sessions.begin() as session:
@@ -342,7 +351,7 @@ def test_batched_detection_shares_forward_passes_and_isolates_redeliveries(
                 image_ids,
             )
         )
-    batching.batcher.close()
+    batching.close()
     assert all(v is not None for v in verdicts)
     # Five fresh messages in one forward pass; the suspect in a batch of its own.
     assert sorted(batching.batcher.stats.recent) == [1, 5]
@@ -352,12 +361,69 @@ def test_batched_detection_shares_forward_passes_and_isolates_redeliveries(
         for row in session.query(DetectionAttempt):
             attempts[row.image_id] = attempts.get(row.image_id, 0) + row.attempts
     assert attempts == {i: (2 if i == suspect else 1) for i in image_ids}
-    for image_id in image_ids:
-        data = fleet._bytes_of(ctx, image_id)
+    for i, image_id in enumerate(image_ids):
+        data = _png((80 + i, 64))
         (reference,) = mj5.detect_batch([decode(data, ctx.limits).image], [data])
         assert rows[image_id].error is None
         assert rows[image_id].score == pytest.approx(reference.score, abs=1e-4)
     assert (_count(sessions, Verdict), _count(sessions, ReviewCase)) == (6, 6)
+
+
+def test_answers_stored_together_and_one_that_cannot_be_stored_fails_alone(
+    sessions: sessionmaker[Session],
+    s3_endpoint: str,
+    bucket: str,
+    models: dict[str, Detector],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The batching worker's writer stores the answers waiting for it in one transaction;
+    when that fails, it stores them one by one, so an answer that cannot be stored (its
+    image is gone) fails its own message only and the others get their verdicts."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy.exc import IntegrityError
+
+    from db import repository
+    from workers.detectors.base import DetectorOutput
+    from workers.engine import DetectorResult
+
+    mj5 = models["sumsub-mj5"]
+    ctx = _context(sessions, s3_endpoint, detectors=["sumsub-mj5"])
+    image_ids = _taken_in(ctx, s3_endpoint, [(f"w/{i}.png", (90 + i, 70)) for i in range(4)])
+    gone = max(image_ids) + 1000
+    scores = {image_id: 0.1 + 0.2 * n for n, image_id in enumerate(image_ids)}
+    writer = fleet.StoreWriter(ctx, mj5)
+    pool = ThreadPoolExecutor(len(scores) + 1)
+    try:
+        with sessions() as held, held.begin():
+            # While the first image's row is locked, the writer waits on it with whatever
+            # it took first; everything else queues up behind and goes in one group.
+            repository.lock_image(held, image_ids[0])
+            stored = {
+                image_id: pool.submit(
+                    writer.store, image_id, DetectorResult(DetectorOutput(score), latency_ms=2.0)
+                )
+                for image_id, score in [*scores.items(), (gone, 0.5)]
+            }
+            deadline = time.monotonic() + 10
+            while writer.waiting < 4 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert writer.waiting >= 4
+        with pytest.raises(IntegrityError):
+            stored[gone].result(timeout=30)
+        verdicts = {image_id: stored[image_id].result(timeout=30) for image_id in image_ids}
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # a failure above must not hang here
+        writer.close()
+    assert any("stored together" in r.getMessage() for r in caplog.records)
+    assert all(v is not None and v.image_id == i for i, v in verdicts.items())
+    with sessions() as session:
+        rows = {d.image_id: d for d in session.query(Detection)}
+        statuses = {s.image_id: s.status for s in session.query(Source)}
+    assert {i: rows[i].score for i in rows} == pytest.approx(scores)
+    assert statuses == dict.fromkeys(image_ids, SourceStatus.SCORED)
+    assert (_count(sessions, Verdict), _count(sessions, ReviewCase)) == (4, 4)
 
 
 class _Busy:

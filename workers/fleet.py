@@ -17,8 +17,10 @@ returned work after the transaction that recorded it has committed.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -206,7 +208,8 @@ def _record(
 class Batching:
     """How a worker that holds many messages at once runs its detector: every message's
     thread fetches and decodes its own image, then waits on ``batcher`` for the forward
-    pass. ``suspects`` serialises redelivered messages (see ``detect``)."""
+    pass and on the store writer (:class:`StoreWriter`) for its detection to be stored.
+    ``suspects`` serialises redelivered messages (see ``detect``)."""
 
     batcher: MicroBatcher[Prepared, DetectorResult]
     suspects: threading.Lock = field(default_factory=threading.Lock)
@@ -215,6 +218,8 @@ class Batching:
     decoding: threading.BoundedSemaphore = field(
         default_factory=lambda: threading.BoundedSemaphore(2)
     )
+    _writer: StoreWriter | None = field(default=None, init=False, repr=False)
+    _starting: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @classmethod
     def for_detector(
@@ -243,6 +248,118 @@ class Batching:
             decoding=threading.BoundedSemaphore(decode_threads),
         )
 
+    def writer(self, ctx: FleetContext, detector: Detector) -> StoreWriter:
+        """The writer of this detector's answers, started on first use."""
+        with self._starting:
+            if self._writer is None:
+                self._writer = StoreWriter(ctx, detector)
+            return self._writer
+
+    def close(self) -> None:
+        """Run and store what was submitted, then stop the batcher's and writer's threads."""
+        self.batcher.close()
+        with self._starting:
+            if self._writer is not None:
+                self._writer.close()
+
+
+class StoreWriter:
+    """Stores one detector's answers for the threads of a batching worker, off the threads
+    that run the model: the answers waiting when it is free (those of a batch arrive
+    together) are stored in one transaction (:func:`_store_group`). If that transaction
+    fails, they are stored again one at a time, so that an answer that cannot be stored
+    fails its own message only."""
+
+    def __init__(self, ctx: FleetContext, detector: Detector) -> None:
+        self._ctx = ctx
+        self._detector = detector
+        self._queue: queue.SimpleQueue[_Answer | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._run, name=f"store-{detector.spec.name}", daemon=True
+        )
+        self._thread.start()
+
+    def store(self, image_id: int, result: DetectorResult) -> Verdict | None:
+        """Store this answer; returns the image's verdict if it was the last one missing."""
+        answer = _Answer(image_id, result, Future())
+        self._queue.put(answer)
+        return answer.stored.result()
+
+    @property
+    def waiting(self) -> int:
+        """Answers handed in and not yet taken for storing."""
+        return self._queue.qsize()
+
+    def close(self) -> None:
+        """Store what was handed in, then stop."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        ended = False
+        while not ended and (first := self._queue.get()) is not None:
+            group = [first]
+            while True:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    ended = True
+                    break
+                group.append(more)
+            self._write(group)
+            del group, first
+
+    def _write(self, group: list[_Answer]) -> None:
+        try:
+            verdicts = _store_group(
+                self._ctx, self._detector, [(a.image_id, a.result) for a in group]
+            )
+        except Exception as exc:
+            if len(group) == 1:
+                group[0].stored.set_exception(exc)
+                return
+            log.warning(
+                "a group of detections could not be stored together; storing them one by one",
+                exc_info=True,
+                extra={"detector": self._detector.spec.name, "group": len(group)},
+            )
+            for answer in group:
+                self._write([answer])
+            return
+        for answer in group:
+            answer.stored.set_result(verdicts[answer.image_id])
+
+
+@dataclass(frozen=True)
+class _Answer:
+    image_id: int
+    result: DetectorResult
+    stored: Future[Verdict | None]
+
+
+@dataclass(frozen=True)
+class _Delivery:
+    """What the database says of a message when it arrives."""
+
+    attempts: int  # deliveries of this message, this one included
+    done: bool  # a reusable detection by this detector version is stored already
+    sha256: str  # the image's bytes, and the objects that delivered them (oldest first)
+    objects: list[repository.StoredObject]
+
+
+def _count_delivery(
+    session: Session, detector: Detector, image_id: int, message_id: str
+) -> _Delivery:
+    name = detector.spec.name
+    attempts = repository.count_attempt(session, image_id, name, message_id)
+    done = bool(repository.reusable_detections(session, image_id, {name: detector.version}))
+    image = repository.get_image(session, image_id)
+    if image is None:
+        raise LookupError(f"no image {image_id}")
+    return _Delivery(attempts, done, image.sha256, repository.objects_of_image(session, image_id))
+
 
 def detect(
     ctx: FleetContext,
@@ -258,103 +375,114 @@ def detect(
     result the detection is stored as failed. Another message for the same work (sent
     again by the reconciler) has its own count, and finds the work done if it was.
 
-    With ``batching``, the forward pass joins other messages' images in one batch. Work
-    delivered before (a worker may have died while holding it) is a suspect: it waits for
-    the other suspects, counts its attempt only then, and runs in a batch of its own. So an
-    image that kills its worker every time reaches ``max_attempts`` and is recorded as an
-    error, while the innocent messages that died beside it count at most one extra attempt.
+    With ``batching``, the forward pass joins other messages' images in one batch, and the
+    answer is stored with theirs. Work delivered before (a worker may have died while
+    holding it) is a suspect: it waits for the other suspects, counts its attempt only
+    then, and runs in a batch of its own. So an image that kills its worker every time
+    reaches ``max_attempts`` and is recorded as an error, while the innocent messages that
+    died beside it count at most one extra attempt.
     """
-    if batching is not None:
-        with ctx.session_factory() as session:
-            delivered_before = repository.attempts_so_far(session, image_id, detector.spec.name)
-        # A suspect announces itself only once its turn has come: one waiting for the lock
-        # must not hold a batch open.
-        with (
-            batching.suspects if delivered_before else nullcontext(),
-            batching.batcher.expecting() as submit,
-        ):
-            return _attempt(
-                ctx,
-                detector,
-                image_id,
-                lambda p: submit(p, alone=bool(delivered_before)).result(),
-                batching.decoding,
-                message_id=message_id,
-            )
-    return _attempt(
-        ctx,
-        detector,
-        image_id,
-        lambda p: run_detector(detector, [p], max_batch=1)[0],
-        message_id=message_id,
-    )
+    ctx.ensemble_id()  # registered before a transaction that may lock the image
+    with transaction(ctx.session_factory) as session:
+        suspect = batching is not None and bool(
+            repository.attempts_so_far(session, image_id, detector.spec.name)
+        )
+        delivery = None if suspect else _count_delivery(session, detector, image_id, message_id)
+    if batching is None:
+        assert delivery is not None
+        return _attempt(
+            ctx,
+            detector,
+            image_id,
+            delivery,
+            score=lambda p: run_detector(detector, [p], max_batch=1)[0],
+            store=lambda image, result: _store_group(ctx, detector, [(image, result)])[image],
+        )
+    # A suspect announces itself only once its turn has come: one waiting for the lock
+    # must not hold a batch open.
+    with (
+        batching.suspects if suspect else nullcontext(),
+        batching.batcher.expecting() as submit,
+    ):
+        if delivery is None:
+            with transaction(ctx.session_factory) as session:
+                delivery = _count_delivery(session, detector, image_id, message_id)
+        return _attempt(
+            ctx,
+            detector,
+            image_id,
+            delivery,
+            score=lambda p: submit(p, alone=suspect).result(),
+            store=batching.writer(ctx, detector).store,
+            decoding=batching.decoding,
+        )
 
 
 def _attempt(
     ctx: FleetContext,
     detector: Detector,
     image_id: int,
-    score: Callable[[Prepared], DetectorResult],
-    decoding: AbstractContextManager[Any] | None = None,
+    delivery: _Delivery,
     *,
-    message_id: str,
+    score: Callable[[Prepared], DetectorResult],
+    store: Callable[[int, DetectorResult], Verdict | None],
+    decoding: AbstractContextManager[Any] | None = None,
 ) -> Verdict | None:
-    name = detector.spec.name
-    ctx.ensemble_id()  # registered before a transaction that may lock the image
-    with transaction(ctx.session_factory) as session:
-        attempts = repository.count_attempt(session, image_id, name, message_id)
-        done = repository.reusable_detections(session, image_id, {name: detector.version})
-    if done:
+    if delivery.done:
         with transaction(ctx.session_factory) as session:
             return conclude(session, ctx, image_id)
-    if attempts > ctx.max_attempts:
+    if delivery.attempts > ctx.max_attempts:
         gave_up = (
             f"gave up after {ctx.max_attempts} attempts: every delivery of the message ended "
             "without a result (the worker was killed or the task timed out)"
         )
-        return _store(ctx, detector, image_id, DetectorResult.failed(gave_up))
+        return store(image_id, DetectorResult.failed(gave_up))
     # The decoded image is held until its detection is stored: reserved from the process's
     # budget once the header says how large it is (a batch closes on its own deadline, so
     # a message waiting for memory never holds up the ones that hold it).
     with reserving(ctx.memory) as admit:
         try:
-            data = _bytes_of(ctx, image_id)
+            data = _bytes_of(ctx, delivery)
             with decoding or nullcontext():
                 decoded = decode(data, ctx.limits, admit=admit, draft=draft_size([detector]))
                 prepared = prepare(decoded.image, data, [detector])
         except Rejected as exc:
             failed = DetectorResult.failed(f"{exc.reason.value}: {exc.message}")
-            return _store(ctx, detector, image_id, failed)
-        return _store(ctx, detector, image_id, score(prepared))
+            return store(image_id, failed)
+        return store(image_id, score(prepared))
 
 
-def _bytes_of(ctx: FleetContext, image_id: int) -> bytes:
+def _bytes_of(ctx: FleetContext, delivery: _Delivery) -> bytes:
     """The image's bytes, from any of its sources whose object still has them."""
-    with ctx.session_factory() as session:
-        image = repository.get_image(session, image_id)
-        assert image is not None
-        expected = image.sha256
-        objects = repository.objects_of_image(session, image_id)
     last: Rejected | None = None
-    for stored in objects:
+    for stored in delivery.objects:
         try:
             data = fetch_object(ctx.s3(), stored, ctx.limits)
         except Rejected as exc:
             last = exc
             continue
-        if scoring.sha256_of(data) == expected:
+        if scoring.sha256_of(data) == delivery.sha256:
             return data
         last = Rejected(RejectReason.MISSING, "the object was replaced by other content")
     raise last or Rejected(RejectReason.MISSING, "no stored object holds these bytes")
 
 
-def _store(
-    ctx: FleetContext, detector: Detector, image_id: int, result: DetectorResult
-) -> Verdict | None:
+def _store_group(
+    ctx: FleetContext, detector: Detector, answers: Sequence[tuple[int, DetectorResult]]
+) -> dict[int, Verdict | None]:
+    """Store ``detector``'s answers (image id, result) in one transaction, and the verdict
+    of every image they complete; each image's verdict, None where one is still missing."""
+    image_ids = sorted({image_id for image_id, _ in answers})
     with transaction(ctx.session_factory) as session:
-        repository.lock_image(session, image_id)  # first: the fan-in below needs it anyway
-        repository.save_detection(session, image_id, scoring.detection_record(detector, result))
-        return conclude(session, ctx, image_id)
+        repository.lock_images(session, image_ids)  # first: the fan-in below needs them
+        repository.save_detections(
+            session,
+            [
+                (image_id, scoring.detection_record(detector, result))
+                for image_id, result in answers
+            ],
+        )
+        return _conclude_locked(session, ctx, image_ids)
 
 
 # --- fan-in -----------------------------------------------------------------------------
@@ -365,15 +493,27 @@ def conclude(session: Session, ctx: FleetContext, image_id: int) -> Verdict | No
     (once: the image row is locked, and the verdict is unique per configuration and
     detector set) and mark the image's pending sources scored."""
     repository.lock_image(session, image_id)
-    latest = repository.latest_detections(session, image_id, ctx.detectors)
-    if set(latest) != set(ctx.detectors):
-        return None
-    concluded = scoring.conclude(
-        session, image_id, latest, ctx.ensemble, ensemble_id=ctx.ensemble_id(), actor=ACTOR
+    return _conclude_locked(session, ctx, [image_id])[image_id]
+
+
+def _conclude_locked(
+    session: Session, ctx: FleetContext, image_ids: Sequence[int]
+) -> dict[int, Verdict | None]:
+    """:func:`conclude` for several images whose row locks ``session`` holds, in a few
+    statements for them all; each image's verdict, None where a detection is missing."""
+    verdicts: dict[int, Verdict | None] = dict.fromkeys(image_ids)
+    latest = repository.latest_detections_of(session, image_ids, ctx.detectors)
+    complete = [(i, rows) for i, rows in latest.items() if set(rows) == set(ctx.detectors)]
+    if not complete:
+        return verdicts
+    concluded = scoring.conclude_many(
+        session, complete, ctx.ensemble, ensemble_id=ctx.ensemble_id(), actor=ACTOR
     )
-    scored = repository.mark_pending_sources_scored(session, image_id)
+    for (image_id, _), done in zip(complete, concluded, strict=True):
+        verdicts[image_id] = done.verdict
+    scored = repository.mark_pending_sources_scored_of(session, [i for i, _ in complete])
     callbacks.enqueue_scan_completed(session, scored, active_ensemble=ctx.ensemble.version)
-    return concluded.verdict
+    return verdicts
 
 
 # --- lost messages ----------------------------------------------------------------------

@@ -2,37 +2,29 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import DeadLetter, DetectionAttempt, utcnow
-from db.repository._sql import insert_ignore
+from db.repository._sql import dialect_insert
 
 
 def count_attempt(session: Session, image_id: int, detector_name: str, message_id: str) -> int:
-    """Add one to the deliveries of this message of a detector task; returns its count."""
-    mine = (
-        DetectionAttempt.image_id == image_id,
-        DetectionAttempt.detector_name == detector_name,
-        DetectionAttempt.message_id == message_id,
+    """Add one to the deliveries of this message of a detector task; returns its count.
+    One statement (an upsert that returns the new count)."""
+    now = utcnow()
+    insert = dialect_insert(session)(DetectionAttempt).values(
+        image_id=image_id,
+        detector_name=detector_name,
+        message_id=message_id,
+        attempts=1,
+        updated_at=now,
     )
-    insert_ignore(
-        session,
-        DetectionAttempt,
-        {
-            "image_id": image_id,
-            "detector_name": detector_name,
-            "message_id": message_id,
-            "attempts": 0,
-            "updated_at": utcnow(),
-        },
-    )
-    session.execute(
-        update(DetectionAttempt)
-        .where(*mine)
-        .values(attempts=DetectionAttempt.attempts + 1, updated_at=utcnow())
-    )
-    return int(session.execute(select(DetectionAttempt.attempts).where(*mine)).scalar_one())
+    counted = insert.on_conflict_do_update(
+        index_elements=["image_id", "detector_name", "message_id"],
+        set_={"attempts": DetectionAttempt.attempts + 1, "updated_at": now},
+    ).returning(DetectionAttempt.attempts)
+    return int(session.execute(counted).scalar_one())
 
 
 def attempts_so_far(session: Session, image_id: int, detector_name: str) -> int:

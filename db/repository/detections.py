@@ -134,12 +134,24 @@ def latest_detections(
     session: Session, image_id: int, names: Iterable[str]
 ) -> dict[str, Detection]:
     """The newest detection of this image by each named detector."""
+    return latest_detections_of(session, [image_id], names)[image_id]
+
+
+def latest_detections_of(
+    session: Session, image_ids: Iterable[int], names: Iterable[str]
+) -> dict[int, dict[str, Detection]]:
+    """``latest_detections`` of several images in one query, by image id."""
+    found: dict[int, dict[str, Detection]] = {image_id: {} for image_id in image_ids}
+    if not found:
+        return found
     rows = session.execute(
         select(Detection)
-        .where(Detection.image_id == image_id, Detection.detector_name.in_(list(names)))
+        .where(Detection.image_id.in_(sorted(found)), Detection.detector_name.in_(list(names)))
         .order_by(Detection.created_at, Detection.id)
     ).scalars()
-    return {row.detector_name: row for row in rows}
+    for row in rows:  # oldest first: the newest of each detector is the one left
+        found[row.image_id][row.detector_name] = row
+    return found
 
 
 def detections_for_image(session: Session, image_id: int) -> Sequence[Detection]:
