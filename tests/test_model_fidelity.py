@@ -345,9 +345,17 @@ def test_channels_last_on_the_cpu_where_it_was_measured_faster(
 
 
 def test_large_inputs_on_the_cpu_go_in_short_batches(tmp_path: Path) -> None:
-    """On the CPU a 384 px model is given batches of at most four, whatever the engine's
-    batch size (longer ones only ran slower there); a 224 px one gets the engine's."""
+    """On the CPU a 384 px model is given short batches whatever the engine's batch size
+    (longer ones only ran slower there): ConvNeXt one image at a time, others two; a 224 px
+    one, or any model on a GPU, gets the engine's."""
+    from workers.detectors.torch_models.runtime import cpu_batch_limit
     from workers.engine import batch_limit, detector_batcher
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert cpu_batch_limit("convnext_large", (3, 384, 384), cpu) == 1
+    assert cpu_batch_limit(COMMFOR_VIT_384, (3, 384, 384), cpu) == 2
+    assert cpu_batch_limit(COMMFOR_VIT_224, (3, 224, 224), cpu) is None
+    assert cpu_batch_limit("convnext_large", (3, 384, 384), cuda) is None
 
     write_sumsub_raw(tmp_path / "convnext.pt", CONVNEXT_STAND_IN)
     write_sumsub_raw(tmp_path / "mobilenet.pt", SUMSUB_MOBILENET)
@@ -361,11 +369,11 @@ def test_large_inputs_on_the_cpu_go_in_short_batches(tmp_path: Path) -> None:
         device="cpu",
         weights_path=tmp_path / "mobilenet.pt",
     )
-    assert [batch_limit(large, n) for n in (1, 2, 16)] == [1, 2, 4]
+    assert [batch_limit(large, n) for n in (1, 2, 16)] == [1, 1, 1]
     assert batch_limit(small, 16) == 16
     batcher = detector_batcher(large, max_batch=16, max_wait_s=0.1)
     try:
-        assert batcher.max_batch == 4
+        assert batcher.max_batch == 1
     finally:
         batcher.close()
 

@@ -27,6 +27,7 @@ from workers.detectors.torch_models.head import ScoreHead
 from workers.detectors.torch_models.preprocessing import Preprocessing
 from workers.detectors.torch_models.runtime import (
     TorchDetector,
+    cpu_batch_limit,
     freeze_graph,
     place,
     resolve_device,
@@ -118,6 +119,9 @@ def load_torch_detector(
         geometry=build.preprocessing.geometry,
         fast_decode=options.fast_decode,
         channels_last=channels_last,
+        largest_useful_batch=cpu_batch_limit(
+            build.architecture, build.preprocessing.input_size, torch_device
+        ),
     )
 
 

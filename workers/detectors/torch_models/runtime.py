@@ -45,11 +45,14 @@ CPU_CHANNELS_LAST = ("mobilenetv3",)
 
 # On the CPU a batch of large inputs gains nothing once its activations outgrow the caches,
 # and a long batch holds every image of it back: inputs of CPU_LARGE_INPUT px or more go
-# in batches of at most CPU_LARGE_INPUT_BATCH. Measured on two cores (forward alone, img/s
-# at batch 1/2/4/16): ConvNeXt-L 384 0.93/0.88/0.88/0.70 (the engine at batch 16: 0.69, at
-# 4: 0.86), ViT-S/16 384 5.8/5.6/6.0/5.5; MobileNetV3-L 224 gains up to 16 (123/262/318).
+# in batches of at most CPU_LARGE_INPUT_BATCH, one at a time for the backbones of
+# CPU_LARGE_INPUT_ALONE (a substring of the timm name). Measured on two cores with frozen
+# graphs (forward alone, img/s at batch 1/2/4/8, two runs): ConvNeXt-L 384 0.70-0.77 /
+# 0.64-0.72 / 0.45-0.61, ViT-S/16 384 4.7 / 5.0 / 4.3-4.6 / 4.0; MobileNetV3-L 224 gains
+# up to 16 (123/262/318 img/s at 1/4/16).
 CPU_LARGE_INPUT = 384
-CPU_LARGE_INPUT_BATCH = 4
+CPU_LARGE_INPUT_BATCH = 2
+CPU_LARGE_INPUT_ALONE = ("convnext",)
 
 
 def wants_channels_last(architecture: str, device: torch.device, option: bool | None) -> bool:
@@ -58,6 +61,18 @@ def wants_channels_last(architecture: str, device: torch.device, option: bool | 
     if option is not None:
         return option
     return device.type == "cuda" or any(name in architecture for name in CPU_CHANNELS_LAST)
+
+
+def cpu_batch_limit(
+    architecture: str, input_size: tuple[int, int, int], device: torch.device
+) -> int | None:
+    """The longest batch worth forming for this model (None: no limit of its own): short
+    ones for large inputs on the CPU (see CPU_LARGE_INPUT), none on a GPU."""
+    if device.type != "cpu" or min(input_size[1:]) < CPU_LARGE_INPUT:
+        return None
+    if any(name in architecture for name in CPU_LARGE_INPUT_ALONE):
+        return 1
+    return CPU_LARGE_INPUT_BATCH
 
 
 @dataclass
@@ -101,6 +116,7 @@ class TorchDetector:
         geometry: Geometry | None = None,
         fast_decode: FastDecode | None = None,
         channels_last: bool = False,
+        largest_useful_batch: int | None = None,
     ) -> None:
         if fast_decode is not None and geometry is None:
             raise ValueError("fast decoding needs the transform's geometry")
@@ -118,10 +134,9 @@ class TorchDetector:
         self._streams: _Streams | None = None  # made on first use, on a GPU only
         self.input_size = input_size
         """(C, H, W) of every tensor :meth:`preprocess` returns."""
-        large = min(input_size[1:]) >= CPU_LARGE_INPUT
-        self.largest_useful_batch = (
-            CPU_LARGE_INPUT_BATCH if device.type == "cpu" and large else None
-        )
+        self.largest_useful_batch = largest_useful_batch
+        """The largest batch worth forming for this model here (None: no limit of its own);
+        the engine's batches are never longer (``workers.engine.batch_limit``)."""
         """The largest batch worth forming for this model here (None: no limit of its own);
         the engine's batches are never longer (``workers.engine.batch_limit``)."""
         self._decode_size = decode_size(fast_decode, geometry) if geometry else None
