@@ -173,7 +173,8 @@ def test_posted_bytes_are_stored_then_scanned(
     stored = api.context.store.get_object(
         Bucket=api.context.upload_bucket, Key=document["object"]["key"]
     )
-    assert stored["Body"].read() == data
+    with stored["Body"] as body:
+        assert body.read() == data
 
 
 def test_what_is_not_an_image_is_refused_before_anything_is_written(

@@ -4,7 +4,9 @@ order and error codes, so the fleet's steps run on it unchanged."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
@@ -61,7 +63,8 @@ def test_listing_pages_through_every_key_in_s3_order(store: LocalObjectStore) ->
 
 
 def test_objects_read_back_and_errors_speak_s3(store: LocalObjectStore) -> None:
-    assert store.get_object(Bucket="media", Key="a/b.jpg")["Body"].read() == b"a/b.jpg"
+    with store.get_object(Bucket="media", Key="a/b.jpg")["Body"] as body:
+        assert body.read() == b"a/b.jpg"
     assert store.head_object(Bucket="media", Key="zz")["ContentLength"] == 2
     for bucket, key, code in (
         ("media", "missing.jpg", "NoSuchKey"),
@@ -94,6 +97,37 @@ def test_a_name_the_store_cannot_hold_is_a_rejection_not_a_retry(
                 limits,
             )
         assert caught.value.reason is reason
+
+
+def test_an_s3_refusal_is_judged_by_its_status_where_its_code_is_unknown() -> None:
+    """A store's own error codes (MinIO's, an object under a customer key) say no more than
+    their status: a 4xx refusal is final, a 5xx or throttling answer is worth a retry."""
+    from workers.scoring import TransientError
+
+    class Refusing:
+        def __init__(self, code: str, status: int) -> None:
+            self.error = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+
+        def get_object(self, **kwargs: Any) -> Mapping[str, Any]:
+            raise ClientError(self.error, "GetObject")  # type: ignore[arg-type]
+
+    stored = StoredObject(
+        source_id=1, bucket="media", key="a.jpg", version_id=None, status=SourceStatus.PENDING
+    )
+    limits = IntakeLimits(max_bytes=1024, max_pixels=10_000, decode_timeout_s=5)
+    for code, status, reason in (
+        ("XMinioInvalidObjectName", 400, RejectReason.UNREADABLE),
+        ("InvalidRequest", 400, RejectReason.UNREADABLE),
+        ("AllAccessDisabled", 403, RejectReason.UNREADABLE),
+        ("NoSuchKey", 404, RejectReason.MISSING),
+        ("SomethingElse", 404, RejectReason.MISSING),
+    ):
+        with pytest.raises(Rejected) as caught:
+            fetch_object(Refusing(code, status), stored, limits)
+        assert caught.value.reason is reason, code
+    for code, status in (("SlowDown", 503), ("InternalError", 500)):
+        with pytest.raises(TransientError):
+            fetch_object(Refusing(code, status), stored, limits)
 
 
 def test_names_no_s3_key_can_have_are_left_out_and_links_stay_inside(

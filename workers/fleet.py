@@ -119,21 +119,24 @@ def fetch_object(s3: S3Reader, stored: repository.StoredObject, limits: IntakeLi
             body.close()
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in {"NoSuchKey", "404", "NoSuchVersion", "NotFound", "NoSuchBucket"}:
+        # The HTTP status decides where the code is one this list does not name (a store's
+        # own codes, an object encrypted with a customer key): a 4xx answer other than
+        # throttling does not change on retry.
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in {"NoSuchKey", "NoSuchVersion", "NotFound", "NoSuchBucket"} or status == 404:
             raise Rejected(
                 RejectReason.MISSING,
                 f"s3://{stored.bucket}/{stored.key} no longer exists",
             ) from exc
-        if code in {"AccessDenied", "403"}:
+        if code == "AccessDenied" or status == 403:
             raise Rejected(
                 RejectReason.UNREADABLE, f"access to the object was denied ({code})"
             ) from exc
-        if code in {"InvalidArgument", "InvalidBucketName", "KeyTooLongError", "400"}:
+        if code in {"InvalidArgument", "InvalidBucketName", "KeyTooLongError"} or status == 400:
             # A name this store cannot hold an object under, or a request it refuses as
-            # malformed (a version id S3 does not accept; HEAD answers carry no code, only
-            # the status): no retry changes that.
+            # malformed (a version id S3 does not accept): no retry changes that.
             raise Rejected(
-                RejectReason.UNREADABLE, f"the store cannot read this object name ({code})"
+                RejectReason.UNREADABLE, f"the store cannot read this object ({code})"
             ) from exc
         raise TransientError(f"S3 error {code}") from exc
     except BotoCoreError as exc:

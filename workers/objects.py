@@ -87,8 +87,9 @@ class LocalObjectStore:
 
     def get_object(self, **kwargs: Any) -> Mapping[str, Any]:
         path = self._existing(kwargs, "GetObject")
-        body = path.open("rb")  # read by the caller, as far as it wants (and closed by it)
-        return {"Body": body, "ContentLength": os.fstat(body.fileno()).st_size}
+        size = path.stat().st_size
+        # Read by the caller as far as it wants, and closed by it.
+        return {"Body": path.open("rb"), "ContentLength": size}
 
     def put_object(self, **kwargs: Any) -> Mapping[str, Any]:
         path = self._path(kwargs["Bucket"], kwargs["Key"], "PutObject", create=True)
