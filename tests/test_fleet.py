@@ -4,7 +4,7 @@ built from published-format checkpoints. Each step may run twice; results must n
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -106,6 +106,19 @@ def _taken_in(
         ((image_id, _),) = fleet.take_in(ctx, source_id)
         image_ids.append(image_id)
     return image_ids
+
+
+def _waiting_for_locks(sessions: sessionmaker[Session]) -> int:
+    """Connections to this database that wait for a lock someone else holds."""
+    with sessions() as session:
+        return int(
+            session.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).scalar_one()
+        )
 
 
 def _count(sessions: sessionmaker[Session], model: type[Any]) -> int:
@@ -376,11 +389,12 @@ def test_answers_stored_together_and_one_that_cannot_be_stored_fails_alone(
     models: dict[str, Detector],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The batching worker's writer stores the answers waiting for it in one transaction;
-    when that fails, it stores them one by one, so an answer that cannot be stored (its
-    image is gone) fails its own message only and the others get their verdicts."""
+    """The batching worker's writer stores the answers waiting for it in one transaction,
+    each image getting its own verdict; when that fails, it stores them one by one, so an
+    answer that cannot be stored (its image is gone) fails its own message only. After
+    close, a store is refused rather than left waiting."""
     import time
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     from sqlalchemy.exc import IntegrityError
 
@@ -390,40 +404,58 @@ def test_answers_stored_together_and_one_that_cannot_be_stored_fails_alone(
 
     mj5 = models["sumsub-mj5"]
     ctx = _context(sessions, s3_endpoint, detectors=["sumsub-mj5"])
-    image_ids = _taken_in(ctx, s3_endpoint, [(f"w/{i}.png", (90 + i, 70)) for i in range(4)])
+    image_ids = _taken_in(ctx, s3_endpoint, [(f"w/{i}.png", (90 + i, 70)) for i in range(5)])
     gone = max(image_ids) + 1000
     scores = {image_id: 0.1 + 0.2 * n for n, image_id in enumerate(image_ids)}
     writer = fleet.StoreWriter(ctx, mj5)
-    pool = ThreadPoolExecutor(len(scores) + 1)
-    try:
+    pool = ThreadPoolExecutor(4)
+
+    def held_up(first: int, then: list[int]) -> dict[int, Future[Verdict | None]]:
+        """``first`` is taken alone and waits for its row lock; ``then`` queue up behind it
+        and are taken as one group once the lock is released."""
+
+        def store(image_id: int) -> Future[Verdict | None]:
+            answer = DetectorResult(DetectorOutput(scores.get(image_id, 0.5)), latency_ms=2.0)
+            return pool.submit(writer.store, image_id, answer)
+
         with sessions() as held, held.begin():
-            # While the first image's row is locked, the writer waits on it with whatever
-            # it took first; everything else queues up behind and goes in one group.
-            repository.lock_image(held, image_ids[0])
-            stored = {
-                image_id: pool.submit(
-                    writer.store, image_id, DetectorResult(DetectorOutput(score), latency_ms=2.0)
-                )
-                for image_id, score in [*scores.items(), (gone, 0.5)]
-            }
-            deadline = time.monotonic() + 10
-            while writer.waiting < 4 and time.monotonic() < deadline:
-                time.sleep(0.005)
-            assert writer.waiting >= 4
+            repository.lock_image(held, first)
+            stored = {first: store(first)}
+            wait_for(lambda: _waiting_for_locks(sessions) == 1)  # the writer, on ``first``
+            stored.update((image_id, store(image_id)) for image_id in then)
+            wait_for(lambda: writer.waiting == len(then))
+        return stored
+
+    def wait_for(check: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 10
+        while not check() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert check()
+
+    try:
+        together = held_up(image_ids[0], image_ids[1:3])
+        verdicts = {i: f.result(timeout=30) for i, f in together.items()}
+        assert not [r for r in caplog.records if "stored together" in r.getMessage()]
+        apart = held_up(image_ids[3], [image_ids[4], gone])
         with pytest.raises(IntegrityError):
-            stored[gone].result(timeout=30)
-        verdicts = {image_id: stored[image_id].result(timeout=30) for image_id in image_ids}
+            apart.pop(gone).result(timeout=30)
+        verdicts.update((i, f.result(timeout=30)) for i, f in apart.items())
     finally:
         pool.shutdown(wait=False, cancel_futures=True)  # a failure above must not hang here
         writer.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.store(image_ids[0], DetectorResult.failed("late"))
     assert any("stored together" in r.getMessage() for r in caplog.records)
-    assert all(v is not None and v.image_id == i for i, v in verdicts.items())
+    assert {i: v.image_id if v else None for i, v in verdicts.items()} == {i: i for i in image_ids}
     with sessions() as session:
         rows = {d.image_id: d for d in session.query(Detection)}
         statuses = {s.image_id: s.status for s in session.query(Source)}
     assert {i: rows[i].score for i in rows} == pytest.approx(scores)
+    # Saved in one statement, the group's rows share their time; the others each have their own.
+    assert rows[image_ids[1]].created_at == rows[image_ids[2]].created_at
+    assert len({rows[i].created_at for i in (image_ids[0], image_ids[1], image_ids[4])}) == 3
     assert statuses == dict.fromkeys(image_ids, SourceStatus.SCORED)
-    assert (_count(sessions, Verdict), _count(sessions, ReviewCase)) == (4, 4)
+    assert (_count(sessions, Verdict), _count(sessions, ReviewCase)) == (5, 5)
 
 
 class _Busy:

@@ -259,7 +259,8 @@ class Batching:
             return self._writer
 
     def close(self) -> None:
-        """Run and store what was submitted, then stop the batcher's and writer's threads."""
+        """Run and store what was submitted, then stop the batcher's and writer's threads:
+        once every ``detect`` call that uses this has returned."""
         self.batcher.close()
         with self._starting:
             if self._writer is not None:
@@ -268,15 +269,18 @@ class Batching:
 
 class StoreWriter:
     """Stores one detector's answers for the threads of a batching worker, off the threads
-    that run the model: the answers waiting when it is free (those of a batch arrive
-    together) are stored in one transaction (:func:`_store_group`). If that transaction
-    fails, they are stored again one at a time, so that an answer that cannot be stored
-    fails its own message only."""
+    that run the model: the answers waiting when it is free (those that arrived while it
+    stored the previous ones) are stored in one transaction (:func:`_store_group`). If that
+    transaction fails, they are stored again one at a time, so that an answer that cannot
+    be stored fails its own message only. Should the writer's thread ever stop, every
+    answer still waiting fails, and so does every later one: no caller waits for ever."""
 
     def __init__(self, ctx: FleetContext, detector: Detector) -> None:
         self._ctx = ctx
         self._detector = detector
         self._queue: queue.SimpleQueue[_Answer | None] = queue.SimpleQueue()
+        self._closed = False
+        self._closing = threading.Lock()  # nothing is queued behind the closing sentinel
         self._thread = threading.Thread(
             target=self._run, name=f"store-{detector.spec.name}", daemon=True
         )
@@ -285,7 +289,10 @@ class StoreWriter:
     def store(self, image_id: int, result: DetectorResult) -> Verdict | None:
         """Store this answer; returns the image's verdict if it was the last one missing."""
         answer = _Answer(image_id, result, Future())
-        self._queue.put(answer)
+        with self._closing:
+            if self._closed:
+                raise RuntimeError("the store writer is closed")
+            self._queue.put(answer)
         return answer.stored.result()
 
     @property
@@ -294,25 +301,39 @@ class StoreWriter:
         return self._queue.qsize()
 
     def close(self) -> None:
-        """Store what was handed in, then stop."""
-        self._queue.put(None)
+        """Store what was handed in, then stop (after the last ``store`` call began)."""
+        with self._closing:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(None)
         self._thread.join()
 
     def _run(self) -> None:
-        ended = False
-        while not ended and (first := self._queue.get()) is not None:
-            group = [first]
-            while True:
+        try:
+            ended = False
+            while not ended and (first := self._queue.get()) is not None:
+                group = [first]
+                while True:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        ended = True
+                        break
+                    group.append(more)
+                self._write(group)
+                del group, first
+        finally:
+            with self._closing:
+                self._closed = True
+            while True:  # only if the thread stopped early: nobody else will take these
                 try:
-                    more = self._queue.get_nowait()
+                    left = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if more is None:
-                    ended = True
-                    break
-                group.append(more)
-            self._write(group)
-            del group, first
+                if left is not None:
+                    left.stored.set_exception(RuntimeError("the store writer stopped"))
 
     def _write(self, group: list[_Answer]) -> None:
         try:
@@ -331,6 +352,11 @@ class StoreWriter:
             for answer in group:
                 self._write([answer])
             return
+        except BaseException as exc:  # the thread is going: its callers hear why
+            for answer in group:
+                if not answer.stored.done():
+                    answer.stored.set_exception(exc)
+            raise
         for answer in group:
             answer.stored.set_result(verdicts[answer.image_id])
 
