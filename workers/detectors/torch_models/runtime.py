@@ -137,8 +137,6 @@ class TorchDetector:
         self.largest_useful_batch = largest_useful_batch
         """The largest batch worth forming for this model here (None: no limit of its own);
         the engine's batches are never longer (``workers.engine.batch_limit``)."""
-        """The largest batch worth forming for this model here (None: no limit of its own);
-        the engine's batches are never longer (``workers.engine.batch_limit``)."""
         self._decode_size = decode_size(fast_decode, geometry) if geometry else None
         self._device_jpeg = (
             DeviceJpegPipeline(geometry, device, exact=self.preprocess, stack=self._stack)
