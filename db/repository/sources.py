@@ -157,14 +157,9 @@ def mark_sources_scored(session: Session, source_ids: Sequence[int]) -> None:
         )
 
 
-def mark_pending_sources_scored(session: Session, image_id: int) -> list[int]:
-    """Every source of this image still waiting for its verdict is scored; returns their ids
-    (the scans among them are complete)."""
-    return mark_pending_sources_scored_of(session, [image_id])
-
-
 def mark_pending_sources_scored_of(session: Session, image_ids: Sequence[int]) -> list[int]:
-    """``mark_pending_sources_scored`` for several images, in one statement."""
+    """Every source of these images still waiting for its verdict is scored, in one
+    statement; returns their ids (the scans among them are complete)."""
     if not image_ids:
         return []
     marked = session.execute(
