@@ -407,7 +407,7 @@ def test_answers_stored_together_and_one_that_cannot_be_stored_fails_alone(
     image_ids = _taken_in(ctx, s3_endpoint, [(f"w/{i}.png", (90 + i, 70)) for i in range(5)])
     gone = max(image_ids) + 1000
     scores = {image_id: 0.1 + 0.2 * n for n, image_id in enumerate(image_ids)}
-    writer = fleet.StoreWriter(ctx, mj5)
+    writer = fleet.store_writer(ctx, mj5)
     pool = ThreadPoolExecutor(4)
 
     def held_up(first: int, then: list[int]) -> dict[int, Future[Verdict | None]]:
@@ -416,7 +416,7 @@ def test_answers_stored_together_and_one_that_cannot_be_stored_fails_alone(
 
         def store(image_id: int) -> Future[Verdict | None]:
             answer = DetectorResult(DetectorOutput(scores.get(image_id, 0.5)), latency_ms=2.0)
-            return pool.submit(writer.store, image_id, answer)
+            return pool.submit(writer, (image_id, answer))
 
         with sessions() as held, held.begin():
             repository.lock_image(held, first)
@@ -435,7 +435,7 @@ def test_answers_stored_together_and_one_that_cannot_be_stored_fails_alone(
     try:
         together = held_up(image_ids[0], image_ids[1:3])
         verdicts = {i: f.result(timeout=30) for i, f in together.items()}
-        assert not [r for r in caplog.records if "stored together" in r.getMessage()]
+        assert not [r for r in caplog.records if "handled together" in r.getMessage()]
         apart = held_up(image_ids[3], [image_ids[4], gone])
         with pytest.raises(IntegrityError):
             apart.pop(gone).result(timeout=30)
@@ -444,8 +444,8 @@ def test_answers_stored_together_and_one_that_cannot_be_stored_fails_alone(
         pool.shutdown(wait=False, cancel_futures=True)  # a failure above must not hang here
         writer.close()
     with pytest.raises(RuntimeError, match="closed"):
-        writer.store(image_ids[0], DetectorResult.failed("late"))
-    assert any("stored together" in r.getMessage() for r in caplog.records)
+        writer((image_ids[0], DetectorResult.failed("late")))
+    assert any("handled together" in r.getMessage() for r in caplog.records)
     assert {i: v.image_id if v else None for i, v in verdicts.items()} == {i: i for i in image_ids}
     with sessions() as session:
         rows = {d.image_id: d for d in session.query(Detection)}
@@ -456,6 +456,88 @@ def test_answers_stored_together_and_one_that_cannot_be_stored_fails_alone(
     assert len({rows[i].created_at for i in (image_ids[0], image_ids[1], image_ids[4])}) == 3
     assert statuses == dict.fromkeys(image_ids, SourceStatus.SCORED)
     assert (_count(sessions, Verdict), _count(sessions, ReviewCase)) == (5, 5)
+
+
+def test_deliveries_that_arrive_together_are_counted_together(
+    sessions: sessionmaker[Session],
+    s3_endpoint: str,
+    bucket: str,
+    models: dict[str, Detector],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The batching worker's delivery desk counts the messages waiting for it in one
+    transaction; a message whose work was delivered before, and a second message for an
+    image in the same group, are suspects (not counted there); when a message names an
+    image that does not exist, the others are counted one by one and it fails alone."""
+    import time
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from db.models import DetectionAttempt
+
+    mj5 = models["sumsub-mj5"]
+    ctx = _context(sessions, s3_endpoint, detectors=["sumsub-mj5"])
+    done, one, two, three, before = _taken_in(
+        ctx, s3_endpoint, [(f"d/{i}.png", (70 + i, 60)) for i in range(5)]
+    )
+    gone = before + 1000
+    fleet.detect(ctx, mj5, done, message_id="scan")  # its detection is stored
+    with sessions.begin() as session:
+        # ``done`` as if scored by a scan (no delivery counted); ``before`` delivered once,
+        # to a worker that died holding it.
+        session.query(DetectionAttempt).delete()
+        session.add(
+            DetectionAttempt(
+                image_id=before, detector_name="sumsub-mj5", message_id="lost", attempts=1
+            )
+        )
+    desk = fleet.delivery_desk(ctx, mj5)
+    pool = ThreadPoolExecutor(8)
+
+    def held_up(first: tuple[int, str], then: list[tuple[int, str]]) -> dict[Any, Future[Any]]:
+        """``first`` is taken alone and waits for the table; ``then`` queue up behind it
+        and are taken as one group once the table is free."""
+        deadline = time.monotonic() + 10
+        with sessions() as held, held.begin():
+            held.execute(sa.text("LOCK TABLE detection_attempts IN ACCESS EXCLUSIVE MODE"))
+            answers = {first: pool.submit(desk, first)}
+            while _waiting_for_locks(sessions) != 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert _waiting_for_locks(sessions) == 1
+            answers.update((m, pool.submit(desk, m)) for m in then)
+            while desk.waiting != len(then) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert desk.waiting == len(then)
+        return answers
+
+    try:
+        together = held_up((done, "first"), [(one, "a"), (two, "b"), (before, "c"), (one, "d")])
+        found = {m: f.result(timeout=30) for m, f in together.items()}
+        assert not [r for r in caplog.records if "handled together" in r.getMessage()]
+        apart = held_up((done, "second"), [(three, "e"), (gone, "f")])
+        with pytest.raises(LookupError, match=f"no image {gone}"):
+            apart.pop((gone, "f")).result(timeout=30)
+        found.update((m, f.result(timeout=30)) for m, f in apart.items())
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # a failure above must not hang here
+        desk.close()
+    assert any("handled together" in r.getMessage() for r in caplog.records)
+    suspects = {(before, "c"), (one, "d"), (done, "second")}
+    assert {m for m, d in found.items() if d is None} == suspects
+    assert {m: (d.attempts, d.done) for m, d in found.items() if d is not None} == {
+        (done, "first"): (1, True),
+        (one, "a"): (1, False),
+        (two, "b"): (1, False),
+        (three, "e"): (1, False),
+    }
+    assert [o.key for o in found[(one, "a")].objects] == ["d/1.png"]
+    with sessions() as session:
+        rows = {
+            (r.image_id, r.message_id): r.updated_at
+            for r in session.query(DetectionAttempt).filter(DetectionAttempt.message_id != "lost")
+        }
+    assert set(rows) == {(done, "first"), (one, "a"), (two, "b"), (three, "e")}
+    # Counted in one statement, the group's rows share their time.
+    assert rows[(one, "a")] == rows[(two, "b")] != rows[(done, "first")]
 
 
 class _Busy:

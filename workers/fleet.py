@@ -17,14 +17,12 @@ returned work after the transaction that recorded it has committed.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -45,6 +43,7 @@ from workers.engine import (
     run_detector,
 )
 from workers.ensemble import EnsembleConfig
+from workers.grouping import GroupedCalls
 from workers.intake import Admit, IntakeLimits, Rejected, RejectReason, decode
 from workers.scoring import TransientError
 from workers.uploads import Upload, record_object
@@ -210,9 +209,11 @@ def _record(
 @dataclass
 class Batching:
     """How a worker that holds many messages at once runs its detector: every message's
-    thread fetches and decodes its own image, then waits on ``batcher`` for the forward
-    pass and on the store writer (:class:`StoreWriter`) for its detection to be stored.
-    ``suspects`` serialises redelivered messages (see ``detect``)."""
+    thread has its delivery counted with those of the messages that arrived with it
+    (:func:`delivery_desk`), fetches and decodes its own image, then waits on ``batcher``
+    for the forward pass and on the store writer (:func:`store_writer`) for its detection
+    to be stored with the answers that finished with it. ``suspects`` serialises
+    redelivered messages (see ``detect``)."""
 
     batcher: MicroBatcher[Prepared, DetectorResult]
     suspects: threading.Lock = field(default_factory=threading.Lock)
@@ -221,7 +222,7 @@ class Batching:
     decoding: threading.BoundedSemaphore = field(
         default_factory=lambda: threading.BoundedSemaphore(2)
     )
-    _writer: StoreWriter | None = field(default=None, init=False, repr=False)
+    _desks: tuple[Deliveries, Answers] | None = field(default=None, init=False, repr=False)
     _starting: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @classmethod
@@ -251,121 +252,49 @@ class Batching:
             decoding=threading.BoundedSemaphore(decode_threads),
         )
 
-    def writer(self, ctx: FleetContext, detector: Detector) -> StoreWriter:
-        """The writer of this detector's answers, started on first use."""
+    def desks(self, ctx: FleetContext, detector: Detector) -> tuple[Deliveries, Answers]:
+        """The threads that count this detector's deliveries and store its answers, in
+        groups; started on first use."""
         with self._starting:
-            if self._writer is None:
-                self._writer = StoreWriter(ctx, detector)
-            return self._writer
+            if self._desks is None:
+                self._desks = (delivery_desk(ctx, detector), store_writer(ctx, detector))
+            return self._desks
 
     def close(self) -> None:
-        """Run and store what was submitted, then stop the batcher's and writer's threads:
+        """Run and store what was submitted, then stop the batcher's and the desks' threads:
         once every ``detect`` call that uses this has returned."""
         self.batcher.close()
         with self._starting:
-            if self._writer is not None:
-                self._writer.close()
+            if self._desks is not None:
+                for desk in self._desks:
+                    desk.close()
 
 
-class StoreWriter:
-    """Stores one detector's answers for the threads of a batching worker, off the threads
-    that run the model: the answers waiting when it is free (those that arrived while it
-    stored the previous ones) are stored in one transaction (:func:`_store_group`). If that
-    transaction fails, they are stored again one at a time, so that an answer that cannot
-    be stored fails its own message only. Should the writer's thread ever stop, every
-    answer still waiting fails, and so does every later one: no caller waits for ever."""
-
-    def __init__(self, ctx: FleetContext, detector: Detector) -> None:
-        self._ctx = ctx
-        self._detector = detector
-        self._queue: queue.SimpleQueue[_Answer | None] = queue.SimpleQueue()
-        self._closed = False
-        self._closing = threading.Lock()  # nothing is queued behind the closing sentinel
-        self._thread = threading.Thread(
-            target=self._run, name=f"store-{detector.spec.name}", daemon=True
-        )
-        self._thread.start()
-
-    def store(self, image_id: int, result: DetectorResult) -> Verdict | None:
-        """Store this answer; returns the image's verdict if it was the last one missing."""
-        answer = _Answer(image_id, result, Future())
-        with self._closing:
-            if self._closed:
-                raise RuntimeError("the store writer is closed")
-            self._queue.put(answer)
-        return answer.stored.result()
-
-    @property
-    def waiting(self) -> int:
-        """Answers handed in and not yet taken for storing."""
-        return self._queue.qsize()
-
-    def close(self) -> None:
-        """Store what was handed in, then stop (after the last ``store`` call began)."""
-        with self._closing:
-            if not self._closed:
-                self._closed = True
-                self._queue.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        try:
-            ended = False
-            while not ended and (first := self._queue.get()) is not None:
-                group = [first]
-                while True:
-                    try:
-                        more = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        ended = True
-                        break
-                    group.append(more)
-                self._write(group)
-                del group, first
-        finally:
-            with self._closing:
-                self._closed = True
-            while True:  # only if the thread stopped early: nobody else will take these
-                try:
-                    left = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if left is not None:
-                    left.stored.set_exception(RuntimeError("the store writer stopped"))
-
-    def _write(self, group: list[_Answer]) -> None:
-        try:
-            verdicts = _store_group(
-                self._ctx, self._detector, [(a.image_id, a.result) for a in group]
-            )
-        except Exception as exc:
-            if len(group) == 1:
-                group[0].stored.set_exception(exc)
-                return
-            log.warning(
-                "a group of detections could not be stored together; storing them one by one",
-                exc_info=True,
-                extra={"detector": self._detector.spec.name, "group": len(group)},
-            )
-            for answer in group:
-                self._write([answer])
-            return
-        except BaseException as exc:  # the thread is going: its callers hear why
-            for answer in group:
-                if not answer.stored.done():
-                    answer.stored.set_exception(exc)
-            raise
-        for answer in group:
-            answer.stored.set_result(verdicts[answer.image_id])
+# A message's delivery counted (None: a suspect, see ``detect``), and an answer stored.
+Deliveries: TypeAlias = GroupedCalls[tuple[int, str], "_Delivery | None"]
+Answers: TypeAlias = GroupedCalls[tuple[int, DetectorResult], "Verdict | None"]
 
 
-@dataclass(frozen=True)
-class _Answer:
-    image_id: int
-    result: DetectorResult
-    stored: Future[Verdict | None]
+def delivery_desk(ctx: FleetContext, detector: Detector) -> Deliveries:
+    """Counts the deliveries of one detector's messages for the threads of a batching
+    worker: those that arrived together, in one transaction (:func:`_count_deliveries`)."""
+    return GroupedCalls(
+        lambda messages: _count_deliveries(ctx, detector, messages),
+        name=f"deliveries-{detector.spec.name}",
+    )
+
+
+def store_writer(ctx: FleetContext, detector: Detector) -> Answers:
+    """Stores one detector's answers (image id, result) for the threads of a batching
+    worker, off the threads that run the model: those that finished together, in one
+    transaction (:func:`_store_group`); each call returns the image's verdict if its answer
+    was the last one missing."""
+
+    def store(answers: Sequence[tuple[int, DetectorResult]]) -> list[Verdict | None]:
+        verdicts = _store_group(ctx, detector, answers)
+        return [verdicts[image_id] for image_id, _ in answers]
+
+    return GroupedCalls(store, name=f"store-{detector.spec.name}")
 
 
 @dataclass(frozen=True)
@@ -390,6 +319,41 @@ def _count_delivery(
     return _Delivery(attempts, done, image.sha256, repository.objects_of_image(session, image_id))
 
 
+def _count_deliveries(
+    ctx: FleetContext, detector: Detector, messages: Sequence[tuple[int, str]]
+) -> list[_Delivery | None]:
+    """:func:`_count_delivery` for the messages (image id, message id) that arrived
+    together, in one transaction of a few statements for them all. A message whose work
+    was delivered before is a suspect: it is not counted here (None; ``detect`` counts it
+    alone, in its turn), nor is a second message for an image in the same group."""
+    name = detector.spec.name
+    with transaction(ctx.session_factory) as session:
+        so_far = repository.attempts_so_far_of(session, [i for i, _ in messages], name)
+        counting: dict[int, int] = {}  # image id -> the position of the message counted
+        for position, (image_id, _) in enumerate(messages):
+            if not so_far[image_id] and image_id not in counting:
+                counting[image_id] = position
+        hashes = repository.sha256_of_images(session, counting)
+        if missing := sorted(set(counting) - set(hashes)):
+            raise LookupError(f"no image {missing[0]}")
+        attempts = repository.count_attempts(
+            session, name, [messages[position] for position in counting.values()]
+        )
+        done = repository.reusable_detections_of(session, counting, {name: detector.version})
+        objects = repository.objects_of_images(session, counting)
+    return [
+        _Delivery(
+            attempts[image_id, message_id],
+            bool(done[image_id]),
+            hashes[image_id],
+            objects[image_id],
+        )
+        if counting.get(image_id) == position
+        else None
+        for position, (image_id, message_id) in enumerate(messages)
+    ]
+
+
 def detect(
     ctx: FleetContext,
     detector: Detector,
@@ -412,13 +376,9 @@ def detect(
     died beside it count at most one extra attempt.
     """
     ctx.ensemble_id()  # registered before a transaction that may lock the image
-    with transaction(ctx.session_factory) as session:
-        suspect = batching is not None and bool(
-            repository.attempts_so_far(session, image_id, detector.spec.name)
-        )
-        delivery = None if suspect else _count_delivery(session, detector, image_id, message_id)
     if batching is None:
-        assert delivery is not None
+        with transaction(ctx.session_factory) as session:
+            delivery = _count_delivery(session, detector, image_id, message_id)
         return _attempt(
             ctx,
             detector,
@@ -427,22 +387,25 @@ def detect(
             score=lambda p: run_detector(detector, [p], max_batch=1)[0],
             store=lambda image, result: _store_group(ctx, detector, [(image, result)])[image],
         )
+    deliveries, answers = batching.desks(ctx, detector)
+    found = deliveries((image_id, message_id))
+    suspect = found is None
     # A suspect announces itself only once its turn has come: one waiting for the lock
     # must not hold a batch open.
     with (
         batching.suspects if suspect else nullcontext(),
         batching.batcher.expecting() as submit,
     ):
-        if delivery is None:
+        if found is None:
             with transaction(ctx.session_factory) as session:
-                delivery = _count_delivery(session, detector, image_id, message_id)
+                found = _count_delivery(session, detector, image_id, message_id)
         return _attempt(
             ctx,
             detector,
             image_id,
-            delivery,
+            found,
             score=lambda p: submit(p, alone=suspect).result(),
-            store=batching.writer(ctx, detector).store,
+            store=lambda image, result: answers((image, result)),
             decoding=batching.decoding,
         )
 

@@ -28,7 +28,9 @@ from db.repository.audit import (
 )
 from db.repository.bookkeeping import (
     attempts_so_far,
+    attempts_so_far_of,
     count_attempt,
+    count_attempts,
     record_dead_letter,
 )
 from db.repository.callbacks import (
@@ -89,6 +91,7 @@ from db.repository.images import (
     image_by_sha256,
     lock_image,
     lock_images,
+    sha256_of_images,
 )
 from db.repository.rescans import (
     ItemCounts,
@@ -161,6 +164,7 @@ from db.repository.sources import (
     mark_source_rejected,
     mark_sources_scored,
     objects_of_image,
+    objects_of_images,
     record_source,
     record_sources,
     source_by_ref,
@@ -230,6 +234,7 @@ __all__ = [
     "append_audits",
     "attach_image",
     "attempts_so_far",
+    "attempts_so_far_of",
     "audit_trail",
     "backlog_counts",
     "callback_attempts",
@@ -244,6 +249,7 @@ __all__ = [
     "claim_due_deliveries",
     "configuration_by_version",
     "count_attempt",
+    "count_attempts",
     "count_finished_items",
     "count_rows",
     "counts_of",
@@ -298,6 +304,7 @@ __all__ = [
     "move_held_case",
     "next_candidate",
     "objects_of_image",
+    "objects_of_images",
     "pending_rescan_items",
     "postpone_checks",
     "queue_page",
@@ -324,6 +331,7 @@ __all__ = [
     "scans_of_object",
     "set_blur_images",
     "set_rescan_state",
+    "sha256_of_images",
     "signal_values",
     "source_by_ref",
     "sources_by_object",

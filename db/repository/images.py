@@ -70,6 +70,15 @@ def get_image(session: Session, image_id: int) -> Image | None:
     return session.get(Image, image_id)
 
 
+def sha256_of_images(session: Session, image_ids: Iterable[int]) -> dict[int, str]:
+    """The content hash of each of these images that exists, by id."""
+    ids = sorted(set(image_ids))
+    if not ids:
+        return {}
+    rows = session.execute(select(Image.id, Image.sha256).where(Image.id.in_(ids)))
+    return {image_id: sha256 for image_id, sha256 in rows}
+
+
 def lock_images(session: Session, image_ids: Iterable[int]) -> None:
     """Lock several image rows (see ``lock_image``) in one statement, in ascending id order
     (the rows are locked as the sorted result is read), so that two transactions locking

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -196,6 +196,21 @@ def stored_object(session: Session, source_id: int) -> StoredObject | None:
 def objects_of_image(session: Session, image_id: int) -> list[StoredObject]:
     """Every bucket object that delivered these bytes, oldest first."""
     return [_as_object(s) for s in sources_for_image(session, image_id) if s.bucket]
+
+
+def objects_of_images(session: Session, image_ids: Iterable[int]) -> dict[int, list[StoredObject]]:
+    """``objects_of_image`` of several images, in one query, by image id."""
+    found: dict[int, list[StoredObject]] = {image_id: [] for image_id in image_ids}
+    if found:
+        rows = session.execute(
+            select(Source)
+            .where(Source.image_id.in_(sorted(found)), Source.bucket.is_not(None))
+            .order_by(Source.id)
+        ).scalars()
+        for source in rows:
+            assert source.image_id is not None
+            found[source.image_id].append(_as_object(source))
+    return found
 
 
 def _as_object(source: Source) -> StoredObject:
