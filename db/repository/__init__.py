@@ -27,7 +27,6 @@ from db.repository.audit import (
     audit_trail,
 )
 from db.repository.bookkeeping import (
-    attempts_so_far,
     attempts_so_far_of,
     count_attempt,
     count_attempts,
@@ -233,7 +232,6 @@ __all__ = [
     "append_audit",
     "append_audits",
     "attach_image",
-    "attempts_so_far",
     "attempts_so_far_of",
     "audit_trail",
     "backlog_counts",

@@ -64,7 +64,8 @@ def count_attempts(
 def attempts_so_far_of(
     session: Session, image_ids: Iterable[int], detector_name: str
 ) -> dict[int, int]:
-    """``attempts_so_far`` of several images, in one query, by image id."""
+    """Deliveries counted so far of any message of this detector's task for each image
+    (0: none yet), in one query, by image id."""
     found = dict.fromkeys(image_ids, 0)
     if found:
         rows = session.execute(
@@ -77,17 +78,6 @@ def attempts_so_far_of(
         )
         found.update({image_id: int(total) for image_id, total in rows})
     return found
-
-
-def attempts_so_far(session: Session, image_id: int, detector_name: str) -> int:
-    """Deliveries counted so far of any message of this detector task (0: none yet)."""
-    found = session.execute(
-        select(func.coalesce(func.sum(DetectionAttempt.attempts), 0)).where(
-            DetectionAttempt.image_id == image_id,
-            DetectionAttempt.detector_name == detector_name,
-        )
-    ).scalar_one()
-    return int(found)
 
 
 def record_dead_letter(session: Session, channel: str, reason: str, body: str) -> None:
