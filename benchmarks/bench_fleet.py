@@ -224,6 +224,19 @@ class Probe:
                 ).scalar_one()
             )
 
+    def last_stored(self, ids: list[int]) -> float:
+        """When the last of these detections was stored (seconds since the epoch)."""
+        with self.engine.connect() as connection:
+            return float(
+                connection.execute(
+                    self.sa.text(
+                        "SELECT extract(epoch FROM max(created_at)) FROM detections "
+                        "WHERE image_id = ANY(:ids)"
+                    ),
+                    {"ids": ids},
+                ).scalar_one()
+            )
+
     def attempts(self, ids: list[int]) -> int:
         with self.engine.connect() as connection:
             return int(
@@ -270,19 +283,21 @@ def run_consumer(
         latencies = []
         for image_id in lone:
             time.sleep(0.3)  # an idle worker
-            started = time.perf_counter()
+            started = time.time()
             send(image_id)
-            if wait(lambda i=image_id: probe.detections([i]) == 1, 60) is None:
+            if wait(lambda i=image_id: probe.detections([i]) == 1, 60, 0.05) is None:
                 raise RuntimeError(f"{name}: a lone message took over 60 s")
-            latencies.append((time.perf_counter() - started) * 1000)
+            latencies.append((probe.last_stored([image_id]) - started) * 1000)
         result["lone_ms"] = latencies
         backlog, ids = ids[: args.backlog], ids[args.backlog :]
-        started = time.perf_counter()
+        started = time.time()
         for image_id in backlog:
             send(image_id)
-        if wait(lambda: probe.detections(backlog) == len(backlog), 600, 0.01) is None:
+        # Polled seldom, so that the probe takes next to nothing from the worker it measures;
+        # the end is when the last detection was stored, as the database recorded it.
+        if wait(lambda: probe.detections(backlog) == len(backlog), 600, 0.25) is None:
             raise RuntimeError(f"{name}: backlog not done in 600 s")
-        result["backlog_s"] = time.perf_counter() - started
+        result["backlog_s"] = probe.last_stored(backlog) - started
         result["backlog"] = len(backlog)
         result["batches"] = worker.batch_sizes()
         if args.kill:
