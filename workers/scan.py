@@ -60,11 +60,15 @@ log = logging.getLogger(__name__)
 # How long a model batch may wait for company once the pipeline has room for it. A scan
 # closes a batch as soon as nothing else is ready, so this only caps a steady trickle.
 BATCH_WINDOW_S = 0.5
-# How long the store thread waits for a group of files to fill before it writes what it has
-# (only while more files are on their way). Each group costs a transaction and a dozen
-# statements whatever its size: with a GPU-like model, 0.05 s gave 96 img/s, 0.2 s 108 (the
-# intake ceiling 130; medians of five runs on two cores).
-STORE_GATHER_S = 0.2
+# The store thread's groups: it writes when this many model batches' worth of files wait,
+# or after STORE_GATHER_S, whichever comes first (and at once when no file is on its way).
+# Each group costs a transaction and a dozen statements whatever its size, on the thread
+# and interpreter lock the intake threads need. With a GPU-like model on two cores, gathering
+# one batch for at most 0.05 s gave 96 img/s and 0.2 s 108 (intake ceiling 130); two
+# batches for at most 0.4 s raised the engine from 0.81-0.85 to 0.88-0.91 of the intake
+# ceiling (medians of four runs, twice, 235 files).
+STORE_GROUP_BATCHES = 2
+STORE_GATHER_S = 0.4
 
 
 def iter_image_paths(paths: Iterable[Path]) -> Iterator[Path]:
@@ -208,7 +212,13 @@ class Scanner:
         self.batch_size = max(1, batch_size)
         self.decode_threads = max(1, decode_threads)
         self.memory_budget = memory_budget
-        self.window = max(1, window or PIPELINE_DEPTH * self.batch_size + 2 * self.decode_threads)
+        self.store_group = STORE_GROUP_BATCHES * self.batch_size
+        # Room for the batches in the model's pipeline, a store group, and the files the
+        # intake threads are working on or have just finished.
+        self.window = max(
+            1,
+            window or PIPELINE_DEPTH * self.batch_size + self.store_group + 2 * self.decode_threads,
+        )
         self.observer = observer
         self.peak_reserved = 0  # the most bytes of images held at once in the last scan
         self.actor = actor
@@ -450,7 +460,7 @@ class _Stream:
 
     def _group_full(self) -> bool:
         waiting = len(self.taken_in) + len(self.answered)
-        return self.stopping or waiting >= self.scanner.batch_size or self.upstream == 0
+        return self.stopping or waiting >= self.scanner.store_group or self.upstream == 0
 
     def _fail(self, error: BaseException) -> None:
         with self.changed:
