@@ -215,39 +215,31 @@ class Probe:
         self.sa = sa
         self.engine = sa.create_engine(database)
 
-    def detections(self, ids: list[int]) -> int:
+    def _number(self, query: str, ids: list[int]) -> Any:
         with self.engine.connect() as connection:
-            return int(
-                connection.execute(
-                    self.sa.text("SELECT count(*) FROM detections WHERE image_id = ANY(:ids)"),
-                    {"ids": ids},
-                ).scalar_one()
-            )
+            return connection.execute(self.sa.text(query), {"ids": ids}).scalar_one()
+
+    def detections(self, ids: list[int]) -> int:
+        return int(self._number("SELECT count(*) FROM detections WHERE image_id = ANY(:ids)", ids))
 
     def last_stored(self, ids: list[int]) -> float:
         """When the last of these detections was stored (seconds since the epoch)."""
-        with self.engine.connect() as connection:
-            return float(
-                connection.execute(
-                    self.sa.text(
-                        "SELECT extract(epoch FROM max(created_at)) FROM detections "
-                        "WHERE image_id = ANY(:ids)"
-                    ),
-                    {"ids": ids},
-                ).scalar_one()
+        return float(
+            self._number(
+                "SELECT extract(epoch FROM max(created_at)) FROM detections "
+                "WHERE image_id = ANY(:ids)",
+                ids,
             )
+        )
 
     def attempts(self, ids: list[int]) -> int:
-        with self.engine.connect() as connection:
-            return int(
-                connection.execute(
-                    self.sa.text(
-                        "SELECT coalesce(sum(attempts), 0) FROM detection_attempts "
-                        "WHERE image_id = ANY(:ids)"
-                    ),
-                    {"ids": ids},
-                ).scalar_one()
+        return int(
+            self._number(
+                "SELECT coalesce(sum(attempts), 0) FROM detection_attempts "
+                "WHERE image_id = ANY(:ids)",
+                ids,
             )
+        )
 
 
 def wait(check: Callable[[], bool], timeout: float, interval: float = 0.002) -> float | None:

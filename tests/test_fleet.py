@@ -121,6 +121,16 @@ def _waiting_for_locks(sessions: sessionmaker[Session]) -> int:
         )
 
 
+def _wait_for(check: Callable[[], bool]) -> None:
+    """Poll ``check`` until it holds, for at most 10 s; fail if it never does."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert check()
+
+
 def _count(sessions: sessionmaker[Session], model: type[Any]) -> int:
     with sessions() as session:
         return int(session.execute(sa.select(sa.func.count()).select_from(model)).scalar_one())
@@ -393,7 +403,6 @@ def test_answers_stored_together_and_one_that_cannot_be_stored_fails_alone(
     each image getting its own verdict; when that fails, it stores them one by one, so an
     answer that cannot be stored (its image is gone) fails its own message only. After
     close, a store is refused rather than left waiting."""
-    import time
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from sqlalchemy.exc import IntegrityError
@@ -421,16 +430,10 @@ def test_answers_stored_together_and_one_that_cannot_be_stored_fails_alone(
         with sessions() as held, held.begin():
             repository.lock_image(held, first)
             stored = {first: store(first)}
-            wait_for(lambda: _waiting_for_locks(sessions) == 1)  # the writer, on ``first``
+            _wait_for(lambda: _waiting_for_locks(sessions) == 1)  # the writer, on ``first``
             stored.update((image_id, store(image_id)) for image_id in then)
-            wait_for(lambda: writer.waiting == len(then))
+            _wait_for(lambda: writer.waiting == len(then))
         return stored
-
-    def wait_for(check: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + 10
-        while not check() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert check()
 
     try:
         together = held_up(image_ids[0], image_ids[1:3])
@@ -469,7 +472,6 @@ def test_deliveries_that_arrive_together_are_counted_together(
     transaction; a message whose work was delivered before, and a second message for an
     image in the same group, are suspects (not counted there); when a message names an
     image that does not exist, the others are counted one by one and it fails alone."""
-    import time
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from db.models import DetectionAttempt
@@ -496,17 +498,12 @@ def test_deliveries_that_arrive_together_are_counted_together(
     def held_up(first: tuple[int, str], then: list[tuple[int, str]]) -> dict[Any, Future[Any]]:
         """``first`` is taken alone and waits for the table; ``then`` queue up behind it
         and are taken as one group once the table is free."""
-        deadline = time.monotonic() + 10
         with sessions() as held, held.begin():
             held.execute(sa.text("LOCK TABLE detection_attempts IN ACCESS EXCLUSIVE MODE"))
             answers = {first: pool.submit(desk, first)}
-            while _waiting_for_locks(sessions) != 1 and time.monotonic() < deadline:
-                time.sleep(0.005)
-            assert _waiting_for_locks(sessions) == 1
+            _wait_for(lambda: _waiting_for_locks(sessions) == 1)  # the desk, on the table
             answers.update((m, pool.submit(desk, m)) for m in then)
-            while desk.waiting != len(then) and time.monotonic() < deadline:
-                time.sleep(0.005)
-            assert desk.waiting == len(then)
+            _wait_for(lambda: desk.waiting == len(then))
         return answers
 
     try:
