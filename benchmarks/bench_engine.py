@@ -57,6 +57,7 @@ sys.path.insert(0, str(REPO / "tests"))  # checkpoint writers shared with the te
 
 from db import migrate  # noqa: E402
 from db.session import make_engine, make_sessionmaker  # noqa: E402
+from workers import allocator  # noqa: E402
 from workers.detectors.base import Detector, DetectorOutput, DetectorSpec  # noqa: E402
 from workers.detectors.registry import BUILTIN_SPECS, build_detector  # noqa: E402
 from workers.engine import batch_limit  # noqa: E402
@@ -409,6 +410,7 @@ def rss_runs(counts: list[int], args: argparse.Namespace) -> None:
 
 
 def main() -> int:
+    allocator.tune_for_images()  # as the synthsentry command does
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=Path, default=REPO.parent / "shared" / "corpus" / "images")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -341,6 +341,9 @@ def kill_run(
 
 
 def main() -> int:
+    from workers import allocator
+
+    allocator.tune_for_images()  # the engine below runs as the synthsentry command does
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=Path, default=REPO.parent / "shared/corpus/images")
     parser.add_argument("--backlog", type=int, default=96)

@@ -76,8 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"synthsentry: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
     from synthsentry import logs
+    from workers import allocator
 
     logs.configure(settings.log_level, json_lines=settings.log_json)
+    allocator.tune_for_images()  # before any thread starts: every command may stream images
     try:
         status: int = args.handler(args, settings)
     except CliError as exc:
