@@ -66,9 +66,11 @@ BATCH_WINDOW_S = 0.5
 # and interpreter lock the intake threads need. With a GPU-like model on two cores, gathering
 # one batch for at most 0.05 s gave 96 img/s and 0.2 s 108 (intake ceiling 130); two
 # batches for at most 0.4 s raised the engine from 0.81-0.85 to 0.88-0.91 of the intake
-# ceiling (medians of four runs, twice, 235 files).
-STORE_GROUP_BATCHES = 2
-STORE_GATHER_S = 0.4
+# ceiling (medians of four runs, twice, 235 files); four batches for at most 0.8 s, with
+# the allocator keeping freed images mapped (workers/allocator.py), took commfor-vit384's
+# stand-in from 0.855 to 0.88 (medians of eight runs in turn, 84 files).
+STORE_GROUP_BATCHES = 4
+STORE_GATHER_S = 0.8
 
 
 def iter_image_paths(paths: Iterable[Path]) -> Iterator[Path]:
