@@ -606,6 +606,8 @@ def test_good_image_decodes_to_rgb(case: GoodCase) -> None:
     assert decoded.mime == case.expected_mime
     assert (decoded.width, decoded.height) == case.header
     assert decoded.image.mode == "RGB"
+    # A plain image: nothing of the opened file (its bytes, its decoder) is kept with it.
+    assert type(decoded.image) is Image.Image
     assert decoded.image.size == case.upright
     for xy, expected in case.pixels:
         actual = decoded.image.getpixel(xy)

@@ -1003,9 +1003,15 @@ def _decode_stream(
         stream.check_deadline()
         mode = source.mode
         # In place: a copy of every decoded image (what ``exif_transpose`` returns when
-        # there is nothing to turn) cost a sixth of the intake threads' time in fresh pages.
+        # there is nothing to turn) was about a tenth of a scan's CPU, most of it the
+        # kernel zeroing the copy's fresh pages.
         ImageOps.exif_transpose(source, in_place=True)
         rgb = _to_rgb(source)
+        if rgb is source:
+            # A plain image over the same pixels: the opened file's object would keep its
+            # stream (the file's bytes) and its decoder's state (libwebp's, pillow-heif's)
+            # alive for as long as the pixels, beyond what the memory budget reserves.
+            rgb = source._new(source.im)
     stream.check_deadline()
     return DecodedImage(
         image=rgb,

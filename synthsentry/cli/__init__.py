@@ -79,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from workers import allocator
 
     logs.configure(settings.log_level, json_lines=settings.log_json)
-    allocator.tune_for_images()  # before any thread starts: every command may stream images
+    if getattr(args, "streams_images", False):
+        allocator.tune_for_images()  # before any thread starts
     try:
         status: int = args.handler(args, settings)
     except CliError as exc:

@@ -83,7 +83,7 @@ def register(commands: Commands) -> None:
         help="where results.json and report.html go (default: <data_dir>/eval/<time>)",
     )
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    evaluate.set_defaults(handler=run)
+    evaluate.set_defaults(handler=run, streams_images=True)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

@@ -161,7 +161,7 @@ def _register_worker(commands: Commands) -> None:
         "(default SYNTHSENTRY_BATCH_WAIT_MS, 50)",
     )
     add_metrics_port(worker)
-    worker.set_defaults(handler=run_worker)
+    worker.set_defaults(handler=run_worker, streams_images=True)
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:

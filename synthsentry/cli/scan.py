@@ -47,7 +47,7 @@ def register(commands: Commands) -> None:
         "--batch-size", type=int, default=None, help="images per model batch (default: setting)"
     )
     scan.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    scan.set_defaults(handler=run)
+    scan.set_defaults(handler=run, streams_images=True)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

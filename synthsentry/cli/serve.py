@@ -46,7 +46,7 @@ def register(commands: Commands) -> None:
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.set_defaults(handler=run)
+    serve.set_defaults(handler=run, streams_images=True)
 
 
 @dataclass
