@@ -14,19 +14,8 @@ from db.repository._sql import dialect_insert
 def count_attempt(session: Session, image_id: int, detector_name: str, message_id: str) -> int:
     """Add one to the deliveries of this message of a detector task; returns its count.
     One statement (an upsert that returns the new count)."""
-    now = utcnow()
-    insert = dialect_insert(session)(DetectionAttempt).values(
-        image_id=image_id,
-        detector_name=detector_name,
-        message_id=message_id,
-        attempts=1,
-        updated_at=now,
-    )
-    counted = insert.on_conflict_do_update(
-        index_elements=["image_id", "detector_name", "message_id"],
-        set_={"attempts": DetectionAttempt.attempts + 1, "updated_at": now},
-    ).returning(DetectionAttempt.attempts)
-    return int(session.execute(counted).scalar_one())
+    message = (image_id, message_id)
+    return count_attempts(session, detector_name, [message])[message]
 
 
 def count_attempts(

@@ -195,11 +195,12 @@ def stored_object(session: Session, source_id: int) -> StoredObject | None:
 
 def objects_of_image(session: Session, image_id: int) -> list[StoredObject]:
     """Every bucket object that delivered these bytes, oldest first."""
-    return [_as_object(s) for s in sources_for_image(session, image_id) if s.bucket]
+    return objects_of_images(session, [image_id])[image_id]
 
 
 def objects_of_images(session: Session, image_ids: Iterable[int]) -> dict[int, list[StoredObject]]:
-    """``objects_of_image`` of several images, in one query, by image id."""
+    """The stored objects that delivered each of these images (sources with a bucket),
+    oldest first, in one query, by image id."""
     found: dict[int, list[StoredObject]] = {image_id: [] for image_id in image_ids}
     if found:
         rows = session.execute(
@@ -208,8 +209,8 @@ def objects_of_images(session: Session, image_ids: Iterable[int]) -> dict[int, l
             .order_by(Source.id)
         ).scalars()
         for source in rows:
-            assert source.image_id is not None
-            found[source.image_id].append(_as_object(source))
+            if source.bucket and source.image_id is not None:
+                found[source.image_id].append(_as_object(source))
     return found
 
 
