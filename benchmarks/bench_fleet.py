@@ -242,6 +242,62 @@ class Probe:
         )
 
 
+class CpuMeter:
+    """CPU time (user + system) of every process on this machine, read from ``/proc``, so
+    that a run's cost can be split between the worker, the S3 server (moto, a thread of this
+    process), Postgres and Redis. On a saturated machine throughput is the cores divided by
+    the CPU time an image costs, and that cost moves far less from run to run than a rate."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    @classmethod
+    def snapshot(cls) -> dict[int, tuple[str, int, float]]:
+        """pid -> (command name, parent pid, CPU seconds so far)."""
+        found = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # ended meanwhile
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            found[int(entry.name)] = (
+                name,
+                int(fields[1]),
+                (int(fields[11]) + int(fields[12])) / cls.TICK,
+            )
+        return found
+
+    @staticmethod
+    def spent(
+        before: dict[int, tuple[str, int, float]],
+        after: dict[int, tuple[str, int, float]],
+        worker: int | None = None,
+    ) -> dict[str, float]:
+        """CPU seconds between two snapshots, by group: ``worker`` and its children, this
+        process (the S3 server's threads, the probe, the engine when it runs here),
+        Postgres's processes, Redis, and the rest of the machine."""
+
+        def group(pid: int) -> str:
+            name = after[pid][0]
+            if name in ("postgres", "redis-server"):
+                return name
+            if pid == os.getpid():
+                return "this process"
+            while pid in after and pid != worker:
+                pid = after[pid][1]
+            return "worker" if pid == worker and worker is not None else "other"
+
+        totals: dict[str, float] = {}
+        for pid, (_, _, cpu) in after.items():
+            spent = cpu - before[pid][2] if pid in before else cpu
+            if spent > 0:
+                totals[group(pid)] = totals.get(group(pid), 0.0) + spent
+        return totals
+
+
 def wait(check: Callable[[], bool], timeout: float, interval: float = 0.002) -> float | None:
     started = time.perf_counter()
     while not check():
@@ -282,6 +338,7 @@ def run_consumer(
             latencies.append((probe.last_stored([image_id]) - started) * 1000)
         result["lone_ms"] = latencies
         backlog, ids = ids[: args.backlog], ids[args.backlog :]
+        cpu_before = CpuMeter.snapshot()
         started = time.time()
         for image_id in backlog:
             send(image_id)
@@ -289,6 +346,7 @@ def run_consumer(
         # the end is when the last detection was stored, as the database recorded it.
         if wait(lambda: probe.detections(backlog) == len(backlog), 600, 0.25) is None:
             raise RuntimeError(f"{name}: backlog not done in 600 s")
+        result["cpu"] = CpuMeter.spent(cpu_before, CpuMeter.snapshot(), worker.pid)
         result["backlog_s"] = probe.last_stored(backlog) - started
         result["backlog"] = len(backlog)
         result["batches"] = worker.batch_sizes()
@@ -430,6 +488,7 @@ def main() -> int:
         print(f"\nscan engine, the same {engine['backlog']} images from files: {rate:.1f} img/s")
         for name, r in results.items():
             print(f"  {name} / engine: {r['backlog'] / r['backlog_s'] / rate:.2f}")
+    report_cpu(results, engine)
     return 0
 
 
@@ -467,11 +526,13 @@ def engine_backlog(
         decode_threads=settings.intake_threads,
     )
     list(scanner.scan(paths[:1]))  # warm-up, as the workers' first message
+    cpu_before = CpuMeter.snapshot()
     started = time.perf_counter()
     count = sum(1 for _ in scanner.scan(paths[1:]))
     elapsed = time.perf_counter() - started
+    cpu = CpuMeter.spent(cpu_before, CpuMeter.snapshot())
     engine.dispose()
-    return {"backlog": count, "backlog_s": elapsed}
+    return {"backlog": count, "backlog_s": elapsed, "cpu": cpu}
 
 
 def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
@@ -509,6 +570,37 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None
                 f"{k['redelivered']} extra deliveries counted, reconciler sent work again "
                 f"{k['resent']} times"
             )
+
+
+def report_cpu(results: dict[str, dict[str, Any]], engine: dict[str, Any] | None) -> None:
+    """CPU time per image of each backlog, by process, in ms: where the cores went."""
+    runs = {name: r for name, r in results.items() if "cpu" in r}
+    if engine is not None:
+        runs["engine"] = {
+            **engine,
+            "cpu": {"engine": engine["cpu"].pop("this process", 0.0), **engine["cpu"]},
+        }
+    if not runs:
+        return
+    columns = ["worker", "engine", "this process", "postgres", "redis-server", "other"]
+    heads = ["worker", "engine", "S3+bench", "postgres", "redis", "rest"]
+    print(
+        "\nCPU time per image of the backlog, ms (S3+bench: moto's server and the probe, "
+        f"threads of the bench process; {os.cpu_count()} cores)"
+    )
+    print(f"{'run':<16}" + "".join(f"{h:>10}" for h in heads) + f"{'total':>10}{'vs engine':>11}")
+    base = None
+    if engine is not None:
+        base = sum(runs["engine"]["cpu"].values()) / engine["backlog"]
+    for name, r in runs.items():
+        per = {k: v * 1000 / r["backlog"] for k, v in r["cpu"].items()}
+        total = sum(per.values())
+        ratio = f"{total / (base * 1000):.2f}x" if base else "-"
+        print(
+            f"{name:<16}"
+            + "".join(f"{per.get(c, 0.0):>10.1f}" for c in columns)
+            + f"{total:>10.1f}{ratio:>11}"
+        )
 
 
 if __name__ == "__main__":
