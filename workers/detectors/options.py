@@ -112,7 +112,9 @@ class TorchOptions(FamilyOptions):
     (timm's pretrained config of the backbone, or the authors' pipeline)."""
 
     autocast: Autocast | None = None
-    """Mixed precision on CUDA; on the CPU scores stay float32."""
+    """Run the model under mixed precision (``bf16`` or ``fp16``), on a GPU or a CPU: faster
+    where the hardware has the units for it, and the scores move a little (measured in
+    docs/performance.md). Unset: float32, the authors' numbers."""
     fast_decode: FastDecode | None = None
     """Faster JPEG decoding that changes the pixels the model sees (so the scores move a
     little, see docs/performance.md): ``draft`` decodes at 1/2, 1/4 or 1/8 scale, never

@@ -126,7 +126,7 @@ class TorchDetector:
         self._head = head
         self._device = device
         self._weights_sha256 = weights_sha256
-        self._autocast_dtype = autocast_dtype if device.type == "cuda" else None
+        self._autocast_dtype = autocast_dtype
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.frozen_graph = isinstance(module, torch.jit.ScriptModule)
         """The model runs as a frozen TorchScript graph (see :func:`freeze_graph`)."""
@@ -317,7 +317,8 @@ def resolve_device(
                 f"detector {spec.name} is set to run on {device}, but only "
                 f"{torch.cuda.device_count()} CUDA devices are visible"
             )
-    # Autocast is a CUDA speed-up; on the CPU scores stay float32 (TorchDetector ignores it).
+    # Autocast runs where the model runs: on a GPU, and on a CPU too (bf16 is fast on CPUs
+    # with AMX or AVX512-BF16 and emulated, slower, elsewhere; docs/performance.md).
     return torch_device, AUTOCAST_DTYPES[autocast] if autocast is not None else None
 
 
