@@ -297,6 +297,15 @@ def test_sumsub_mobilenet_lightning_checkpoint_matches_timm_config(
     assert_faithful(detector, corpus_images, reference, wrong)
 
 
+def mobilenet(weights: Path, **options: object) -> TorchDetector:
+    """A Sumsub MobileNetV3-L detector on the CPU from ``weights``, with ``options``."""
+    detector = load_sumsub(
+        spec("sumsub", backbone=SUMSUB_MOBILENET, **options), device="cpu", weights_path=weights
+    )
+    assert isinstance(detector, TorchDetector)
+    return detector
+
+
 def test_channels_last_on_the_cpu_where_it_was_measured_faster(
     corpus_images: list[CorpusImage], tmp_path: Path
 ) -> None:
@@ -311,14 +320,8 @@ def test_channels_last_on_the_cpu_where_it_was_measured_faster(
         staged = detector.to_device(batch).tensor
         return staged.is_contiguous(memory_format=torch.channels_last)
 
-    def mobilenet(**options: object) -> Detector:
-        return load_sumsub(
-            spec("sumsub", backbone=SUMSUB_MOBILENET, **options),
-            device="cpu",
-            weights_path=tmp_path / "mobilenet.pt",
-        )
-
-    default, contiguous = mobilenet(), mobilenet(channels_last=False)
+    weights = tmp_path / "mobilenet.pt"
+    default, contiguous = mobilenet(weights), mobilenet(weights, channels_last=False)
     convnext = load_sumsub(
         spec("sumsub", backbone=CONVNEXT_STAND_IN),
         device="cpu",
@@ -341,7 +344,7 @@ def test_channels_last_on_the_cpu_where_it_was_measured_faster(
     ):
         assert abs(got - want) <= TOLERANCE, (got, want)
     with pytest.raises(DetectorOptionsError, match="channels_last"):
-        mobilenet(channels_last="yes")
+        mobilenet(weights, channels_last="yes")
 
 
 def test_large_inputs_on_the_cpu_go_in_short_batches(tmp_path: Path) -> None:
@@ -385,16 +388,8 @@ def test_models_on_the_cpu_run_as_frozen_graphs(
     otherwise, with the eager module's scores."""
     write_sumsub_raw(tmp_path / "mobilenet.pt", SUMSUB_MOBILENET)
 
-    def mobilenet(**options: object) -> TorchDetector:
-        detector = load_sumsub(
-            spec("sumsub", backbone=SUMSUB_MOBILENET, **options),
-            device="cpu",
-            weights_path=tmp_path / "mobilenet.pt",
-        )
-        assert isinstance(detector, TorchDetector)
-        return detector
-
-    graph, eager = mobilenet(), mobilenet(frozen_graph=False)
+    weights = tmp_path / "mobilenet.pt"
+    graph, eager = mobilenet(weights), mobilenet(weights, frozen_graph=False)
     assert graph.frozen_graph and not eager.frozen_graph
     images = corpus_images[:6]
     for got, want in zip(
@@ -410,19 +405,10 @@ def test_autocast_runs_the_model_in_reduced_precision_on_the_cpu(
     move, a little, and stay finite; without it they are float32's."""
     write_sumsub_raw(tmp_path / "mobilenet.pt", SUMSUB_MOBILENET)
 
-    def mobilenet(**options: object) -> TorchDetector:
-        detector = load_sumsub(
-            spec("sumsub", backbone=SUMSUB_MOBILENET, **options),
-            device="cpu",
-            weights_path=tmp_path / "mobilenet.pt",
-        )
-        assert isinstance(detector, TorchDetector)
-        return detector
-
     images = corpus_images[:6]
-    exact = detector_scores(mobilenet(), images)
+    exact = detector_scores(mobilenet(tmp_path / "mobilenet.pt"), images)
     for options in ({"autocast": "bf16"}, {"autocast": "bf16", "frozen_graph": False}):
-        reduced = detector_scores(mobilenet(**options), images)
+        reduced = detector_scores(mobilenet(tmp_path / "mobilenet.pt", **options), images)
         deltas = [abs(a - b) for a, b in zip(exact, reduced, strict=True)]
         # bfloat16 keeps 8 bits of mantissa: the scores are not float32's (float32 paths
         # agree within 1e-7 here; bf16 moved these by 2e-4 to 3e-3), but close to them.
