@@ -43,14 +43,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-from bench_fast_decode import SHAPES, batches, drift, image_sets  # noqa: E402
+from bench_fast_decode import LIMITS, SHAPES, batches, drift, image_sets, sync  # noqa: E402
 
 from workers.detectors.registry import BUILTIN_SPECS, build_detector  # noqa: E402
 from workers.detectors.torch_models import TorchDetector  # noqa: E402
 from workers.engine import batch_limit  # noqa: E402
-from workers.intake import IntakeLimits, decode  # noqa: E402
+from workers.intake import decode  # noqa: E402
 
-LIMITS = IntakeLimits(max_bytes=50 << 20, max_pixels=100_000_000, decode_timeout_s=60)
 HEAVY = {"sumsub-sd200"}  # seconds an image on a CPU: fewer images there
 
 
@@ -66,11 +65,6 @@ def build(shape: str, weights: Path, device: str, autocast: str | None) -> Torch
 
 def preprocessed(detector: TorchDetector, raw: bytes) -> torch.Tensor:
     return detector.preprocess(decode(raw, LIMITS).image)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def forward_rate(detector: TorchDetector, inputs: list[torch.Tensor], seconds: float) -> float:
@@ -145,11 +139,13 @@ def main() -> int:
                 for dtype in dtypes:
                     reduced = build(shape, weights, args.device, dtype)
                     got = scores(reduced, inputs, batch)
-                    finite = [(a, b) for a, b in zip(floats, got, strict=True) if b is not None]
+                    kept = [i for i, score in enumerate(got) if score is not None]
+                    exact_kept = [floats[i] for i in kept]
+                    reduced_kept = [float(got[i] or 0.0) for i in kept]
                     row[dtype] = {
                         "img_per_s": forward_rate(reduced, inputs[:batch], args.seconds),
-                        "drift": drift(*map(list, zip(*finite, strict=True))) if finite else None,
-                        "not_finite": len(got) - len(finite),
+                        "drift": drift(exact_kept, reduced_kept) if kept else None,
+                        "not_finite": len(got) - len(kept),
                     }
                     del reduced
                 shape_results[name] = row

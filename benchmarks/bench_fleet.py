@@ -251,8 +251,10 @@ class CpuMeter:
     TICK = os.sysconf("SC_CLK_TCK")
 
     @classmethod
-    def snapshot(cls) -> dict[int, tuple[str, int, float]]:
-        """pid -> (command name, parent pid, CPU seconds so far)."""
+    def snapshot(cls) -> dict[int, tuple[str, int, int, float]]:
+        """pid -> (command name, parent pid, start time, CPU seconds so far). A process's CPU
+        includes its ended children's, so the work of a process that ends between two
+        snapshots (a Postgres autovacuum worker) is counted with its parent."""
         found = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
@@ -263,38 +265,42 @@ class CpuMeter:
                 continue  # ended meanwhile
             name = stat[stat.index("(") + 1 : stat.rindex(")")]
             fields = stat[stat.rindex(")") + 2 :].split()
-            found[int(entry.name)] = (
-                name,
-                int(fields[1]),
-                (int(fields[11]) + int(fields[12])) / cls.TICK,
-            )
+            ticks = sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
+            found[int(entry.name)] = (name, int(fields[1]), int(fields[19]), ticks / cls.TICK)
         return found
 
     @staticmethod
     def spent(
-        before: dict[int, tuple[str, int, float]],
-        after: dict[int, tuple[str, int, float]],
+        before: dict[int, tuple[str, int, int, float]],
+        after: dict[int, tuple[str, int, int, float]],
         worker: int | None = None,
     ) -> dict[str, float]:
         """CPU seconds between two snapshots, by group: ``worker`` and its children, this
-        process (the S3 server's threads, the probe, the engine when it runs here),
-        Postgres's processes, Redis, and the rest of the machine."""
+        process (the S3 server's threads, the probe, the engine when it runs here), the
+        Postgres and Redis servers this process started, and the rest of the machine."""
+        me = os.getpid()
 
         def group(pid: int) -> str:
             name = after[pid][0]
-            if name in ("postgres", "redis-server"):
-                return name
-            if pid == os.getpid():
+            if pid == me:
                 return "this process"
-            while pid in after and pid != worker:
-                pid = after[pid][1]
-            return "worker" if pid == worker and worker is not None else "other"
+            ancestor = pid
+            while ancestor in after and ancestor not in (worker, me):
+                ancestor = after[ancestor][1]
+            if ancestor == worker and worker is not None:
+                return "worker"
+            if ancestor == me and name in ("postgres", "redis-server"):
+                return name
+            return "other"
 
         totals: dict[str, float] = {}
-        for pid, (_, _, cpu) in after.items():
-            spent = cpu - before[pid][2] if pid in before else cpu
+        for pid, (_, _, started, cpu) in after.items():
+            known = before.get(pid)
+            # A pid used again by a new process: all of the new one's time is in the window.
+            spent = cpu - known[3] if known and known[2] == started else cpu
             if spent > 0:
-                totals[group(pid)] = totals.get(group(pid), 0.0) + spent
+                key = group(pid)
+                totals[key] = totals.get(key, 0.0) + spent
         return totals
 
 
@@ -574,27 +580,27 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None
 
 def report_cpu(results: dict[str, dict[str, Any]], engine: dict[str, Any] | None) -> None:
     """CPU time per image of each backlog, by process, in ms: where the cores went."""
-    runs = {name: r for name, r in results.items() if "cpu" in r}
-    if engine is not None:
-        runs["engine"] = {
-            **engine,
-            "cpu": {"engine": engine["cpu"].pop("this process", 0.0), **engine["cpu"]},
-        }
+    runs = {name: r for name, r in results.items() if "cpu" in r and r["backlog"]}
+    if engine is not None and engine["backlog"]:
+        cpu = dict(engine["cpu"])
+        cpu["engine"] = cpu.pop("this process", 0.0)  # the engine runs in this process
+        runs["engine"] = {**engine, "cpu": cpu}
     if not runs:
         return
     columns = ["worker", "engine", "this process", "postgres", "redis-server", "other"]
     heads = ["worker", "engine", "S3+bench", "postgres", "redis", "rest"]
     print(
         "\nCPU time per image of the backlog, ms (S3+bench: moto's server and the probe, "
-        f"threads of the bench process; {os.cpu_count()} cores)"
+        f"threads of the bench process; total: all but the rest; {os.cpu_count()} cores)"
     )
     print(f"{'run':<16}" + "".join(f"{h:>10}" for h in heads) + f"{'total':>10}{'vs engine':>11}")
     base = None
-    if engine is not None:
-        base = sum(runs["engine"]["cpu"].values()) / engine["backlog"]
+    if "engine" in runs:
+        engine_cpu = runs["engine"]["cpu"]
+        base = sum(v for k, v in engine_cpu.items() if k != "other") / engine["backlog"]
     for name, r in runs.items():
         per = {k: v * 1000 / r["backlog"] for k, v in r["cpu"].items()}
-        total = sum(per.values())
+        total = sum(v for k, v in per.items() if k != "other")  # not the rest of the machine
         ratio = f"{total / (base * 1000):.2f}x" if base else "-"
         print(
             f"{name:<16}"

@@ -37,6 +37,7 @@ from workers.detectors.torch_models import (
     sumsub_module,
     timm_data_config,
 )
+from workers.detectors.torch_models.runtime import check_autocast
 from workers.detectors.weights import CheckpointFormatError, WeightsIntegrityError, sha256_file
 
 from checkpoints import (
@@ -408,12 +409,22 @@ def test_autocast_runs_the_model_in_reduced_precision_on_the_cpu(
     images = corpus_images[:6]
     exact = detector_scores(mobilenet(tmp_path / "mobilenet.pt"), images)
     for options in ({"autocast": "bf16"}, {"autocast": "bf16", "frozen_graph": False}):
-        reduced = detector_scores(mobilenet(tmp_path / "mobilenet.pt", **options), images)
+        detector = mobilenet(tmp_path / "mobilenet.pt", **options)
+        assert detector.frozen_graph is options.get("frozen_graph", True)
+        reduced = detector_scores(detector, images)
         deltas = [abs(a - b) for a, b in zip(exact, reduced, strict=True)]
         # bfloat16 keeps 8 bits of mantissa: the scores are not float32's (float32 paths
         # agree within 1e-7 here; bf16 moved these by 2e-4 to 3e-3), but close to them.
         assert max(deltas) > 5 * TOLERANCE, (options, deltas)
         assert max(deltas) < 0.05, (options, deltas)
+
+
+def test_an_autocast_torch_cannot_run_is_refused() -> None:
+    """torch warns and runs float32 where it cannot autocast to a dtype: the detector is
+    refused instead, so that no float32 score is stored under an autocast version."""
+    with pytest.raises(DetectorUnavailable, match=r"autocast to torch\.float64 is not supported"):
+        check_autocast(spec("sumsub"), torch.device("cpu"), torch.float64)
+    check_autocast(spec("sumsub"), torch.device("cpu"), torch.bfloat16)  # supported: no error
 
 
 class _SizeBaked(torch.nn.Module):

@@ -317,9 +317,28 @@ def resolve_device(
                 f"detector {spec.name} is set to run on {device}, but only "
                 f"{torch.cuda.device_count()} CUDA devices are visible"
             )
-    # Autocast runs where the model runs: on a GPU, and on a CPU too (bf16 is fast on CPUs
-    # with AMX or AVX512-BF16 and emulated, slower, elsewhere; docs/performance.md).
-    return torch_device, AUTOCAST_DTYPES[autocast] if autocast is not None else None
+    # Autocast runs where the model runs, on a GPU or a CPU (on a CPU with AMX, bf16 ran the
+    # 384 px models 2.2-3.2x as fast; fp16, without fp16 units, no faster: docs/performance.md).
+    if autocast is None:
+        return torch_device, None
+    dtype = AUTOCAST_DTYPES[autocast]
+    check_autocast(spec, torch_device, dtype)
+    return torch_device, dtype
+
+
+def check_autocast(spec: DetectorSpec, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse an autocast this torch build cannot run on ``device``: torch would only warn and
+    run in float32, under a detector version that says otherwise."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            with torch.autocast(device_type=device.type, dtype=dtype):
+                pass
+        except (UserWarning, RuntimeError) as exc:
+            raise DetectorUnavailable(
+                f"detector {spec.name}: autocast to {dtype} is not supported on {device.type} "
+                f"by torch {torch.__version__} ({exc}); remove the option or use another device"
+            ) from exc
 
 
 def wants_frozen_graph(device: torch.device, option: bool | None) -> bool:
