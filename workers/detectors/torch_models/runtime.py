@@ -329,16 +329,21 @@ def resolve_device(
 def check_autocast(spec: DetectorSpec, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse an autocast this torch build cannot run on ``device``: torch would only warn and
     run in float32, under a detector version that says otherwise."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    # Recorded, not turned into errors: the filters are the process's, and another thread's
+    # warning must not become an exception in that thread.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
             with torch.autocast(device_type=device.type, dtype=dtype):
                 pass
-        except (UserWarning, RuntimeError) as exc:
-            raise DetectorUnavailable(
-                f"detector {spec.name}: autocast to {dtype} is not supported on {device.type} "
-                f"by torch {torch.__version__} ({exc}); remove the option or use another device"
-            ) from exc
+            refused = next((str(w.message) for w in caught if "autocast" in str(w.message)), "")
+        except RuntimeError as exc:  # a GPU without the dtype (bf16 before Ampere)
+            refused = str(exc)
+    if refused:
+        raise DetectorUnavailable(
+            f"detector {spec.name}: autocast to {dtype} is not supported on {device.type} by "
+            f"torch {torch.__version__} ({refused}); remove the option or use another device"
+        )
 
 
 def wants_frozen_graph(device: torch.device, option: bool | None) -> bool:
