@@ -318,7 +318,7 @@ def resolve_device(
                 f"{torch.cuda.device_count()} CUDA devices are visible"
             )
     # Autocast runs where the model runs, on a GPU or a CPU (on a CPU with AMX, bf16 ran the
-    # 384 px models 2.2-3.2x as fast; fp16, without fp16 units, no faster: docs/performance.md).
+    # 384 px models 2.2-3.2x as fast; fp16, without fp16 units, 0.8-1.1x: docs/performance.md).
     if autocast is None:
         return torch_device, None
     dtype = AUTOCAST_DTYPES[autocast]
