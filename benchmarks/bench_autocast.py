@@ -12,8 +12,9 @@ builds the detector as configured (float32) and once per ``--dtypes`` with
 every corpus image re-encoded ``--per`` times at 0.8-4 Mpx, as ``bench_fast_decode.py``
 makes them):
 
-- the forward pass alone, images per second, on batches of ``--batch-size`` (or of the
-  shorter batch the engine gives a large model on the CPU), copy to the device included;
+- the forward pass alone, images per second, on random batches of ``--batch-size`` (or of
+  the shorter batch the engine gives a large model on the CPU), copy to the device included
+  (``bench_engine.model_ceiling``; taken once beside each set, two samples);
 - score drift: |P(AI) - P(AI) in float32| per image, median, 99th percentile and maximum,
   against the spread of the float32 scores, and how many outputs were not finite (an
   abstention, never a made-up score).
@@ -32,7 +33,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -43,7 +43,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-from bench_fast_decode import LIMITS, SHAPES, batches, drift, image_sets, sync  # noqa: E402
+from bench_engine import model_ceiling  # noqa: E402
+from bench_fast_decode import LIMITS, SHAPES, batches, drift, image_sets  # noqa: E402
 
 from workers.detectors.registry import BUILTIN_SPECS, build_detector  # noqa: E402
 from workers.detectors.torch_models import TorchDetector  # noqa: E402
@@ -65,19 +66,6 @@ def build(shape: str, weights: Path, device: str, autocast: str | None) -> Torch
 
 def preprocessed(detector: TorchDetector, raw: bytes) -> torch.Tensor:
     return detector.preprocess(decode(raw, LIMITS).image)
-
-
-def forward_rate(detector: TorchDetector, inputs: list[torch.Tensor], seconds: float) -> float:
-    """Images per second of collate + copy + forward + read on one batch, repeated."""
-    detector.forward(detector.collate(inputs))  # warm-up (and cuDNN's choice of kernels)
-    sync(detector.device)
-    done = 0
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds or done == 0:
-        detector.forward(detector.collate(inputs))
-        done += len(inputs)
-    sync(detector.device)
-    return done / (time.perf_counter() - started)
 
 
 def scores(detector: TorchDetector, inputs: list[torch.Tensor], batch: int) -> list[float | None]:
@@ -134,7 +122,7 @@ def main() -> int:
                 row: dict[str, Any] = {
                     "images": len(inputs),
                     "spread": [min(floats), statistics.median(floats), max(floats)],
-                    "fp32": forward_rate(exact, inputs[:batch], args.seconds),
+                    "fp32": model_ceiling(exact, batch, seconds=args.seconds),
                 }
                 for dtype in dtypes:
                     reduced = build(shape, weights, args.device, dtype)
@@ -143,7 +131,7 @@ def main() -> int:
                     exact_kept = [floats[i] for i in kept]
                     reduced_kept = [float(got[i] or 0.0) for i in kept]
                     row[dtype] = {
-                        "img_per_s": forward_rate(reduced, inputs[:batch], args.seconds),
+                        "img_per_s": model_ceiling(reduced, batch, seconds=args.seconds),
                         "drift": drift(exact_kept, reduced_kept) if kept else None,
                         "not_finite": len(got) - len(kept),
                     }
