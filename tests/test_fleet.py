@@ -346,12 +346,26 @@ def test_copies_of_work_in_flight_do_not_use_up_its_attempts(
     assert _count(sessions, Verdict) == 1
 
 
+class AllArrive:
+    """A pace for decoding that lets no thread through until ``parties`` have arrived."""
+
+    def __init__(self, parties: int) -> None:
+        self._barrier = threading.Barrier(parties, timeout=60)
+
+    def __enter__(self) -> None:
+        self._barrier.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def test_batched_detection_shares_forward_passes_and_isolates_redeliveries(
     sessions: sessionmaker[Session], s3_endpoint: str, bucket: str, models: dict[str, Detector]
 ) -> None:
     """Messages handled by one thread each (a threads-pool worker) meet in one batch; their
     stored scores equal the unbatched ones; a redelivered message runs alone."""
     from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
 
     from db.models import DetectionAttempt
 
@@ -366,7 +380,13 @@ def test_batched_detection_shares_forward_passes_and_isolates_redeliveries(
                 image_id=suspect, detector_name="sumsub-mj5", message_id="lost", attempts=1
             )
         )
-    batching = fleet.Batching.for_detector(mj5, max_batch=8, max_wait_s=2.0)
+    # Every thread is announced before any submits: none may start decoding until all six
+    # have come that far (however the machine schedules them). The window is never waited
+    # out: the batch closes once no announced thread is still preparing.
+    batching = replace(
+        fleet.Batching.for_detector(mj5, max_batch=8, max_wait_s=30.0),
+        decoding=AllArrive(len(image_ids)),
+    )
     with ThreadPoolExecutor(6) as pool:
         verdicts = list(
             pool.map(

@@ -219,7 +219,9 @@ class Batching:
     suspects: threading.Lock = field(default_factory=threading.Lock)
     # Decoding and preprocessing are CPU work: only as many at once as there are cores for
     # it, however many messages are waiting (more only thrash the cores the model needs).
-    decoding: threading.BoundedSemaphore = field(
+    # Entered by every message's thread around its decoding; a semaphore unless a caller
+    # has another way to pace them.
+    decoding: AbstractContextManager[Any] = field(
         default_factory=lambda: threading.BoundedSemaphore(2)
     )
     _desks: tuple[Deliveries, Answers] | None = field(default=None, init=False, repr=False)
