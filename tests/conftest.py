@@ -13,6 +13,7 @@ on an external Redis (DB 0 of its own server otherwise), flushed at start and en
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -39,6 +40,11 @@ INTEGRATION_FIXTURES = frozenset(
     {"postgres_url", "migrated_postgres_url", "pg_engine", "db_session", "redis_url"}
 )
 THROWAWAY_DATABASE_PREFIX = "synthsentry_test"
+
+# moto's server logs every request through werkzeug, whose handler keeps the stream that
+# was stderr when it first logged: once pytest has closed that capture, each request of a
+# later test printed a logging error. Requests are not what a failing test needs to show.
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
