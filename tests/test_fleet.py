@@ -516,14 +516,16 @@ def test_deliveries_that_arrive_together_are_counted_together(
     pool = ThreadPoolExecutor(8)
 
     def held_up(first: tuple[int, str], then: list[tuple[int, str]]) -> dict[Any, Future[Any]]:
-        """``first`` is taken alone and waits for the table; ``then`` queue up behind it
-        and are taken as one group once the table is free."""
+        """``first`` is taken alone and waits for the table; ``then`` queue up behind it,
+        in this order (which of two messages for one image is counted depends on it), and
+        are taken as one group once the table is free."""
         with sessions() as held, held.begin():
             held.execute(sa.text("LOCK TABLE detection_attempts IN ACCESS EXCLUSIVE MODE"))
             answers = {first: pool.submit(desk, first)}
             _wait_for(lambda: _waiting_for_locks(sessions) == 1)  # the desk, on the table
-            answers.update((m, pool.submit(desk, m)) for m in then)
-            _wait_for(lambda: desk.waiting == len(then))
+            for queued, message in enumerate(then, start=1):
+                answers[message] = pool.submit(desk, message)
+                _wait_for(lambda n=queued: desk.waiting == n)
         return answers
 
     try:
