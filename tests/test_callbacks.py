@@ -110,7 +110,7 @@ class Receiver:
                             self.wfile.flush()
                     return
                 if status == "slow":
-                    receiver.release.wait(10)
+                    receiver.release.wait(60)
                     status = 200
                 self.send_response(int(status))
                 for name, value in headers.items():
@@ -493,22 +493,25 @@ def test_a_slow_receiver_runs_into_the_timeout(
     receiver.script("slow")
     started = time.monotonic()
     assert deliver_due(sessions, CallbackSender(_policy(timeout_s=0.3))) == 1
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 10  # the 0.3 s timeout, not the receiver's 60 s
     receiver.release.set()
     delivery = _delivery(sessions, scan)
     assert delivery.state == DeliveryState.PENDING and delivery.last_status is None
     (attempt,) = _attempts(sessions, delivery.id)
     assert attempt.error is not None and "timed out" in attempt.error
-    assert attempt.duration_ms is not None and 250 <= attempt.duration_ms < 2000
+    assert attempt.duration_ms is not None and 250 <= attempt.duration_ms < 10_000
 
 
 def test_a_receiver_that_trickles_its_answer_is_cut_off(receiver: Receiver) -> None:
     receiver.script("trickle")
-    answer = _post(_policy(timeout_s=0.3), receiver.url())
+    # Reads may wait 5 s each: only the 0.6 s limit on the whole attempt can end this one.
+    answer = _post(
+        _ShortLimit(box=BOX, allow_private=True, timeout_s=5.0, limit_s=0.6), receiver.url()
+    )
     receiver.release.set()
     assert answer.status is None and "timed out" in (answer.error or "")
     assert "0.6 s in all" in (answer.error or "")
-    assert 550 <= answer.duration_ms < 2000  # each read was quick; all of them were not
+    assert 550 <= answer.duration_ms < 5000  # each read was quick; all of them were not
 
 
 def test_the_retry_window_ends_in_failed_and_a_redelivery_is_one_more_try(
@@ -727,17 +730,17 @@ def test_a_lookup_that_hangs_ends_within_the_attempts_limit() -> None:
     answered = threading.Event()
 
     def stuck(host: str) -> list[str]:
-        answered.wait(10)
+        answered.wait(60)
         return ["127.0.0.1"]
 
-    policy = _ShortLimit(box=BOX, allow_private=True, timeout_s=5.0, resolver=stuck)
+    policy = _ShortLimit(box=BOX, allow_private=True, timeout_s=30.0, resolver=stuck)
     try:
         answer = _post(policy, "http://stuck.test:9/cb")
     finally:
         answered.set()
     assert answer.status is None and not answer.refused  # worth another try
     assert "could not resolve stuck.test: no answer within 0.4 s" in (answer.error or "")
-    assert 350 <= answer.duration_ms < 1000  # the limit, not the 5 s timeout
+    assert 350 <= answer.duration_ms < 10_000  # the limit, not the 30 s timeout
 
 
 def test_a_tls_handshake_that_never_ends_is_cut_off(tmp_path: Path) -> None:
@@ -763,7 +766,7 @@ def test_a_tls_handshake_that_never_ends_is_cut_off(tmp_path: Path) -> None:
     policy = _ShortLimit(
         box=BOX,
         allow_private=True,
-        timeout_s=5.0,
+        timeout_s=30.0,
         tls=ssl.create_default_context(cafile=str(cert)),
         resolver=lambda host: ["127.0.0.1"],
     )
@@ -776,7 +779,7 @@ def test_a_tls_handshake_that_never_ends_is_cut_off(tmp_path: Path) -> None:
     assert accepted.is_set()
     assert answer.status is None and not answer.refused
     assert "timed out" in (answer.error or "") and "0.4 s in all" in (answer.error or "")
-    assert 350 <= answer.duration_ms < 1000  # the limit, not the 5 s handshake timeout
+    assert 350 <= answer.duration_ms < 10_000  # the limit, not the 30 s handshake timeout
 
 
 # --- durability: the outbox and the sender ----------------------------------------------
