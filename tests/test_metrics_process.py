@@ -163,9 +163,34 @@ def test_workers_and_the_reconciler_export_what_they_did(
                 what="every upload to be scored or rejected",
                 processes=everyone,
             )
-            taken_in = _scrape(ports["intake"])
-            detected = _scrape(ports["detect"])
-            assert taken_in is not None and detected is not None
+
+            def caught_up(port: int, *counts: tuple[str, dict[str, str], float]) -> Samples:
+                """The process's metrics once each counter has reached its count: a process
+                bumps its counters after the work they count is stored, so they may trail
+                the database by a moment."""
+
+                def check() -> Samples | None:
+                    samples = _scrape(port)
+                    reached = samples and all(value(samples, n, **ls) >= c for n, ls, c in counts)
+                    return samples if reached else None
+
+                return wait_for(check, timeout=30, what=f"{counts} counted", processes=everyone)
+
+            taken_in = caught_up(
+                ports["intake"],
+                ("synthsentry_queue_wait_seconds_count", {"queue": intake_queue}, len(keys)),
+                ("synthsentry_verdicts_total", {"outcome": "not_scored"}, 1),
+            )
+            detected = caught_up(
+                ports["detect"],
+                ("synthsentry_batch_size_sum", {"detector": DETECTOR}, IMAGES),
+                ("synthsentry_verdicts_total", {"outcome": "flagged"}, IMAGES),
+                (
+                    "synthsentry_detections_total",
+                    {"detector": DETECTOR, "outcome": "scored"},
+                    IMAGES,
+                ),
+            )
             for port in ports.values():
                 assert _get(port, "/livez") == (200, json.dumps({"ok": True}))
 
@@ -180,7 +205,13 @@ def test_workers_and_the_reconciler_export_what_they_did(
                 return samples if depths == [0, 0, 0, 0] and live == 1 else None
 
             wait_for(drained, timeout=60, what="the queues to drain", processes=everyone)
-            batches = detect.batch_sizes()
+            # A batch is logged just after it is counted.
+            batches = wait_for(
+                lambda: (sizes := detect.batch_sizes()) and sum(sizes) >= IMAGES and sizes,
+                timeout=30,
+                what="every batch logged",
+                processes=everyone,
+            )
 
     # The intake worker's tasks ran in its pool's children, and its parent exports them.
     assert value(taken_in, "synthsentry_queue_wait_seconds_count", queue=intake_queue) == len(keys)
