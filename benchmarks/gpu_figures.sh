@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU figures of docs/performance.md in one run, on a machine with a CUDA device:
+#
+#   benchmarks/gpu_figures.sh [RESULTS_DIR]     # default: gpu-results
+#
+# In order of importance, each under its own time limit so that one slow benchmark cannot
+# take the others' time (at most 10 minutes in all): the engine against its ceilings
+# (336 files, as many as the reference measurement: the corpus images and seven JPEG
+# re-encodings of each; batch 64, 16 intake threads; 5 minutes), the opt-in fast decoding
+# paths (draft JPEG decoding, nvJPEG; 2.5 minutes) and reduced precision (2.5 minutes).
+# Each benchmark's output goes to the terminal and to RESULTS_DIR/<name>.log.
+#
+# Environment: PYTHON (default python3), IMAGES (default ../shared/corpus/images),
+# THREADS (default 16).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+results=${1:-gpu-results}
+python=${PYTHON:-python3}
+images=${IMAGES:-../shared/corpus/images}
+threads=${THREADS:-16}
+mkdir -p "$results"
+
+if [ ! -d "$images" ]; then
+    echo "no images at $images: set IMAGES to a folder of JPEG and PNG files" >&2
+    exit 2
+fi
+if ! "$python" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+    echo "$python sees no CUDA device (or has no torch): these figures need one" >&2
+    exit 2
+fi
+"$python" -c 'import torch; print(torch.cuda.get_device_name(0), "torch", torch.__version__)' \
+    | tee "$results/device.log"
+
+failed=0
+measure() {  # NAME SECONDS SCRIPT ARGS...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $*"
+    PYTHONUNBUFFERED=1 timeout "$limit" "$python" "$@" 2>&1 | tee "$results/$name.log"
+    local status=${PIPESTATUS[0]}
+    if [ "$status" -ne 0 ]; then
+        echo "== $name ended with status $status (124: it ran past $limit s)"
+        failed=1
+    fi
+}
+
+measure engine 300 benchmarks/bench_engine.py --device cuda --images "$images" \
+    --batch-size 64 --threads "$threads" --copies 7 --limit-heavy 336
+measure fast_decode 150 benchmarks/bench_fast_decode.py --device cuda --images "$images" \
+    --batch-size 64 --threads "$threads"
+measure autocast 150 benchmarks/bench_autocast.py --device cuda --images "$images" \
+    --batch-size 64 --threads "$threads"
+exit "$failed"
