@@ -131,6 +131,31 @@ def wait_for(
         time.sleep(interval)
 
 
+def stop_holding_work(
+    pid: int,
+    holding: Callable[[], T | None],
+    *,
+    timeout: float,
+    what: str,
+    processes: tuple[FleetProcess, ...] = (),
+) -> T:
+    """SIGSTOP ``pid`` at a moment when ``holding`` says it holds work, asked again once it
+    is stopped: a process that finished its work between the two questions is let go and
+    caught later. So a test that kills the process kills it holding work, however late
+    the test itself got to run. Returns what ``holding`` said of the stopped process."""
+
+    def caught() -> T | None:
+        if not holding():
+            return None
+        os.kill(pid, signal.SIGSTOP)
+        held = holding()
+        if not held:
+            os.kill(pid, signal.SIGCONT)
+        return held
+
+    return wait_for(caught, timeout=timeout, what=what, processes=processes, interval=0.005)
+
+
 def fleet_env(
     tmp_path: Path,
     *,

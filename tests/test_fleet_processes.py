@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,15 @@ import sqlalchemy as sa
 
 from badfiles import sample_picture
 from conftest import DatabaseFactory, s3_client
-from fleet_processes import FleetProcess, PersistentRedis, cli, fleet_env, running, wait_for
+from fleet_processes import (
+    FleetProcess,
+    PersistentRedis,
+    cli,
+    fleet_env,
+    running,
+    stop_holding_work,
+    wait_for,
+)
 
 BUCKET = "fleet-procs"
 
@@ -146,8 +155,15 @@ def test_sigkilled_model_process_loses_nothing(
             interval=0.005,
         )
         children = mj5.children()
-        assert children, mj5.log_tail()
-        os.kill(children[0], 9)
+        assert len(children) == 1, mj5.log_tail()  # --concurrency 1
+        stop_holding_work(
+            children[0],
+            lambda: (c := _counts(clean_database))["attempts"] > c["detections"],
+            timeout=180,
+            what="the pool process stopped holding a task",
+            processes=processes,
+        )
+        os.kill(children[0], signal.SIGKILL)
         counts = wait_for(
             lambda: (c := _counts(clean_database))["pending"] == 0 and c["sources"] == 13 and c,
             timeout=240,
@@ -193,12 +209,12 @@ def test_sigkilled_batching_worker_loses_nothing(
             processes=processes,
         )
         mj5.start()
-        in_flight = wait_for(
+        in_flight = stop_holding_work(
+            mj5.pid,
             lambda: (c := _counts(clean_database))["attempts"] > c["detections"] and c,
             timeout=180,
-            what="detector tasks in flight",
+            what="the worker stopped holding detector tasks",
             processes=processes,
-            interval=0.005,
         )
         mj5.kill()
         assert _counts(clean_database)["detections"] < 16, "the kill came too late to test"
