@@ -148,7 +148,11 @@ def stop_holding_work(
         if not holding():
             return None
         os.kill(pid, signal.SIGSTOP)
-        held = holding()
+        try:
+            held = holding()
+        except BaseException:
+            os.kill(pid, signal.SIGCONT)
+            raise
         if not held:
             os.kill(pid, signal.SIGCONT)
         return held
