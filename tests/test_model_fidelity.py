@@ -404,12 +404,13 @@ def test_autocast_runs_the_model_in_reduced_precision_on_the_cpu(
 ) -> None:
     """``autocast`` is honoured on the CPU as on a GPU (frozen graph or eager): the scores
     move, a little, and stay finite; without it they are float32's."""
-    write_sumsub_raw(tmp_path / "mobilenet.pt", SUMSUB_MOBILENET)
+    weights = tmp_path / "mobilenet.pt"
+    write_sumsub_raw(weights, SUMSUB_MOBILENET)
 
     images = corpus_images[:6]
-    exact = detector_scores(mobilenet(tmp_path / "mobilenet.pt"), images)
+    exact = detector_scores(mobilenet(weights), images)
     for options in ({"autocast": "bf16"}, {"autocast": "bf16", "frozen_graph": False}):
-        detector = mobilenet(tmp_path / "mobilenet.pt", **options)
+        detector = mobilenet(weights, **options)
         assert detector.frozen_graph is options.get("frozen_graph", True)
         reduced = detector_scores(detector, images)
         deltas = [abs(a - b) for a, b in zip(exact, reduced, strict=True)]

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from workers.scan import Scanner
 
 from badfiles import sample_picture
 from checkpoints import SUMSUB_MOBILENET, write_sumsub_raw
+from fleet_processes import wait_for
 
 LIMITS = IntakeLimits(max_bytes=1 << 24, max_pixels=1 << 24, decode_timeout_s=10)
 
@@ -134,10 +134,12 @@ class HoldsTheFirst:
         self, images: Sequence[Image.Image], raw: Sequence[bytes]
     ) -> list[DetectorOutput]:
         if images[0].size == (64, 48):  # the first file (see _pictures)
-            deadline = time.monotonic() + 30
-            while self.stored() < self.others:
-                assert time.monotonic() < deadline, "the other files were never stored"
-                time.sleep(0.01)
+            wait_for(
+                lambda: self.stored() >= self.others,
+                timeout=30,
+                what=f"{self.others} other files' detections to be stored",
+                interval=0.01,
+            )
         outputs: list[DetectorOutput] = self.inner.detect_batch(images, raw)
         return outputs
 
