@@ -373,7 +373,12 @@ class _Stream:
     def __init__(self, scanner: Scanner, budget: MemoryBudget) -> None:
         self.scanner = scanner
         self.budget = budget
-        self.changed = threading.Condition()
+        # One lock, two conditions: the reader waits for stored files, the store thread for
+        # a group. Each side is woken only when what it waits for may have come true (waking
+        # both for every file cost the intake threads' cores a few context switches a file).
+        self.lock = threading.Lock()
+        self.for_reader = threading.Condition(self.lock)
+        self.for_store = threading.Condition(self.lock)
         self.taken_in: list[_Item] = []  # to register
         self.answered: list[_Item] = []  # every detector answered: to store
         self.finished: dict[int, ScanOutcome] = {}  # stored, waiting for the reader
@@ -417,7 +422,7 @@ class _Stream:
                 path = next(todo, None)
                 if path is None:
                     return
-                with self.changed:
+                with self.lock:
                     self.upstream += 1
                 future = self.intake.submit(
                     _take_in,
@@ -433,8 +438,8 @@ class _Stream:
 
         top_up()
         while handed_out < submitted:
-            with self.changed:
-                self.changed.wait_for(partial(self._ready, handed_out))
+            with self.lock:
+                self.for_reader.wait_for(partial(self._ready, handed_out))
                 if self.failure is not None:
                     raise self.failure
                 outcome = self.finished.pop(handed_out)
@@ -448,9 +453,10 @@ class _Stream:
     def stop(self) -> None:
         """End every thread: files not yet stored are dropped (a later scan takes them
         again); a transaction under way completes."""
-        with self.changed:
+        with self.lock:
             self.stopping = True
-            self.changed.notify_all()
+            self.for_reader.notify_all()
+            self.for_store.notify_all()
         # Threads waiting for memory that decoded files still hold must not wait forever.
         self.budget.close()
         self.intake.shutdown(wait=True, cancel_futures=True)
@@ -464,11 +470,18 @@ class _Stream:
         waiting = len(self.taken_in) + len(self.answered)
         return self.stopping or waiting >= self.scanner.store_group or self.upstream == 0
 
+    def _wake_store(self) -> None:
+        """After a file joined the store's lists (lock held): wake the store thread if it
+        was waiting for a first file, or if its group is now complete."""
+        if len(self.taken_in) + len(self.answered) == 1 or self._group_full():
+            self.for_store.notify()
+
     def _fail(self, error: BaseException) -> None:
-        with self.changed:
+        with self.lock:
             if self.failure is None:
                 self.failure = error
-            self.changed.notify_all()
+            self.for_reader.notify_all()
+            self.for_store.notify_all()
 
     # --- intake and detectors (their threads) -----------------------------------------
 
@@ -480,14 +493,14 @@ class _Stream:
             if not self.stopping:  # once stopping, a closed budget is expected
                 self._fail(error)
             return
-        with self.changed:
+        with self.lock:
             self.taken_in.append(future.result())
             self.upstream -= 1
-            self.changed.notify_all()
+            self._wake_store()
 
     def _dispatch(self, item: _Item) -> None:
         """Send a registered file to the detectors whose results it lacks."""
-        with self.changed:
+        with self.lock:
             self.upstream += 1  # until answered
         prepared = item.prepared
         missing = [d for d in self.scanner.detectors if d.spec.name not in item.reused]
@@ -521,7 +534,7 @@ class _Stream:
             result = DetectorResult.failed(f"{type(error).__name__}: {error}")
         else:
             result = answer.result()
-        with self.changed:
+        with self.lock:
             item.fresh[detector.spec.name] = result
             item.waiting -= 1
             if not is_staged(detector):
@@ -534,10 +547,10 @@ class _Stream:
             self._answer(item)
 
     def _answer(self, item: _Item) -> None:
-        with self.changed:
+        with self.lock:
             self.answered.append(item)
             self.upstream -= 1
-            self.changed.notify_all()
+            self._wake_store()
 
     def _free_pixels(self, item: _Item) -> None:
         """No detector reads the decoded image any more: free it, and its share of the
@@ -552,12 +565,12 @@ class _Stream:
     def _store_loop(self) -> None:
         scanner = self.scanner
         while True:
-            with self.changed:
-                self.changed.wait_for(lambda: self.taken_in or self.answered or self.stopping)
+            with self.lock:
+                self.for_store.wait_for(lambda: self.taken_in or self.answered or self.stopping)
                 # A transaction costs about as much as the rows in it: while files are on
                 # their way, give the group a moment to fill (a commit per file cost a sixth
                 # of the throughput).
-                self.changed.wait_for(self._group_full, timeout=STORE_GATHER_S)
+                self.for_store.wait_for(self._group_full, timeout=STORE_GATHER_S)
                 if self.stopping:
                     return
                 taken_in, self.taken_in = self.taken_in, []
@@ -576,11 +589,11 @@ class _Stream:
                             session, (i.image_id for i in answered if i.image_id)
                         )
                         outcomes = scanner._conclude(session, answered)
-                    with self.changed:
+                    with self.lock:
                         for item, outcome in zip(answered, outcomes, strict=True):
                             item.prepared = None  # the tensors too: this file is done
                             self.finished[item.index] = outcome
-                        self.changed.notify_all()
+                        self.for_reader.notify_all()
             except BaseException as exc:
                 self._fail(exc)
                 return
