@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_engine.py [--device cpu|cuda] [--shapes ...]
         [--batch-size 16] [--threads N] [--images DIR] [--copies 1] [--limit-heavy 12]
-        [--repeat 3]
+        [--repeat 3] [--standin-repeat 9]
     .venv/bin/python benchmarks/bench_engine.py --rss 1000 10000    # peak memory by count
 
 For each detector shape (sumsub-mj5: MobileNetV3-L 224; commfor-vit384: ViT-S/16 384;
@@ -27,7 +27,9 @@ That exposes the pipeline's own losses: the engine should reach its intake ceili
 ``--rss`` scans N generated JPEGs with the stand-in model in a fresh process per count
 and prints each process's peak RSS: it must not grow with the count.
 Figures are images per second (higher is better): the median of ``--repeat`` runs of each,
-taken in turn, with the slowest and fastest run in brackets.
+taken in turn, with the slowest and fastest run in brackets. The stand-in runs in
+``--standin-repeat`` pairs (its intake ceiling, then its engine) after one pair that warms
+both up; its ratio is the median of the pairs' ratios, with the lowest and highest.
 """
 
 from __future__ import annotations
@@ -333,15 +335,19 @@ def measure_shape(shape: Shape, paths: list[Path], args: argparse.Namespace, fol
                     detector, real_paths, batch_size=args.batch_size, threads=args.threads
                 ),
             ),
-            ("standin_intake", lambda: intake_ceiling(stand_in, paths, args.threads)),
-            (
-                "standin_engine",
-                lambda: engine_run(
-                    stand_in, paths, batch_size=args.batch_size, threads=args.threads
-                ),
-            ),
         ):
             runs.setdefault(key, []).append(measure())
+    # The stand-in's figures take a second or two each, and a shared machine's speed moves
+    # by more than the engine loses: each engine run is compared with the intake run just
+    # before it (a pair sees the same machine), after a pair that warms both up.
+    pairs = []
+    for warm_up in [True] + [False] * args.standin_repeat:
+        ceiling = intake_ceiling(stand_in, paths, args.threads)
+        engine = engine_run(stand_in, paths, batch_size=args.batch_size, threads=args.threads)
+        if not warm_up:
+            runs.setdefault("standin_intake", []).append(ceiling)
+            runs.setdefault("standin_engine", []).append(engine)
+            pairs.append(engine / min(ceiling, stand_in_model))
     median = {key: statistics.median(values) for key, values in runs.items()}
 
     def figure(key: str) -> str:
@@ -360,13 +366,16 @@ def measure_shape(shape: Shape, paths: list[Path], args: argparse.Namespace, fol
         f"engine/min(ceilings) {median['engine'] / lower:.2f}   "
         f"engine/authors {median['engine'] / median['authors']:.2f}x"
     )
-    lower = min(median["standin_intake"], stand_in_model)
-    print(f"  GPU-like stand-in ({args.standin_ms:g} ms a batch), {len(paths)} images:")
+    print(
+        f"  GPU-like stand-in ({args.standin_ms:g} ms a batch), {len(paths)} images, "
+        f"{len(pairs)} pairs of runs:"
+    )
     print(f"    intake ceiling                   {figure('standin_intake')}")
     print(f"    model ceiling                    {stand_in_model:8.1f} img/s")
     print(
         f"    engine                           {figure('standin_engine')}   "
-        f"engine/min(ceilings) {median['standin_engine'] / lower:.2f}"
+        f"engine/min(ceilings) {statistics.median(pairs):.2f} "
+        f"({min(pairs):.2f}-{max(pairs):.2f}, median of the pairs)"
     )
 
 
@@ -421,6 +430,9 @@ def main() -> int:
     parser.add_argument("--limit-heavy", type=int, default=12, help="files for ConvNeXt-L")
     parser.add_argument("--standin-ms", type=float, default=5.0, help="stand-in ms a batch")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each figure (median)")
+    parser.add_argument(
+        "--standin-repeat", type=int, default=9, help="pairs of stand-in runs (median)"
+    )
     parser.add_argument("--rss", type=int, nargs="+", metavar="COUNT")
     parser.add_argument("--rss-child", nargs=2, metavar=("COUNT", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()

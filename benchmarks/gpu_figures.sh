@@ -54,7 +54,7 @@ measure() {  # NAME SECONDS SCRIPT ARGS...
 }
 
 measure engine 280 benchmarks/bench_engine.py --device cuda --images "$images" \
-    --batch-size 64 --threads "$threads" --copies 7 --limit-heavy 336
+    --batch-size 64 --threads "$threads" --copies 7 --limit-heavy 336 --standin-repeat 3
 measure fast_decode 140 benchmarks/bench_fast_decode.py --device cuda --images "$images" \
     --batch-size 64 --threads "$threads" --json "$results/fast_decode.json"
 measure autocast 140 benchmarks/bench_autocast.py --device cuda --images "$images" \
