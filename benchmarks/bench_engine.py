@@ -436,6 +436,8 @@ def main() -> int:
     parser.add_argument("--rss", type=int, nargs="+", metavar="COUNT")
     parser.add_argument("--rss-child", nargs=2, metavar=("COUNT", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeat < 1 or args.standin_repeat < 1:
+        parser.error("--repeat and --standin-repeat take at least 1")
     if args.rss_child:
         rss_child(int(args.rss_child[0]), Path(args.rss_child[1]), args.batch_size, args.threads)
         return 0
