@@ -24,6 +24,7 @@ from workers.results import status_of
 from badfiles import sample_picture
 from checkpoints import SUMSUB_MOBILENET, write_sumsub_raw
 from conftest import DatabaseFactory, s3_client
+from fleet_processes import wait_for
 
 BUCKET = "fleet-uploads"
 
@@ -122,12 +123,9 @@ def _waiting_for_locks(sessions: sessionmaker[Session]) -> int:
         )
 
 
-def _wait_for(check: Callable[[], bool]) -> None:
-    """Poll ``check`` until it holds, for at most 10 s; fail if it never does."""
-    deadline = time.monotonic() + 10
-    while not check() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert check()
+def _wait_for(check: Callable[[], bool], what: str) -> None:
+    """Poll ``check`` (a lock wait or a queue, which nothing announces) for at most 10 s."""
+    wait_for(check, timeout=10, what=what, interval=0.005)
 
 
 def _count(sessions: sessionmaker[Session], model: type[Any]) -> int:
@@ -451,9 +449,9 @@ def test_answers_stored_together_and_one_that_cannot_be_stored_fails_alone(
         with sessions() as held, held.begin():
             repository.lock_image(held, first)
             stored = {first: store(first)}
-            _wait_for(lambda: _waiting_for_locks(sessions) == 1)  # the writer, on ``first``
+            _wait_for(lambda: _waiting_for_locks(sessions) == 1, "the writer to wait on ``first``")
             stored.update((image_id, store(image_id)) for image_id in then)
-            _wait_for(lambda: writer.waiting == len(then))
+            _wait_for(lambda: writer.waiting == len(then), f"{len(then)} calls at the writer")
         return stored
 
     try:
@@ -523,10 +521,10 @@ def test_deliveries_that_arrive_together_are_counted_together(
         with sessions() as held, held.begin():
             held.execute(sa.text("LOCK TABLE detection_attempts IN ACCESS EXCLUSIVE MODE"))
             answers = {first: pool.submit(desk, first)}
-            _wait_for(lambda: _waiting_for_locks(sessions) == 1)  # the desk, on the table
+            _wait_for(lambda: _waiting_for_locks(sessions) == 1, "the desk to wait on the table")
             for queued, message in enumerate(then, start=1):
                 answers[message] = pool.submit(desk, message)
-                _wait_for(lambda n=queued: desk.waiting == n)
+                _wait_for(lambda n=queued: desk.waiting == n, f"{queued} messages at the desk")
         return answers
 
     try:
